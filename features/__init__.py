@@ -1,0 +1,1 @@
+"""Pure feature logic: the event contract and rolling per-user aggregates over plain state (no I/O)."""

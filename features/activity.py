@@ -1,0 +1,65 @@
+"""Recency, tenure, engagement trend and sessions: how much and how lately a user is active."""
+
+from __future__ import annotations
+
+from features.buckets import DAY_MS, window_sum
+from features.state import FeatureParams, UserState
+
+SESSION_WINDOW_MS = 7 * DAY_MS
+MAX_SESSIONS = 64
+
+
+def _seconds_since(as_of_ms: int, ts_ms: int) -> float | None:
+    return None if ts_ms == 0 else (as_of_ms - ts_ms) / 1000.0
+
+
+def update_session(state: UserState, session_id: str | None, ts_ms: int, params: FeatureParams) -> None:
+    """Extend the event's session; without a ``session_id``, a gap of ``session_gap_ms`` starts a new one.
+
+    Derived sessions depend on arrival order; sessions keyed by the producer's id do not.
+    """
+    sid = session_id
+    if sid is None:
+        if not state.cur_sid or ts_ms - state.last_ms > params.session_gap_ms:
+            state.cur_sid = f"~{ts_ms}"
+        sid = state.cur_sid
+    s = state.sessions.get(sid)
+    if s is None:
+        state.sessions[sid] = [ts_ms, ts_ms, 1]
+    else:
+        if ts_ms < s[0]:
+            s[0] = ts_ms
+        if ts_ms > s[1]:
+            s[1] = ts_ms
+        s[2] += 1
+
+
+def finalize(state: UserState) -> None:
+    horizon = state.last_ms - SESSION_WINDOW_MS
+    sessions = state.sessions
+    for sid in [sid for sid, s in sessions.items() if s[1] <= horizon]:
+        del sessions[sid]
+    if len(sessions) > MAX_SESSIONS:
+        for sid, _ in sorted(sessions.items(), key=lambda kv: kv[1][1])[: len(sessions) - MAX_SESSIONS]:
+            del sessions[sid]
+
+
+def result(state: UserState, as_of_ms: int) -> dict[str, float | int | bool | None]:
+    lo = as_of_ms - SESSION_WINDOW_MS
+    recent = [s for s in state.sessions.values() if s[1] > lo]
+    n = len(recent)
+    today = as_of_ms // DAY_MS
+    last7 = prev7 = 0
+    for buckets in state.cd.values():
+        last7 += window_sum(buckets, today, 7)
+        prev7 += window_sum(buckets, today - 7, 7)
+    return {
+        "s_since_last_event": _seconds_since(as_of_ms, state.last_ms),
+        "s_since_last_add_to_cart": _seconds_since(as_of_ms, state.last_cart_ms),
+        "s_since_last_purchase": _seconds_since(as_of_ms, state.last_purchase_ms),
+        "tenure_days": (as_of_ms - state.first_ms) / DAY_MS if state.first_ms else 0.0,
+        "engagement_trend": (last7 - prev7) / (last7 + prev7) if last7 + prev7 else 0.0,
+        "sessions_7d": n,
+        "events_per_session_7d": sum(s[2] for s in recent) / n if n else 0.0,
+        "mean_session_duration_s_7d": sum(s[1] - s[0] for s in recent) / n / 1000.0 if n else 0.0,
+    }

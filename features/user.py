@@ -1,0 +1,61 @@
+"""Fold events into a user's state and read features from it: the whole feature store, as pure code.
+
+The worker, ``propstream eval`` and the tests all go through these three functions, so a replay
+of history computes exactly what live processing computed. Features are order-insensitive for
+events the user's state still covers (all but derived sessions and capped lists), so arrival
+order across the three source topics does not change them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from features import activity, commerce, counts, dedup
+from features.contract import Event
+from features.state import FeatureParams, UserState
+
+FeatureValue = float | int | bool | None
+
+
+def apply(state: UserState, ev: Event, params: FeatureParams) -> str | None:
+    """Fold one event into ``state``; returns a rejection reason (``duplicate``/``late``) or ``None``."""
+    h = dedup.id_hash(ev.event_id)
+    refused = dedup.check(state, h, ev.ts_ms)
+    if refused is not None:
+        return refused
+    dedup.remember(state, h, ev.ts_ms, params.dedup_capacity)
+    ts = ev.ts_ms
+    counts.update(state, ev.type, ts)
+    activity.update_session(state, ev.session_id, ts, params)
+    commerce.update(state, ev)
+    if state.first_ms == 0 or ts < state.first_ms:
+        state.first_ms = ts
+    if ts > state.last_ms:
+        state.last_ms = ts
+    state.events += 1
+    return None
+
+
+def finalize(state: UserState) -> None:
+    """Drop what no future window can reach; call once after a batch of ``apply``."""
+    counts.finalize(state)
+    activity.finalize(state)
+    commerce.finalize(state)
+
+
+def compute(state: UserState, as_of_ms: int, params: FeatureParams) -> dict[str, FeatureValue]:
+    """All features as of ``as_of_ms`` (clamped to the user's latest event: state holds no earlier view)."""
+    as_of = max(as_of_ms, state.last_ms)
+    out = counts.result(state, as_of)
+    out.update(activity.result(state, as_of))
+    out.update(commerce.result(state, as_of, params))
+    return out
+
+
+def fold(events: Iterable[Event], params: FeatureParams, state: UserState | None = None) -> UserState:
+    """Apply events in order and finalize: the reference path used by replays and tests."""
+    st = state or UserState()
+    for ev in events:
+        apply(st, ev, params)
+    finalize(st)
+    return st

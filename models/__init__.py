@@ -1,0 +1,1 @@
+"""Pure model logic (online learners, label ledger, change detection): arrives with the online-models issue."""
