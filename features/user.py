@@ -17,10 +17,16 @@ from features.state import FeatureParams, UserState
 FeatureValue = float | int | bool | None
 
 
-def apply(state: UserState, ev: Event, params: FeatureParams) -> str | None:
-    """Fold one event into ``state``; returns a rejection reason (``duplicate``/``late``) or ``None``."""
+def apply(state: UserState, ev: Event, params: FeatureParams, min_ts_ms: int = 0) -> str | None:
+    """Fold one event into ``state``; returns a rejection reason (``duplicate``/``late``) or ``None``.
+
+    ``min_ts_ms`` is the lateness floor the caller derives from its watermark; a duplicate is
+    reported as such even when it is also late.
+    """
     h = dedup.id_hash(ev.event_id)
     refused = dedup.check(state, h, ev.ts_ms)
+    if refused is None and ev.ts_ms < min_ts_ms:
+        refused = "late"
     if refused is not None:
         return refused
     dedup.remember(state, h, ev.ts_ms, params.dedup_capacity)

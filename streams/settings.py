@@ -68,6 +68,9 @@ class Settings(BaseSettings):
         3600, ge=0, description="Accept events at most this far behind the partition's event-time watermark."
     )
     dedup_capacity: int = Field(512, ge=16, description="Recent event ids remembered per user for dedup.")
+    custom_events: str = Field(
+        "", description="Extra custom event types accepted (comma-separated), beside sign_up, demo_request, ..."
+    )
     default_currency: str = Field("USD", min_length=3, max_length=3, description="Currency when absent.")
 
     # --- Features ----------------------------------------------------------------------------

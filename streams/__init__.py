@@ -1,0 +1,1 @@
+"""Kafka and Faust wiring: broker management, topics, the ingest agent, web views and the CLI."""

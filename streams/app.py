@@ -1,0 +1,160 @@
+"""The Faust application: topics, the RocksDB-backed feature table, the ingest agent and web views.
+
+Built by :func:`create_app` from a :class:`Settings`, never at import time, so tests and the CLI
+can run several differently configured apps in one interpreter.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import faust
+from aiohttp.web import Response as AioResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from faust.streams import _current_event
+from faust.web import Request, Response, View
+
+from features.catalogue import NAMES
+from features.contract import parse_time_ms
+from features.state import decode
+from features.user import compute
+from streams.ingest import DeadLetter, IngestHandler, Record, params_from
+from streams.metrics import Metrics
+from streams.settings import Settings
+
+FEATURE_TABLE = "features"
+
+
+class FaustTableStore:
+    """:class:`streams.ingest.StateStore` over a Faust table.
+
+    Faust picks the changelog partition and the RocksDB file from the *current event*; a batch
+    mixes partitions, so each partition's writes run with one of its own events made current.
+    """
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+
+    @contextmanager
+    def partition(self, record: Record) -> Iterator[None]:
+        token = _current_event.set(weakref.ref(record.ctx))
+        try:
+            yield
+        finally:
+            _current_event.reset(token)
+
+    def get(self, user_id: str) -> bytes | None:
+        value: bytes | None = self.table.get(user_id)
+        return value
+
+    def set(self, user_id: str, value: bytes) -> None:
+        self.table[user_id] = value
+
+
+def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
+    """A configured Faust app with its agent, table and views attached."""
+    servers = bootstrap or settings.broker_url
+    app = faust.App(
+        settings.app_id,
+        broker=",".join(f"kafka://{s}" for s in servers.split(",")),
+        store="rocksdb://",  # faust's RocksDB store, on the rocksdict driver (see Table options)
+        datadir=str(settings.state_dir),
+        topic_partitions=settings.partitions,
+        topic_replication_factor=1,
+        topic_allow_declare=True,
+        consumer_auto_offset_reset="earliest",
+        key_serializer="raw",
+        value_serializer="raw",
+        web_enabled=True,
+        web_bind=settings.web_host,
+        web_host=settings.web_host,
+        web_port=settings.web_port,
+        canonical_url=f"http://{settings.web_host}:{settings.web_port}",
+        web_in_thread=False,
+        producer_linger_ms=5,
+        stream_buffer_maxsize=max(4096, settings.batch_size * 2),
+    )
+    metrics = Metrics()
+    app.propstream_metrics = metrics  # type: ignore[attr-defined]
+    table = app.Table(
+        FEATURE_TABLE,
+        partitions=settings.partitions,
+        key_type=bytes,
+        value_type=bytes,
+        options={"driver": "rocksdict"},
+        help="Per-user feature state (msgpack UserState), one changelog message per user per batch.",
+    )
+    source = app.topic(*settings.source_topics, key_serializer="raw", value_serializer="raw")
+    deadletter = app.topic(settings.topic_deadletter, key_serializer="raw", value_serializer="raw")
+
+    def send_dead_letter(dl: DeadLetter) -> None:
+        deadletter.send_soon(key=dl.record.key, value=dl.record.value, headers=dl.headers())
+
+    handler = IngestHandler(settings, FaustTableStore(table), send_dead_letter, metrics)
+    app.propstream_handler = handler  # type: ignore[attr-defined]
+
+    async def ingest(stream: faust.StreamT) -> None:
+        async for batch in stream.take_events(settings.batch_size, within=settings.batch_within_s):
+            handler.process(
+                [
+                    Record(m.topic, m.partition, m.offset, m.key, m.value, ev)
+                    for ev in batch
+                    for m in (ev.message,)
+                ]
+            )
+
+    app.agent(source, name="ingest")(ingest)
+    params = params_from(settings)
+
+    def error(web: Any, status: int, code: str, message: str) -> Response:
+        return web.json({"error": code, "message": message}, status=status)
+
+    @app.page("/users/{user_id}/features")
+    class UserFeatures(View):
+        """Current features of one user, answered by the worker owning the user's partition."""
+
+        @app.table_route(table=table, match_info="user_id")
+        async def get(self, request: Request, user_id: str) -> Response:
+            if settings.api_token is not None:
+                auth = request.headers.get("Authorization", "")
+                if auth != f"Bearer {settings.api_token.get_secret_value()}":
+                    return error(self, 401, "unauthorized", "missing or wrong bearer token")
+            raw = table.get(user_id)
+            if raw is None:
+                return error(self, 404, "unknown_user", f"no features for user {user_id!r} on this cluster")
+            state = decode(raw)
+            as_of_arg = request.query.get("as_of")
+            if as_of_arg is not None:
+                as_of = parse_time_ms(int(as_of_arg) if as_of_arg.isdigit() else as_of_arg)
+                if as_of is None:
+                    return error(self, 400, "bad_as_of", "as_of must be epoch ms or ISO-8601 with offset")
+            else:
+                as_of = max(handler.watermarks.clock(p) for p in range(settings.partitions))
+            as_of = max(as_of, state.last_ms)
+            feats = compute(state, as_of, params)
+            return self.json(
+                {
+                    "user_id": user_id,
+                    "as_of_ms": as_of,
+                    "last_event_ms": state.last_ms,
+                    "events": state.events,
+                    "features": {k: feats[k] for k in NAMES},
+                }
+            )
+
+    @app.page("/healthz")
+    class Health(View):
+        async def get(self, request: Request) -> Response:
+            return self.json({"status": "ok", "time": time.time()})
+
+    @app.page("/metrics")
+    class MetricsView(View):
+        async def get(self, request: Request) -> Response:
+            # aiohttp refuses a charset inside content_type=, so set the exact Prometheus header.
+            return AioResponse(body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    return app

@@ -1,0 +1,416 @@
+"""The ``propstream`` command: broker, worker, traffic, lookups and the demo.
+
+Every option falls back to an environment variable (shown in ``--help``); options that mirror a
+settings field use that field's ``PROPSTREAM_*`` variable, so the CLI and the settings object
+can never disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from streams.settings import Settings, env_name
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def setting_option(field: str, *flags: str, **kwargs: Any) -> Callable[[F], F]:
+    """A click option bound to settings ``field``: env var shown in help, default from Settings."""
+    desc = Settings.model_fields[field].description or ""
+    return click.option(
+        *flags, field, envvar=env_name(field), show_envvar=True, default=None, help=desc, **kwargs
+    )
+
+
+def build_settings(**overrides: Any) -> Settings:
+    """Settings from the environment, with the CLI options given on the command line on top."""
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except Exception as exc:  # pydantic's ValidationError lists every bad field
+        raise click.UsageError(str(exc)) from None
+
+
+def fail(message: str) -> None:
+    click.echo(f"propstream: {message}", err=True)
+    sys.exit(1)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+def main() -> None:
+    """Real-time propensity scoring on Kafka: events in, rolling features, score changes out."""
+
+
+# --- broker ---------------------------------------------------------------------------------
+@main.group()
+def broker() -> None:
+    """Run a local single-node Apache Kafka (KRaft) from the official jars."""
+
+
+def _local(port: int | None) -> Any:
+    from streams.broker import LocalBroker
+
+    return LocalBroker(build_settings(broker_port=port))
+
+
+@broker.command("start")
+@setting_option("broker_port", "--port", type=int)
+def broker_start(broker_port: int | None) -> None:
+    """Fetch the jars (once), format storage (once), start the broker and wait until it serves."""
+    from streams.broker import BrokerError
+
+    b = _local(broker_port)
+    try:
+        state = b.start()
+    except BrokerError as exc:
+        fail(str(exc))
+    click.echo(f"Kafka {b.version} running: pid {state.pid}, bootstrap {state.bootstrap}, log {b.log_file}")
+
+
+@broker.command("stop")
+@setting_option("broker_port", "--port", type=int)
+def broker_stop(broker_port: int | None) -> None:
+    """Stop the local broker (SIGTERM, then SIGKILL after 30 s)."""
+    click.echo("stopped" if _local(broker_port).stop() else "no local broker was running")
+
+
+@broker.command("status")
+@setting_option("broker_port", "--port", type=int)
+def broker_status(broker_port: int | None) -> None:
+    """Say whether the local broker runs, where, and its data folder. Exit 1 when it does not."""
+    b = _local(broker_port)
+    state = b.read_state()
+    if state is None:
+        click.echo(f"not running (data: {b.data_dir})")
+        sys.exit(1)
+    click.echo(f"running: pid {state.pid}, bootstrap {state.bootstrap}, data {b.data_dir}, log {b.log_file}")
+
+
+@broker.command("logs")
+@click.option("-n", "lines", default=40, show_default=True, help="How many lines.")
+def broker_logs(lines: int) -> None:
+    """Print the end of the local broker's log."""
+    click.echo(_local(None).log_tail(lines))
+
+
+# --- worker ---------------------------------------------------------------------------------
+@main.command()
+@setting_option("web_port", "--web-port", type=int)
+@setting_option("web_host", "--web-host")
+@setting_option("data_dir", "--data-dir", type=click.Path(path_type=Path))
+@setting_option("bootstrap", "--bootstrap")
+@setting_option("log_level", "--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
+def worker(**opts: Any) -> None:
+    """Run a stream worker: consume events, keep features, serve lookups on HTTP."""
+    from faust.worker import Worker
+
+    from streams.app import create_app
+    from streams.broker import BrokerError
+    from streams.topics import TopicMismatch, ensure_topics
+
+    settings = build_settings(**opts)
+    try:
+        servers = settings.broker_url
+        ensure_topics(settings, servers)
+    except (BrokerError, TopicMismatch) as exc:
+        fail(str(exc))
+    app = create_app(settings, servers)
+    click.echo(
+        f"propstream worker: broker {servers}, state {settings.state_dir}, "
+        f"lookups on http://{settings.web_host}:{settings.web_port}",
+        err=True,
+    )
+    Worker(app, loglevel=settings.log_level, quiet=True).execute_from_commandline()
+
+
+# --- traffic --------------------------------------------------------------------------------
+def _ensure(settings: Settings) -> str:
+    from streams.broker import BrokerError
+    from streams.topics import TopicMismatch, ensure_topics
+
+    try:
+        servers = settings.broker_url
+        ensure_topics(settings, servers)
+    except (BrokerError, TopicMismatch) as exc:
+        fail(str(exc))
+    return servers
+
+
+@main.command()
+@click.option("--users", default=1000, show_default=True, envvar="PROPSTREAM_SIM_USERS", show_envvar=True,
+              help="Simulated users.")
+@click.option("--seed", default=42, show_default=True, envvar="PROPSTREAM_SIM_SEED", show_envvar=True,
+              help="Random seed: same seed, same events.")
+@click.option("--days", default=30.0, show_default=True, envvar="PROPSTREAM_SIM_DAYS", show_envvar=True,
+              help="Event-time span simulated, ending now.")
+@click.option("--rate", default=0.0, show_default=True, envvar="PROPSTREAM_SIM_RATE", show_envvar=True,
+              help="Events per wall-clock second (0: as fast as possible).")
+@click.option("--events", "max_events", type=int, default=None, envvar="PROPSTREAM_SIM_EVENTS", show_envvar=True,
+              help="Stop after this many events.")
+@click.option("--duration", type=float, default=None, envvar="PROPSTREAM_SIM_DURATION", show_envvar=True,
+              help="Stop after this many wall-clock seconds.")
+@click.option("--truth", type=click.Path(path_type=Path), default=None, envvar="PROPSTREAM_SIM_TRUTH",
+              show_envvar=True, help="Write each user's true purchase/churn probabilities over time (CSV).")
+@click.option("--out", type=click.Path(path_type=Path), default=None, envvar="PROPSTREAM_SIM_OUT", show_envvar=True,
+              help="Write events to this JSONL file instead of Kafka.")
+@setting_option("bootstrap", "--bootstrap")
+def simulate(users: int, seed: int, days: float, rate: float, max_events: int | None, duration: float | None,
+             truth: Path | None, out: Path | None, bootstrap: str | None) -> None:
+    """Publish realistic synthetic traffic with a known ground truth (deterministic per --seed)."""
+    from streams.producer import Progress, publish
+    from traffic.simulator import SimConfig, simulate_with_truth, write_truth
+
+    settings = build_settings(bootstrap=bootstrap)
+    cfg = SimConfig(users=users, seed=seed, days=days, max_events=max_events)
+    truth_rows: list[Any] = []
+    deadline = time.monotonic() + duration if duration else None
+
+    def events() -> Any:
+        for ev, t in simulate_with_truth(cfg):
+            if deadline is not None and time.monotonic() > deadline:
+                return
+            if truth is not None:
+                truth_rows.append(t)
+            yield ev
+
+    progress = Progress("simulate", max_events)
+    if out is not None:
+        import msgspec
+
+        enc = msgspec.json.Encoder()
+        with out.open("wb") as fh:
+            for ev in events():
+                fh.write(enc.encode(ev) + b"\n")
+                progress.tick()
+    else:
+        publish(events(), settings, bootstrap=_ensure(settings), rate=rate, progress=progress)
+    progress.done()
+    if truth is not None:
+        write_truth(truth_rows, truth)
+        click.echo(f"truth: {len(truth_rows):,} rows in {truth}", err=True)
+
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "taobao", "rees46", "retailrocket"]), default="jsonl",
+              show_default=True, envvar="PROPSTREAM_REPLAY_FORMAT", show_envvar=True, help="Input format.")
+@click.option("--speedup", type=float, default=0.0, show_default=True, envvar="PROPSTREAM_REPLAY_SPEEDUP",
+              show_envvar=True, help="Event time runs this many times faster than wall time (0: as fast as possible).")
+@click.option("--limit", type=int, default=None, envvar="PROPSTREAM_REPLAY_LIMIT", show_envvar=True,
+              help="Publish at most this many events.")
+@setting_option("bootstrap", "--bootstrap")
+def replay(file: Path, fmt: str, speedup: float, limit: int | None, bootstrap: str | None) -> None:
+    """Publish a real event log in event-time order, mapping its vocabulary to ours."""
+    import itertools
+
+    from features.contract import parse_time_ms
+    from streams.producer import Progress, publish
+    from traffic.datasets import DatasetError, read_events
+
+    settings = build_settings(bootstrap=bootstrap)
+    try:
+        events = read_events(file, fmt)
+        if limit is not None:
+            events = itertools.islice(events, limit)
+        if speedup > 0:
+            events = _paced(events, speedup, parse_time_ms)
+        n = publish(events, settings, bootstrap=_ensure(settings), progress=Progress("replay", limit))
+    except DatasetError as exc:
+        fail(str(exc))
+    click.echo(f"replayed {n:,} events from {file}", err=True)
+
+
+def _paced(events: Any, speedup: float, parse: Callable[[object], int | None]) -> Any:
+    first_ts: int | None = None
+    start = time.monotonic()
+    for ev in events:
+        ts = parse(ev.get("ts"))
+        if ts is not None:
+            if first_ts is None:
+                first_ts = ts
+            wait = (ts - first_ts) / 1000.0 / speedup - (time.monotonic() - start)
+            if wait > 0:
+                time.sleep(wait)
+        yield ev
+
+
+# --- lookups --------------------------------------------------------------------------------
+def fetch_features(settings: Settings, user: str, as_of: str | None = None, timeout: float = 5.0) -> dict[str, Any]:
+    """GET a user's features from any worker (it routes to the owner). Raises LookupError on 404."""
+    from urllib.parse import quote
+
+    url = f"http://{settings.web_host}:{settings.web_port}/users/{quote(user, safe='')}/features"
+    if as_of:
+        url += f"?as_of={quote(as_of)}"
+    req = urllib.request.Request(url)
+    if settings.api_token is not None:
+        req.add_header("Authorization", f"Bearer {settings.api_token.get_secret_value()}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            data: dict[str, Any] = json.loads(resp.read())
+            return data
+    except urllib.error.HTTPError as exc:
+        body = json.loads(exc.read() or b"{}")
+        raise LookupError(body.get("message", str(exc))) from None
+
+
+@main.command()
+@click.argument("user", required=False)
+@click.option("--as-of", default=None, help="Evaluate at this event time (epoch ms or ISO-8601).")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
+@click.option("--catalogue", is_flag=True, help="Print the feature catalogue (Markdown) instead.")
+@setting_option("web_port", "--web-port", type=int)
+@setting_option("web_host", "--web-host")
+def features(user: str | None, as_of: str | None, as_json: bool, catalogue: bool, **opts: Any) -> None:
+    """Show one user's current features, as served by the workers."""
+    if catalogue:
+        from features.catalogue import as_markdown
+
+        click.echo(as_markdown(), nl=False)
+        return
+    if not user:
+        raise click.UsageError("give a USER, or --catalogue")
+    settings = build_settings(**opts)
+    try:
+        data = fetch_features(settings, user, as_of)
+    except LookupError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"no worker answers on {settings.web_host}:{settings.web_port} ({exc}); start one with `propstream worker`")
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    click.echo(format_features(data))
+
+
+def format_features(data: dict[str, Any]) -> str:
+    from datetime import datetime, timezone
+
+    as_of = datetime.fromtimestamp(data["as_of_ms"] / 1000, tz=timezone.utc).isoformat(timespec="seconds")
+    lines = [f"user {data['user_id']}  ({data['events']} events, as of {as_of})"]
+    feats = data["features"]
+    width = max(len(k) for k in feats)
+    for k, v in feats.items():
+        if isinstance(v, float):
+            v = f"{v:,.3f}"
+        lines.append(f"  {k:<{width}}  {v}")
+    return "\n".join(lines)
+
+
+# --- demo -----------------------------------------------------------------------------------
+@main.command()
+@click.option("--users", default=300, show_default=True, envvar="PROPSTREAM_SIM_USERS", show_envvar=True,
+              help="Simulated users.")
+@click.option("--rate", default=500.0, show_default=True, envvar="PROPSTREAM_SIM_RATE", show_envvar=True,
+              help="Events per second.")
+@click.option("--duration", type=float, default=None, envvar="PROPSTREAM_DEMO_DURATION", show_envvar=True,
+              help="Stop after this many seconds (default: until Ctrl-C).")
+@click.option("--watch", "n_watch", default=3, show_default=True, help="How many users to follow on screen.")
+def demo(users: int, rate: float, duration: float | None, n_watch: int) -> None:
+    """Start broker and worker, stream simulated traffic and show features changing live. Ctrl-C stops."""
+    import threading
+
+    from streams.broker import BrokerError, LocalBroker
+    from streams.producer import publish
+    from traffic.simulator import SimConfig, simulate as sim
+
+    settings = build_settings()
+    own_broker = False
+    if not settings.bootstrap:
+        b = LocalBroker(settings)
+        own_broker = b.read_state() is None
+        click.echo("1/3 starting Kafka (the first run downloads it, about a minute) ...")
+        try:
+            state = b.start()
+        except BrokerError as exc:
+            fail(str(exc))
+        click.echo(f"    Kafka on {state.bootstrap}")
+    servers = _ensure(settings)
+    click.echo(f"2/3 starting a worker (lookups on http://{settings.web_host}:{settings.web_port}) ...")
+    log_path = settings.home / "demo-worker.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, env_name("bootstrap"): servers}
+    wproc = subprocess.Popen(
+        [sys.executable, "-m", "streams.cli", "worker"], env=env, stdout=log_path.open("ab"),
+        stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    stop = threading.Event()
+    watched: list[str] = []
+
+    def events() -> Any:
+        for ev in sim(SimConfig(users=users, seed=int(time.time()))):
+            if stop.is_set():
+                return
+            if len(watched) < n_watch and ev["user_id"] not in watched:
+                watched.append(str(ev["user_id"]))
+            yield ev
+
+    def produce() -> None:
+        publish(events(), settings, bootstrap=servers, rate=rate)
+
+    try:
+        _wait_http(settings, wproc, log_path)
+        click.echo(f"3/3 streaming simulated traffic at {rate:,.0f} events/s; Ctrl-C to stop\n")
+        threading.Thread(target=produce, daemon=True).start()
+        t_end = time.monotonic() + duration if duration else None
+        while t_end is None or time.monotonic() < t_end:
+            time.sleep(3)
+            _show(settings, watched)
+    except KeyboardInterrupt:
+        click.echo("\nstopping ...")
+    finally:
+        stop.set()
+        wproc.send_signal(signal.SIGTERM)
+        try:
+            wproc.wait(30)
+        except subprocess.TimeoutExpired:
+            wproc.kill()
+        if own_broker:
+            LocalBroker(settings).stop()
+        click.echo(f"stopped (worker log: {log_path})")
+
+
+def _wait_http(settings: Settings, proc: subprocess.Popen[bytes], log_path: Path, timeout_s: float = 90) -> None:
+    deadline = time.monotonic() + timeout_s
+    url = f"http://{settings.web_host}:{settings.web_port}/healthz"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            fail(f"the worker exited ({proc.returncode}); see {log_path}")
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            time.sleep(0.5)
+    fail(f"the worker did not answer within {timeout_s:.0f}s; see {log_path}")
+
+
+SHOWN = ("n_events_1h", "n_product_view_24h", "sessions_7d", "cart_items", "cart_value", "cart_abandoned",
+         "purchases_30d", "revenue_30d", "s_since_last_event")
+
+
+def _show(settings: Settings, users: list[str]) -> None:
+    stamp = time.strftime("%H:%M:%S")
+    for user in users:
+        try:
+            data = fetch_features(settings, user)
+        except (LookupError, OSError):
+            click.echo(f"{stamp} {user}: (no features yet)")
+            continue
+        f = data["features"]
+        shown = "  ".join(f"{k}={f[k]:.0f}" if isinstance(f[k], float) else f"{k}={f[k]}" for k in SHOWN)
+        click.echo(f"{stamp} {user} [{data['events']} events] {shown}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""The hot path: one batch of Kafka records in, validated events folded into per-user state, rejects out.
+
+Kept free of Faust so it can be driven by the agent, by ``propstream eval`` and by unit tests alike:
+the caller passes records and a :class:`StateStore`. Per batch, each user's state is read once,
+every event of that user is applied, and the state is written once (one changelog message).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from features import state as codec
+from features.contract import REASONS, Event, Rejected, Rules, parse
+from features.state import FeatureParams
+from features.user import apply, finalize
+from streams.metrics import Metrics
+from streams.settings import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One consumed Kafka message; ``ctx`` is opaque to the handler (the Faust event)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    ctx: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    record: Record
+    reason: str
+    detail: str
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        """Kafka headers of the dead-letter message; the value stays the original bytes."""
+        r = self.record
+        return [
+            ("propstream.reason", self.reason.encode()),
+            ("propstream.detail", self.detail.encode("utf-8", "replace")[:1024]),
+            ("propstream.source.topic", r.topic.encode()),
+            ("propstream.source.partition", str(r.partition).encode()),
+            ("propstream.source.offset", str(r.offset).encode()),
+        ]
+
+
+class StateStore(Protocol):
+    def partition(self, record: Record) -> AbstractContextManager[None]:
+        """Context in which reads and writes belong to ``record``'s partition."""
+
+    def get(self, user_id: str) -> bytes | None: ...
+
+    def set(self, user_id: str, value: bytes) -> None: ...
+
+
+def rules_from(settings: Settings) -> Rules:
+    from features.contract import DEFAULT_CUSTOM_TYPES
+
+    return Rules(
+        max_event_bytes=settings.max_event_bytes,
+        max_future_ms=settings.max_future_s * 1000,
+        earliest_ms=settings.earliest_event_ms,
+        custom_types=DEFAULT_CUSTOM_TYPES | frozenset(t for t in settings.custom_events.split(",") if t),
+        default_currency=settings.default_currency,
+    )
+
+
+def params_from(settings: Settings) -> FeatureParams:
+    return FeatureParams(
+        session_gap_ms=settings.session_gap_s * 1000,
+        abandon_after_ms=settings.abandon_after_s * 1000,
+        dedup_capacity=settings.dedup_capacity,
+    )
+
+
+class Watermarks:
+    """Per partition, the minimum over source topics of the newest event time seen on each.
+
+    Taking the minimum means a topic that is consumed ahead of the others (a small purchase
+    topic during catch-up, say) does not make the others' events look late.
+    """
+
+    def __init__(self) -> None:
+        self.newest: dict[tuple[str, int], int] = {}
+
+    def of(self, partition: int) -> int:
+        values = [ts for (_, p), ts in self.newest.items() if p == partition]
+        return min(values) if values else 0
+
+    def clock(self, partition: int) -> int:
+        """The partition's event-time clock: newest event time on any of its topics."""
+        values = [ts for (_, p), ts in self.newest.items() if p == partition]
+        return max(values) if values else 0
+
+    def advance(self, topic: str, partition: int, ts_ms: int) -> bool:
+        key = (topic, partition)
+        if ts_ms > self.newest.get(key, 0):
+            self.newest[key] = ts_ms
+            return True
+        return False
+
+
+class IngestHandler:
+    """Process batches; hands rejects to ``dead_letter`` and counts everything in ``metrics``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: StateStore,
+        dead_letter: Callable[[DeadLetter], None],
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.rules = rules_from(settings)
+        self.params = params_from(settings)
+        self.lateness_ms = settings.allowed_lateness_s * 1000
+        self.store = store
+        self.dead_letter = dead_letter
+        self.metrics = metrics or Metrics()
+        self.clock = clock
+        self.watermarks = Watermarks()
+
+    def process(self, batch: Sequence[Record]) -> dict[str, list[Event]]:
+        """Process one batch; returns the accepted events per user (for scoring downstream)."""
+        t0 = time.perf_counter()
+        now_ms = int(self.clock() * 1000)
+        consumed: dict[str, int] = {}
+        rejected: dict[tuple[str, str], int] = {}
+        no_consent: dict[str, int] = {}
+        accepted: dict[tuple[str, str], int] = {}
+        # partition -> user -> [(event, record)], arrival order kept per user
+        groups: dict[int, dict[str, list[tuple[Event, Record]]]] = {}
+        marks = self.watermarks
+        floors = {}
+        newest_ts = 0
+
+        def reject(rec: Record, reason: str, detail: str) -> None:
+            key = (rec.topic, reason)
+            rejected[key] = rejected.get(key, 0) + 1
+            self.dead_letter(DeadLetter(rec, reason, detail))
+
+        for rec in batch:
+            consumed[rec.topic] = consumed.get(rec.topic, 0) + 1
+            try:
+                events = parse(rec.value, self.rules, now_ms)
+            except Rejected as r:
+                reject(rec, r.reason, r.detail)
+                continue
+            p = rec.partition
+            if p not in floors:
+                floors[p] = marks.of(p) - self.lateness_ms
+            for ev in events:
+                if rec.key is None or rec.key != ev.user_id.encode():
+                    reject(rec, "wrong_key", f"message key {rec.key!r} is not user_id {ev.user_id!r}")
+                    continue
+                if not ev.personalization:
+                    no_consent[rec.topic] = no_consent.get(rec.topic, 0) + 1
+                    continue
+                users = groups.get(p)
+                if users is None:
+                    users = groups[p] = {}
+                items = users.get(ev.user_id)
+                if items is None:
+                    users[ev.user_id] = [(ev, rec)]
+                else:
+                    items.append((ev, rec))
+
+        out: dict[str, list[Event]] = {}
+        writes = 0
+        params = self.params
+        store = self.store
+        for p, users in groups.items():
+            floor = floors[p]
+            first = next(iter(users.values()))[0][1]
+            with store.partition(first):
+                for user_id, items in users.items():
+                    st = codec.decode(store.get(user_id))
+                    done: list[Event] = []
+                    for ev, rec in items:
+                        reason = apply(st, ev, params, min_ts_ms=floor)
+                        if reason is None:
+                            done.append(ev)
+                            key = (rec.topic, ev.type)
+                            accepted[key] = accepted.get(key, 0) + 1
+                            marks.advance(rec.topic, p, ev.ts_ms)
+                            if ev.ts_ms > newest_ts:
+                                newest_ts = ev.ts_ms
+                        else:
+                            reject(rec, reason, _detail(reason, ev, floor))
+                    if done:
+                        finalize(st)
+                        store.set(user_id, codec.encode(st))
+                        writes += 1
+                        out[user_id] = done
+        m = self.metrics
+        m.record_batch(consumed, accepted, rejected, no_consent, writes, time.perf_counter() - t0)
+        if newest_ts:
+            m.lag_seconds.observe(max(0.0, now_ms - newest_ts) / 1000.0)
+        return out
+
+    def iter_watermarks(self) -> Iterator[tuple[str, int, int]]:
+        for (topic, p), ts in self.watermarks.newest.items():
+            yield topic, p, ts
+
+
+def _detail(reason: str, ev: Event, floor: int) -> str:
+    if reason == "duplicate":
+        return f"event_id {ev.event_id!r} already processed for this user"
+    if reason == "late":
+        return f"ts_ms={ev.ts_ms} is before the accepted floor {floor} (watermark minus allowed lateness, or dedup memory)"
+    return REASONS.get(reason, reason)

@@ -1,0 +1,49 @@
+"""Create the event topics with the configured partition count, and check existing ones match.
+
+All source topics and the feature tables must share one partition count: a user's events and
+state live in the same partition number everywhere (co-partitioning).
+"""
+
+from __future__ import annotations
+
+from kafka import KafkaAdminClient
+from kafka.admin import NewTopic
+from kafka.errors import TopicAlreadyExistsError
+
+from streams.settings import Settings
+
+
+class TopicMismatch(RuntimeError):
+    """An existing topic has another partition count than the settings ask for."""
+
+
+def ensure_topics(settings: Settings, bootstrap: str | None = None) -> list[str]:
+    """Create missing event topics; returns the names created. Raises on partition mismatch."""
+    servers = bootstrap or settings.broker_url
+    admin = KafkaAdminClient(bootstrap_servers=servers, client_id="propstream-admin", request_timeout_ms=30000)
+    try:
+        wanted = [*settings.source_topics, settings.topic_deadletter]
+        existing = set(admin.list_topics())
+        missing = [t for t in wanted if t not in existing]
+        created = []
+        if missing:
+            try:
+                admin.create_topics(
+                    [NewTopic(t, num_partitions=settings.partitions, replication_factor=1) for t in missing]
+                )
+                created = missing
+            except TopicAlreadyExistsError:
+                pass  # another process won the race: fine
+        present = [t for t in settings.source_topics if t in existing]
+        if present:
+            for meta in admin.describe_topics(present):
+                n = len(meta["partitions"])
+                if n != settings.partitions:
+                    msg = (
+                        f"topic {meta['topic']} has {n} partitions but PROPSTREAM_PARTITIONS={settings.partitions}: "
+                        "all event topics and tables must share one partition count"
+                    )
+                    raise TopicMismatch(msg)
+        return created
+    finally:
+        admin.close()
