@@ -110,7 +110,7 @@ def result(state: UserState, as_of_ms: int, params: FeatureParams) -> dict[str, 
         v = window_sum(buckets, hour, VIEW_HOURS)
         if v:
             distinct += 1
-            if v > max_unbought and pid not in state.bought:
+            if v > max_unbought and state.bought.get(pid, 0) <= as_of_ms - BOUGHT_MS:
                 max_unbought = v
     return {
         "purchases_30d": int(n30),

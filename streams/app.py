@@ -151,6 +151,17 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
         async def get(self, request: Request) -> Response:
             return self.json({"status": "ok", "time": time.time()})
 
+    @app.page("/readyz")
+    class Ready(View):
+        """Ready once partitions are assigned and table recovery has finished."""
+
+        async def get(self, request: Request) -> Response:
+            recovered = app.tables.recovery.completed.is_set()
+            assigned = bool(app.consumer.assignment()) if recovered else False
+            ready = recovered and assigned and not app.rebalancing
+            body = {"ready": ready, "recovered": recovered, "assigned": assigned, "rebalancing": app.rebalancing}
+            return self.json(body, status=200 if ready else 503)
+
     @app.page("/metrics")
     class MetricsView(View):
         async def get(self, request: Request) -> Response:

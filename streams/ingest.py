@@ -87,12 +87,14 @@ class Watermarks:
     topic during catch-up, say) does not make the others' events look late.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, topics: tuple[str, ...]) -> None:
+        self.topics = topics
         self.newest: dict[tuple[str, int], int] = {}
 
     def of(self, partition: int) -> int:
-        values = [ts for (_, p), ts in self.newest.items() if p == partition]
-        return min(values) if values else 0
+        """The watermark, or 0 (nothing is late) until every source topic delivered to the partition."""
+        values = [self.newest.get((t, partition)) for t in self.topics]
+        return 0 if None in values else min(v for v in values if v is not None)
 
     def clock(self, partition: int) -> int:
         """The partition's event-time clock: newest event time on any of its topics."""
@@ -125,7 +127,7 @@ class IngestHandler:
         self.dead_letter = dead_letter
         self.metrics = metrics or Metrics()
         self.clock = clock
-        self.watermarks = Watermarks()
+        self.watermarks = Watermarks(settings.source_topics)
 
     def process(self, batch: Sequence[Record]) -> dict[str, list[Event]]:
         """Process one batch; returns the accepted events per user (for scoring downstream)."""
@@ -138,7 +140,7 @@ class IngestHandler:
         # partition -> user -> [(event, record)], arrival order kept per user
         groups: dict[int, dict[str, list[tuple[Event, Record]]]] = {}
         marks = self.watermarks
-        floors = {}
+        floors: dict[int, int] = {}
         newest_ts = 0
 
         def reject(rec: Record, reason: str, detail: str) -> None:
