@@ -1,0 +1,60 @@
+"""One real Kafka broker per test session (free ports), and per-test topics, groups and workers."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from streams.broker import LocalBroker, free_port
+from streams.settings import Settings
+from streams.topics import ensure_topics
+from tests.integration.harness import WorkerProc
+
+
+@pytest.fixture(scope="session")
+def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    settings = Settings()  # jar cache from PROPSTREAM_HOME or ~/.cache/propstream, shared across runs
+    broker = LocalBroker(settings, port=free_port(), data_dir=tmp_path_factory.mktemp("kafka"))
+    state = broker.start(timeout_s=120)
+    yield state.bootstrap
+    broker.stop()
+
+
+@pytest.fixture()
+def env(kafka: str) -> dict[str, str]:
+    """Environment of one test: unique topics, consumer group and changelogs on the session broker."""
+    uid = uuid.uuid4().hex[:8]
+    return {
+        "PROPSTREAM_BOOTSTRAP": kafka,
+        "PROPSTREAM_APP_ID": f"ps-{uid}",
+        "PROPSTREAM_TOPIC_CLICKSTREAM": f"{uid}.clickstream",
+        "PROPSTREAM_TOPIC_CART": f"{uid}.cart",
+        "PROPSTREAM_TOPIC_PURCHASE": f"{uid}.purchase",
+        "PROPSTREAM_TOPIC_DEADLETTER": f"{uid}.deadletter",
+        "PROPSTREAM_LOG_LEVEL": "warning",
+    }
+
+
+@pytest.fixture()
+def settings(env: dict[str, str]) -> Settings:
+    s = Settings(**{k.removeprefix("PROPSTREAM_").lower(): v for k, v in env.items()})
+    ensure_topics(s)
+    return s
+
+
+@pytest.fixture()
+def make_worker(env: dict[str, str], settings: Settings, tmp_path: Path) -> Iterator[Callable[..., WorkerProc]]:
+    workers: list[WorkerProc] = []
+
+    def make(name: str = "w1", **extra: Any) -> WorkerProc:
+        w = WorkerProc({**env, **{k: str(v) for k, v in extra.items()}}, tmp_path / name, tmp_path / f"{name}.log")
+        workers.append(w)
+        return w
+
+    yield make
+    for w in workers:
+        w.kill()
