@@ -24,7 +24,9 @@ def _count_features() -> list[Feature]:
         res = {60_000: "minute", 3_600_000: "hour", 86_400_000: "day"}[width]
         for t in COUNTED_TYPES:
             what = "custom business events" if t == "custom" else f"{t} events"
-            out.append(Feature(f"n_{t}_{window}", f"Number of {what}", f"{window} ({n} {res} buckets)", "count"))
+            out.append(
+                Feature(f"n_{t}_{window}", f"Number of {what}", f"{window} ({n} {res} buckets)", "count")
+            )
         out.append(Feature(f"n_events_{window}", "Number of accepted events of any type", window, "count"))
     return out
 
@@ -32,7 +34,9 @@ def _count_features() -> list[Feature]:
 CATALOGUE: tuple[Feature, ...] = (
     *_count_features(),
     Feature("s_since_last_event", "Time since the latest event", "all time", "seconds"),
-    Feature("s_since_last_add_to_cart", "Time since the latest add_to_cart (null: never)", "all time", "seconds"),
+    Feature(
+        "s_since_last_add_to_cart", "Time since the latest add_to_cart (null: never)", "all time", "seconds"
+    ),
     Feature("s_since_last_purchase", "Time since the latest purchase (null: never)", "all time", "seconds"),
     Feature("tenure_days", "Time since the first event seen", "all time", "days"),
     Feature(
@@ -46,18 +50,36 @@ CATALOGUE: tuple[Feature, ...] = (
     Feature("mean_session_duration_s_7d", "Mean first-to-last event span of those sessions", "7d", "seconds"),
     Feature("purchases_30d", "Purchase events", "30d (day buckets)", "count"),
     Feature("purchases_90d", "Purchase events", "90d (day buckets)", "count"),
-    Feature("revenue_30d", "Sum of order revenue (any currency, as sent)", "30d (day buckets)", "currency units"),
-    Feature("revenue_90d", "Sum of order revenue (any currency, as sent)", "90d (day buckets)", "currency units"),
-    Feature("aov_90d", "Average order value: revenue_90d / purchases_90d (0: no orders)", "90d", "currency units"),
-    Feature("cart_items", "Items in the open cart: adds minus removes after the latest purchase", "open cart", "items"),
-    Feature("cart_value", "Value of the open cart at each product's latest added price", "open cart", "currency units"),
+    Feature(
+        "revenue_30d", "Sum of order revenue (any currency, as sent)", "30d (day buckets)", "currency units"
+    ),
+    Feature(
+        "revenue_90d", "Sum of order revenue (any currency, as sent)", "90d (day buckets)", "currency units"
+    ),
+    Feature(
+        "aov_90d", "Average order value: revenue_90d / purchases_90d (0: no orders)", "90d", "currency units"
+    ),
+    Feature(
+        "cart_items",
+        "Items in the open cart: adds minus removes after the latest purchase",
+        "open cart",
+        "items",
+    ),
+    Feature(
+        "cart_value",
+        "Value of the open cart at each product's latest added price",
+        "open cart",
+        "currency units",
+    ),
     Feature(
         "cart_abandoned",
         "Open cart not empty and its latest add at least abandon_after_s ago (no purchase since)",
         "open cart",
         "boolean",
     ),
-    Feature("distinct_products_viewed_24h", "Distinct products with a product_view", "24h (hour buckets)", "count"),
+    Feature(
+        "distinct_products_viewed_24h", "Distinct products with a product_view", "24h (hour buckets)", "count"
+    ),
     Feature(
         "max_views_one_product_unbought_24h",
         "Most product_views of a single product the user has not bought in 30 days",

@@ -31,7 +31,9 @@ class UserState(msgspec.Struct, array_like=True):
     orders: dict[int, list[float]] = msgspec.field(default_factory=dict)  # day -> [orders, revenue]
     sessions: dict[str, list[int]] = msgspec.field(default_factory=dict)  # id -> [start, end, events]
     cur_sid: str = ""  # current derived session, for events without session_id
-    cart: list[tuple[int, str, int, float]] = msgspec.field(default_factory=list)  # (ts, product, +-qty, price)
+    cart: list[tuple[int, str, int, float]] = msgspec.field(
+        default_factory=list
+    )  # (ts, product, +-qty, price)
     views: dict[str, dict[int, int]] = msgspec.field(default_factory=dict)  # product -> hour -> views
     bought: dict[str, int] = msgspec.field(default_factory=dict)  # product -> latest purchase ts
 

@@ -1,1 +1,1 @@
-"""Pure model logic (online learners, label ledger, change detection): arrives with the online-models issue."""
+"""Pure model logic (online learners, label ledger, change detection): comes with the online-models issue."""

@@ -14,9 +14,9 @@ from typing import Any
 
 import faust
 from aiohttp.web import Response as AioResponse
-from prometheus_client import CONTENT_TYPE_LATEST
 from faust.streams import _current_event
 from faust.web import Request, Response, View
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from features.catalogue import NAMES
 from features.contract import parse_time_ms
@@ -97,7 +97,7 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
     handler = IngestHandler(settings, FaustTableStore(table), send_dead_letter, metrics)
     app.propstream_handler = handler  # type: ignore[attr-defined]
 
-    async def ingest(stream: faust.StreamT) -> None:
+    async def ingest(stream: Any) -> None:  # faust's StreamT stub lacks take_events
         async for batch in stream.take_events(settings.batch_size, within=settings.batch_within_s):
             handler.process(
                 [
@@ -117,7 +117,7 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
     class UserFeatures(View):
         """Current features of one user, answered by the worker owning the user's partition."""
 
-        @app.table_route(table=table, match_info="user_id")
+        @app.table_route(table=table, match_info="user_id")  # type: ignore[arg-type]
         async def get(self, request: Request, user_id: str) -> Response:
             if settings.api_token is not None:
                 auth = request.headers.get("Authorization", "")
@@ -156,15 +156,20 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
         """Ready once partitions are assigned and table recovery has finished."""
 
         async def get(self, request: Request) -> Response:
-            recovered = app.tables.recovery.completed.is_set()
+            recovered = app.tables.recovery.completed.is_set()  # type: ignore[attr-defined]
             assigned = bool(app.consumer.assignment()) if recovered else False
             ready = recovered and assigned and not app.rebalancing
-            body = {"ready": ready, "recovered": recovered, "assigned": assigned, "rebalancing": app.rebalancing}
+            body = {
+                "ready": ready,
+                "recovered": recovered,
+                "assigned": assigned,
+                "rebalancing": app.rebalancing,
+            }
             return self.json(body, status=200 if ready else 503)
 
     @app.page("/metrics")
     class MetricsView(View):
-        async def get(self, request: Request) -> Response:
+        async def get(self, request: Request) -> AioResponse:
             # aiohttp refuses a charset inside content_type=, so set the exact Prometheus header.
             return AioResponse(body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 

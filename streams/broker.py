@@ -7,6 +7,7 @@ newcomer runs. Nothing is installed system-wide: the jars and the broker's data 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -95,7 +96,7 @@ class LocalBroker:
             found = "no java on PATH" if major is None else f"found Java {major}"
             msg = (
                 f"Java 17+ is needed to run the local Kafka broker ({found}): install it, e.g. "
-                "`apt-get install openjdk-17-jre-headless`, or set PROPSTREAM_BOOTSTRAP to an existing cluster."
+                "`apt-get install openjdk-17-jre-headless`, or point PROPSTREAM_BOOTSTRAP at a cluster."
             )
             raise BrokerError(msg)
         if need_maven and not shutil.which("mvn"):
@@ -127,7 +128,10 @@ class LocalBroker:
         )
         tmp = work / "libs.partial"
         shutil.rmtree(tmp, ignore_errors=True)
-        print(f"propstream: fetching Apache Kafka {self.version} jars from Maven Central (once) ...", file=sys.stderr)
+        print(
+            f"propstream: fetching Apache Kafka {self.version} jars from Maven Central (once) ...",
+            file=sys.stderr,
+        )
         proc = subprocess.run(
             ["mvn", "-B", "-q", "dependency:copy-dependencies", f"-DoutputDirectory={tmp}"],
             cwd=work,
@@ -141,7 +145,9 @@ class LocalBroker:
             raise BrokerError(msg)
         shutil.rmtree(self.jars_dir, ignore_errors=True)
         tmp.rename(self.jars_dir)
-        print(f"propstream: {len(list(self.jars_dir.glob('*.jar')))} jars in {self.jars_dir}", file=sys.stderr)
+        print(
+            f"propstream: {len(list(self.jars_dir.glob('*.jar')))} jars in {self.jars_dir}", file=sys.stderr
+        )
         return self.jars_dir
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -233,7 +239,9 @@ class LocalBroker:
         if not meta.exists():
             cluster_id = uuid.uuid4().hex[:22]
             fmt = subprocess.run(
-                self._java_cmd("kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(cfg), heap_mb=256),
+                self._java_cmd(
+                    "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(cfg), heap_mb=256
+                ),
                 capture_output=True,
                 text=True,
                 check=False,
@@ -250,7 +258,9 @@ class LocalBroker:
             start_new_session=True,  # Ctrl-C in a terminal must not kill the broker mid-write
         )
         state = BrokerState(proc.pid, port, controller_port)
-        self.state_file.write_text(json.dumps({"pid": proc.pid, "port": port, "controller_port": controller_port}))
+        self.state_file.write_text(
+            json.dumps({"pid": proc.pid, "port": port, "controller_port": controller_port})
+        )
         self._wait_ready(state, proc, timeout_s)
         return state
 
@@ -295,10 +305,8 @@ class LocalBroker:
             time.sleep(0.2)
         if _pid_alive(state.pid):
             os.kill(state.pid, signal.SIGKILL)
-        try:
+        with contextlib.suppress(ChildProcessError):
             os.waitpid(state.pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
         return True
 
     def kill(self) -> None:
@@ -306,10 +314,8 @@ class LocalBroker:
         state = self.read_state()
         if state is not None:
             os.kill(state.pid, signal.SIGKILL)
-            try:
+            with contextlib.suppress(ChildProcessError):
                 os.waitpid(state.pid, 0)
-            except ChildProcessError:
-                pass
 
     def log_tail(self, lines: int = 20) -> str:
         try:

@@ -148,28 +148,87 @@ def _ensure(settings: Settings) -> str:
 
 
 @main.command()
-@click.option("--users", default=1000, show_default=True, envvar="PROPSTREAM_SIM_USERS", show_envvar=True,
-              help="Simulated users.")
-@click.option("--seed", default=42, show_default=True, envvar="PROPSTREAM_SIM_SEED", show_envvar=True,
-              help="Random seed: same seed, same events.")
-@click.option("--days", default=30.0, show_default=True, envvar="PROPSTREAM_SIM_DAYS", show_envvar=True,
-              help="Event-time span simulated, ending now.")
-@click.option("--rate", default=0.0, show_default=True, envvar="PROPSTREAM_SIM_RATE", show_envvar=True,
-              help="Events per wall-clock second (0: as fast as possible).")
-@click.option("--events", "max_events", type=int, default=None, envvar="PROPSTREAM_SIM_EVENTS", show_envvar=True,
-              help="Stop after this many events.")
-@click.option("--duration", type=float, default=None, envvar="PROPSTREAM_SIM_DURATION", show_envvar=True,
-              help="Stop after this many wall-clock seconds.")
-@click.option("--truth", type=click.Path(path_type=Path), default=None, envvar="PROPSTREAM_SIM_TRUTH",
-              show_envvar=True, help="Write each user's true purchase/churn probabilities over time (CSV).")
-@click.option("--out", type=click.Path(path_type=Path), default=None, envvar="PROPSTREAM_SIM_OUT", show_envvar=True,
-              help="Write events to this JSONL file instead of Kafka.")
+@click.option(
+    "--users",
+    default=1000,
+    show_default=True,
+    envvar="PROPSTREAM_SIM_USERS",
+    show_envvar=True,
+    help="Simulated users.",
+)
+@click.option(
+    "--seed",
+    default=42,
+    show_default=True,
+    envvar="PROPSTREAM_SIM_SEED",
+    show_envvar=True,
+    help="Random seed: same seed, same events.",
+)
+@click.option(
+    "--days",
+    default=30.0,
+    show_default=True,
+    envvar="PROPSTREAM_SIM_DAYS",
+    show_envvar=True,
+    help="Event-time span simulated, ending now.",
+)
+@click.option(
+    "--rate",
+    default=0.0,
+    show_default=True,
+    envvar="PROPSTREAM_SIM_RATE",
+    show_envvar=True,
+    help="Events per wall-clock second (0: as fast as possible).",
+)
+@click.option(
+    "--events",
+    "max_events",
+    type=int,
+    default=None,
+    envvar="PROPSTREAM_SIM_EVENTS",
+    show_envvar=True,
+    help="Stop after this many events.",
+)
+@click.option(
+    "--duration",
+    type=float,
+    default=None,
+    envvar="PROPSTREAM_SIM_DURATION",
+    show_envvar=True,
+    help="Stop after this many wall-clock seconds.",
+)
+@click.option(
+    "--truth",
+    type=click.Path(path_type=Path),
+    default=None,
+    envvar="PROPSTREAM_SIM_TRUTH",
+    show_envvar=True,
+    help="Write each user's true purchase/churn probabilities over time (CSV).",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    envvar="PROPSTREAM_SIM_OUT",
+    show_envvar=True,
+    help="Write events to this JSONL file instead of Kafka.",
+)
 @setting_option("bootstrap", "--bootstrap")
-def simulate(users: int, seed: int, days: float, rate: float, max_events: int | None, duration: float | None,
-             truth: Path | None, out: Path | None, bootstrap: str | None) -> None:
+def simulate(
+    users: int,
+    seed: int,
+    days: float,
+    rate: float,
+    max_events: int | None,
+    duration: float | None,
+    truth: Path | None,
+    out: Path | None,
+    bootstrap: str | None,
+) -> None:
     """Publish realistic synthetic traffic with a known ground truth (deterministic per --seed)."""
-    from streams.producer import Progress, publish
     from traffic.simulator import SimConfig, simulate_with_truth, write_truth
+
+    from streams.producer import Progress, publish
 
     settings = build_settings(bootstrap=bootstrap)
     cfg = SimConfig(users=users, seed=seed, days=days, max_events=max_events)
@@ -203,20 +262,42 @@ def simulate(users: int, seed: int, days: float, rate: float, max_events: int | 
 
 @main.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["jsonl", "taobao", "rees46", "retailrocket"]), default="jsonl",
-              show_default=True, envvar="PROPSTREAM_REPLAY_FORMAT", show_envvar=True, help="Input format.")
-@click.option("--speedup", type=float, default=0.0, show_default=True, envvar="PROPSTREAM_REPLAY_SPEEDUP",
-              show_envvar=True, help="Event time runs this many times faster than wall time (0: as fast as possible).")
-@click.option("--limit", type=int, default=None, envvar="PROPSTREAM_REPLAY_LIMIT", show_envvar=True,
-              help="Publish at most this many events.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["jsonl", "taobao", "rees46", "retailrocket"]),
+    default="jsonl",
+    show_default=True,
+    envvar="PROPSTREAM_REPLAY_FORMAT",
+    show_envvar=True,
+    help="Input format.",
+)
+@click.option(
+    "--speedup",
+    type=float,
+    default=0.0,
+    show_default=True,
+    envvar="PROPSTREAM_REPLAY_SPEEDUP",
+    show_envvar=True,
+    help="Event time runs this many times faster than wall time (0: as fast as possible).",
+)
+@click.option(
+    "--limit",
+    type=int,
+    default=None,
+    envvar="PROPSTREAM_REPLAY_LIMIT",
+    show_envvar=True,
+    help="Publish at most this many events.",
+)
 @setting_option("bootstrap", "--bootstrap")
 def replay(file: Path, fmt: str, speedup: float, limit: int | None, bootstrap: str | None) -> None:
     """Publish a real event log in event-time order, mapping its vocabulary to ours."""
     import itertools
 
+    from traffic.datasets import DatasetError, read_events
+
     from features.contract import parse_time_ms
     from streams.producer import Progress, publish
-    from traffic.datasets import DatasetError, read_events
 
     settings = build_settings(bootstrap=bootstrap)
     try:
@@ -246,7 +327,9 @@ def _paced(events: Any, speedup: float, parse: Callable[[object], int | None]) -
 
 
 # --- lookups --------------------------------------------------------------------------------
-def fetch_features(settings: Settings, user: str, as_of: str | None = None, timeout: float = 5.0) -> dict[str, Any]:
+def fetch_features(
+    settings: Settings, user: str, as_of: str | None = None, timeout: float = 5.0
+) -> dict[str, Any]:
     """GET a user's features from any worker (it routes to the owner). Raises LookupError on 404."""
     from urllib.parse import quote
 
@@ -280,14 +363,16 @@ def features(user: str | None, as_of: str | None, as_json: bool, catalogue: bool
         click.echo(as_markdown(), nl=False)
         return
     if not user:
-        raise click.UsageError("give a USER, or --catalogue")
+        msg = "give a USER, or --catalogue"
+        raise click.UsageError(msg)
     settings = build_settings(**opts)
     try:
         data = fetch_features(settings, user, as_of)
     except LookupError as exc:
         fail(str(exc))
     except OSError as exc:
-        fail(f"no worker answers on {settings.web_host}:{settings.web_port} ({exc}); start one with `propstream worker`")
+        where = f"{settings.web_host}:{settings.web_port}"
+        fail(f"no worker answers on {where} ({exc}); start one with `propstream worker`")
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -310,20 +395,40 @@ def format_features(data: dict[str, Any]) -> str:
 
 # --- demo -----------------------------------------------------------------------------------
 @main.command()
-@click.option("--users", default=300, show_default=True, envvar="PROPSTREAM_SIM_USERS", show_envvar=True,
-              help="Simulated users.")
-@click.option("--rate", default=500.0, show_default=True, envvar="PROPSTREAM_SIM_RATE", show_envvar=True,
-              help="Events per second.")
-@click.option("--duration", type=float, default=None, envvar="PROPSTREAM_DEMO_DURATION", show_envvar=True,
-              help="Stop after this many seconds (default: until Ctrl-C).")
+@click.option(
+    "--users",
+    default=300,
+    show_default=True,
+    envvar="PROPSTREAM_SIM_USERS",
+    show_envvar=True,
+    help="Simulated users.",
+)
+@click.option(
+    "--rate",
+    default=500.0,
+    show_default=True,
+    envvar="PROPSTREAM_SIM_RATE",
+    show_envvar=True,
+    help="Events per second.",
+)
+@click.option(
+    "--duration",
+    type=float,
+    default=None,
+    envvar="PROPSTREAM_DEMO_DURATION",
+    show_envvar=True,
+    help="Stop after this many seconds (default: until Ctrl-C).",
+)
 @click.option("--watch", "n_watch", default=3, show_default=True, help="How many users to follow on screen.")
 def demo(users: int, rate: float, duration: float | None, n_watch: int) -> None:
     """Start broker and worker, stream simulated traffic and show features changing live. Ctrl-C stops."""
     import threading
 
+    from traffic.simulator import SimConfig
+    from traffic.simulator import simulate as sim
+
     from streams.broker import BrokerError, LocalBroker
     from streams.producer import publish
-    from traffic.simulator import SimConfig, simulate as sim
 
     settings = build_settings()
     own_broker = False
@@ -342,8 +447,11 @@ def demo(users: int, rate: float, duration: float | None, n_watch: int) -> None:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, env_name("bootstrap"): servers}
     wproc = subprocess.Popen(
-        [sys.executable, "-m", "streams.cli", "worker"], env=env, stdout=log_path.open("ab"),
-        stderr=subprocess.STDOUT, start_new_session=True,
+        [sys.executable, "-m", "streams.cli", "worker"],
+        env=env,
+        stdout=log_path.open("ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     stop = threading.Event()
     watched: list[str] = []
@@ -381,7 +489,9 @@ def demo(users: int, rate: float, duration: float | None, n_watch: int) -> None:
         click.echo(f"stopped (worker log: {log_path})")
 
 
-def _wait_http(settings: Settings, proc: subprocess.Popen[bytes], log_path: Path, timeout_s: float = 90) -> None:
+def _wait_http(
+    settings: Settings, proc: subprocess.Popen[bytes], log_path: Path, timeout_s: float = 90
+) -> None:
     deadline = time.monotonic() + timeout_s
     url = f"http://{settings.web_host}:{settings.web_port}/healthz"
     while time.monotonic() < deadline:
@@ -395,8 +505,17 @@ def _wait_http(settings: Settings, proc: subprocess.Popen[bytes], log_path: Path
     fail(f"the worker did not answer within {timeout_s:.0f}s; see {log_path}")
 
 
-SHOWN = ("n_events_1h", "n_product_view_24h", "sessions_7d", "cart_items", "cart_value", "cart_abandoned",
-         "purchases_30d", "revenue_30d", "s_since_last_event")
+SHOWN = (
+    "n_events_1h",
+    "n_product_view_24h",
+    "sessions_7d",
+    "cart_items",
+    "cart_value",
+    "cart_abandoned",
+    "purchases_30d",
+    "revenue_30d",
+    "s_since_last_event",
+)
 
 
 def _show(settings: Settings, users: list[str]) -> None:

@@ -216,5 +216,5 @@ def _detail(reason: str, ev: Event, floor: int) -> str:
     if reason == "duplicate":
         return f"event_id {ev.event_id!r} already processed for this user"
     if reason == "late":
-        return f"ts_ms={ev.ts_ms} is before the accepted floor {floor} (watermark minus allowed lateness, or dedup memory)"
+        return f"ts_ms={ev.ts_ms} is before the floor {floor} (watermark - allowed lateness, or dedup memory)"
     return REASONS.get(reason, reason)

@@ -14,7 +14,10 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.consumed = Counter(
-            "propstream_events_consumed_total", "Kafka messages read from event topics.", ["topic"], registry=r
+            "propstream_events_consumed_total",
+            "Kafka messages read from event topics.",
+            ["topic"],
+            registry=r,
         )
         self.accepted = Counter(
             "propstream_events_accepted_total",
@@ -47,10 +50,15 @@ class Metrics:
             registry=r,
         )
         self.users_written = Counter(
-            "propstream_state_writes_total", "Coalesced per-user state writes (one per user per batch).", registry=r
+            "propstream_state_writes_total",
+            "Coalesced per-user state writes (one per user per batch).",
+            registry=r,
         )
         self.watermark = Gauge(
-            "propstream_watermark_seconds", "Event-time watermark per partition, epoch seconds.", ["partition"], registry=r
+            "propstream_watermark_seconds",
+            "Event-time watermark per partition, epoch seconds.",
+            ["partition"],
+            registry=r,
         )
 
     def record_batch(

@@ -20,7 +20,7 @@ CART_TYPES = frozenset({"add_to_cart", "remove_from_cart", "checkout_start"})
 
 
 def topic_for(etype: object, settings: Settings) -> str:
-    """Route by type: orders to the purchase topic, cart actions to the cart topic, the rest to clickstream."""
+    """Route by type: orders to the purchase topic, cart actions to the cart topic, rest to clickstream."""
     if etype == "purchase":
         return settings.topic_purchase
     if etype in CART_TYPES:
@@ -43,7 +43,9 @@ def make_producer(bootstrap: str) -> KafkaProducer:
 class Progress:
     """One status line per ``every_s`` on stderr: count, rate, and an optional total."""
 
-    def __init__(self, label: str, total: int | None = None, every_s: float = 2.0, out: TextIO = sys.stderr) -> None:
+    def __init__(
+        self, label: str, total: int | None = None, every_s: float = 2.0, out: TextIO = sys.stderr
+    ) -> None:
         self.label, self.total, self.every_s, self.out = label, total, every_s, out
         self.start = self.last = time.monotonic()
         self.n = 0

@@ -33,7 +33,9 @@ class Settings(BaseSettings):
         "`propstream broker start` runs.",
     )
     kafka_version: str = Field("3.9.1", description="Apache Kafka version fetched from Maven Central.")
-    broker_port: int = Field(9092, ge=0, le=65535, description="Client port of the local broker (0: free port).")
+    broker_port: int = Field(
+        9092, ge=0, le=65535, description="Client port of the local broker (0: free port)."
+    )
     broker_heap_mb: int = Field(512, ge=128, description="JVM heap of the local broker, MiB.")
     home: Path = Field(
         Path.home() / ".cache" / "propstream",
@@ -47,13 +49,17 @@ class Settings(BaseSettings):
     topic_clickstream: str = Field("events.clickstream", description="Page, product and search events.")
     topic_cart: str = Field("events.cart", description="Cart and checkout events.")
     topic_purchase: str = Field("events.purchase", description="Orders.")
-    topic_deadletter: str = Field("events.deadletter", description="Rejected input, original bytes plus reason.")
+    topic_deadletter: str = Field(
+        "events.deadletter", description="Rejected input, original bytes plus reason."
+    )
 
     # --- Worker ------------------------------------------------------------------------------
     app_id: str = Field("propstream", description="Faust app id: consumer group and changelog prefix.")
     web_host: str = Field("127.0.0.1", description="Interface the worker's HTTP API binds to.")
     web_port: int = Field(6066, ge=0, le=65535, description="Port of the worker's HTTP API.")
-    data_dir: Path | None = Field(None, description="Worker state (RocksDB). Default: <home>/worker-<web_port>.")
+    data_dir: Path | None = Field(
+        None, description="Worker state (RocksDB). Default: <home>/worker-<web_port>."
+    )
     batch_size: int = Field(2000, ge=1, description="Events taken per batch on the hot path.")
     batch_within_s: float = Field(0.05, gt=0, description="Max wait to fill a batch, seconds.")
     api_token: SecretStr | None = Field(None, description="Bearer token required for lookups, if set.")
@@ -69,7 +75,8 @@ class Settings(BaseSettings):
     )
     dedup_capacity: int = Field(512, ge=16, description="Recent event ids remembered per user for dedup.")
     custom_events: str = Field(
-        "", description="Extra custom event types accepted (comma-separated), beside sign_up, demo_request, ..."
+        "",
+        description="Extra custom event types accepted (comma-separated), beside sign_up, demo_request, ...",
     )
     default_currency: str = Field("USD", min_length=3, max_length=3, description="Currency when absent.")
 

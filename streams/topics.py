@@ -20,7 +20,9 @@ class TopicMismatch(RuntimeError):
 def ensure_topics(settings: Settings, bootstrap: str | None = None) -> list[str]:
     """Create missing event topics; returns the names created. Raises on partition mismatch."""
     servers = bootstrap or settings.broker_url
-    admin = KafkaAdminClient(bootstrap_servers=servers, client_id="propstream-admin", request_timeout_ms=30000)
+    admin = KafkaAdminClient(
+        bootstrap_servers=servers, client_id="propstream-admin", request_timeout_ms=30000
+    )
     try:
         wanted = [*settings.source_topics, settings.topic_deadletter]
         existing = set(admin.list_topics())
@@ -40,8 +42,8 @@ def ensure_topics(settings: Settings, bootstrap: str | None = None) -> list[str]
                 n = len(meta["partitions"])
                 if n != settings.partitions:
                     msg = (
-                        f"topic {meta['topic']} has {n} partitions but PROPSTREAM_PARTITIONS={settings.partitions}: "
-                        "all event topics and tables must share one partition count"
+                        f"topic {meta['topic']} has {n} partitions but PROPSTREAM_PARTITIONS="
+                        f"{settings.partitions}: all event topics and tables must share one partition count"
                     )
                     raise TopicMismatch(msg)
         return created

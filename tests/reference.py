@@ -12,7 +12,15 @@ from datetime import datetime
 from typing import Any
 
 MIN, HOUR, DAY = 60_000, 3_600_000, 86_400_000
-TYPES = ("page_view", "product_view", "search", "add_to_cart", "remove_from_cart", "checkout_start", "purchase")
+TYPES = (
+    "page_view",
+    "product_view",
+    "search",
+    "add_to_cart",
+    "remove_from_cart",
+    "checkout_start",
+    "purchase",
+)
 WINDOWS = {"1h": (MIN, 60), "24h": (HOUR, 24), "7d": (HOUR, 168), "30d": (DAY, 30)}
 
 
@@ -69,7 +77,8 @@ def reference_features(
             c = sum(
                 1
                 for e, ts in zip(events, stamps)
-                if (e["type"] == t or (t == "custom" and e["type"] not in TYPES)) and in_window(ts, as_of, res, n)
+                if (e["type"] == t or (t == "custom" and e["type"] not in TYPES))
+                and in_window(ts, as_of, res, n)
             )
             out[f"n_{t}_{w}"] = c
             total += c
@@ -89,7 +98,9 @@ def reference_features(
     recent = [s for s in sessions(events, gap_ms).values() if s[1] > as_of - 7 * DAY]
     out["sessions_7d"] = len(recent)
     out["events_per_session_7d"] = sum(s[2] for s in recent) / len(recent) if recent else 0.0
-    out["mean_session_duration_s_7d"] = sum(s[1] - s[0] for s in recent) / len(recent) / 1000 if recent else 0.0
+    out["mean_session_duration_s_7d"] = (
+        sum(s[1] - s[0] for s in recent) / len(recent) / 1000 if recent else 0.0
+    )
 
     purchases = [(e, ts) for e, ts in zip(events, stamps) if e["type"] == "purchase"]
     for days in (30, 90):
@@ -119,7 +130,9 @@ def reference_features(
             views[e["product_id"]] = views.get(e["product_id"], 0) + 1
     bought = {e["product_id"] for e, ts in purchases if e.get("product_id") and ts > as_of - 30 * DAY}
     out["distinct_products_viewed_24h"] = len(views)
-    out["max_views_one_product_unbought_24h"] = max((v for p, v in views.items() if p not in bought), default=0)
+    out["max_views_one_product_unbought_24h"] = max(
+        (v for p, v in views.items() if p not in bought), default=0
+    )
     return out
 
 
@@ -136,10 +149,12 @@ def assert_features_equal(got: dict[str, Any], want: dict[str, Any], context: st
     assert set(got) == set(want), f"{context} names differ: {set(got) ^ set(want)}"
     for k, w in want.items():
         g = got[k]
-        if w is None or isinstance(w, bool) or isinstance(w, int) and not isinstance(g, float):
+        if w is None or isinstance(w, bool) or (isinstance(w, int) and not isinstance(g, float)):
             assert g == w, f"{context} {k}: got {g!r}, want {w!r}"
         else:
-            assert abs(float(g) - float(w)) <= 1e-6 * max(1.0, abs(float(w))), f"{context} {k}: got {g!r}, want {w!r}"
+            assert abs(float(g) - float(w)) <= 1e-6 * max(1.0, abs(float(w))), (
+                f"{context} {k}: got {g!r}, want {w!r}"
+            )
 
 
 def random_events(
@@ -159,7 +174,12 @@ def random_events(
                 session += 1
             ts = min(ts + gap, start_ms + span_ms)
             kind = rng.choices(kinds, weights)[0]
-            ev: dict[str, Any] = {"event_id": f"e{seed}-{u}-{i}", "user_id": f"user-{u}", "type": kind, "ts": ts}
+            ev: dict[str, Any] = {
+                "event_id": f"e{seed}-{u}-{i}",
+                "user_id": f"user-{u}",
+                "type": kind,
+                "ts": ts,
+            }
             if with_sessions:
                 ev["session_id"] = f"s{u}-{session}"
             if kind in ("product_view", "add_to_cart", "remove_from_cart", "purchase"):

@@ -47,11 +47,15 @@ def settings(env: dict[str, str]) -> Settings:
 
 
 @pytest.fixture()
-def make_worker(env: dict[str, str], settings: Settings, tmp_path: Path) -> Iterator[Callable[..., WorkerProc]]:
+def make_worker(
+    env: dict[str, str], settings: Settings, tmp_path: Path
+) -> Iterator[Callable[..., WorkerProc]]:
     workers: list[WorkerProc] = []
 
     def make(name: str = "w1", **extra: Any) -> WorkerProc:
-        w = WorkerProc({**env, **{k: str(v) for k, v in extra.items()}}, tmp_path / name, tmp_path / f"{name}.log")
+        w = WorkerProc(
+            {**env, **{k: str(v) for k, v in extra.items()}}, tmp_path / name, tmp_path / f"{name}.log"
+        )
         workers.append(w)
         return w
 

@@ -22,7 +22,9 @@ from streams.broker import free_port
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def wait_until(check: Callable[[], Any], timeout_s: float = 60.0, every_s: float = 0.25, what: str = "") -> Any:
+def wait_until(
+    check: Callable[[], Any], timeout_s: float = 60.0, every_s: float = 0.25, what: str = ""
+) -> Any:
     deadline = time.monotonic() + timeout_s
     last: Any = None
     while time.monotonic() < deadline:
@@ -38,7 +40,12 @@ class WorkerProc:
 
     def __init__(self, env: dict[str, str], data_dir: Path, log: Path) -> None:
         self.port = free_port()
-        self.env = {**os.environ, **env, "PROPSTREAM_WEB_PORT": str(self.port), "PROPSTREAM_DATA_DIR": str(data_dir)}
+        self.env = {
+            **os.environ,
+            **env,
+            "PROPSTREAM_WEB_PORT": str(self.port),
+            "PROPSTREAM_DATA_DIR": str(data_dir),
+        }
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -60,7 +67,9 @@ class WorkerProc:
 
     def ready(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
-            raise AssertionError(f"worker exited with {self.proc.returncode}; log:\n{self.log.read_text()[-3000:]}")
+            raise AssertionError(
+                f"worker exited with {self.proc.returncode}; log:\n{self.log.read_text()[-3000:]}"
+            )
         try:
             with urllib.request.urlopen(self.url + "/readyz", timeout=2) as r:
                 return bool(json.loads(r.read())["ready"])
@@ -85,7 +94,9 @@ class WorkerProc:
         try:
             with urllib.request.urlopen(self.url + path, timeout=10) as r:
                 body = r.read()
-                return r.status, json.loads(body) if r.headers.get_content_type() == "application/json" else body
+                return r.status, json.loads(
+                    body
+                ) if r.headers.get_content_type() == "application/json" else body
         except urllib.error.HTTPError as exc:
             return exc.code, json.loads(exc.read() or b"null")
 
@@ -104,7 +115,9 @@ class WorkerProc:
         return total
 
 
-def produce(bootstrap: str, topic_of: Callable[[dict[str, Any]], str], events: Iterable[dict[str, Any]]) -> int:
+def produce(
+    bootstrap: str, topic_of: Callable[[dict[str, Any]], str], events: Iterable[dict[str, Any]]
+) -> int:
     """Publish as an outside producer would: kafka-python, key = user id, JSON value."""
     p = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
     n = 0
@@ -119,7 +132,10 @@ def produce(bootstrap: str, topic_of: Callable[[dict[str, Any]], str], events: I
 def consume_all(bootstrap: str, topic: str, expect: int, timeout_s: float = 30.0) -> list[Any]:
     """Read ``topic`` from the beginning until ``expect`` messages arrived (or time runs out)."""
     c = KafkaConsumer(
-        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False,
+        topic,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
         consumer_timeout_ms=1000,
     )
     out: list[Any] = []

@@ -56,7 +56,9 @@ def check_against_reference(worker: Any, users: dict[str, list[dict[str, Any]]],
 
 def recent_events(seed: int, users: int, per_user: int) -> list[dict[str, Any]]:
     now = int(time.time() * 1000)
-    return random_events(seed, users=users, per_user=per_user, start_ms=now - 20 * DAY, span_ms=20 * DAY - HOUR)
+    return random_events(
+        seed, users=users, per_user=per_user, start_ms=now - 20 * DAY, span_ms=20 * DAY - HOUR
+    )
 
 
 def test_features_over_http_equal_reference(settings: Settings, make_worker: Any, kafka: str) -> None:

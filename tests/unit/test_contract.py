@@ -17,16 +17,18 @@ def good(**kw: object) -> dict:
     return {"event_id": "e1", "user_id": "u1", "type": "page_view", "ts": ISO, **kw}
 
 
-def reason_of(payload: bytes | dict, rules: Rules = Rules()) -> str:
+def reason_of(payload: bytes | dict, rules: Rules | None = None) -> str:
     raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
     with pytest.raises(Rejected) as info:
-        parse(raw, rules, NOW)
+        parse(raw, rules or Rules(), NOW)
     assert info.value.reason in REASONS
     return info.value.reason
 
 
 def test_valid_event_normalised() -> None:
-    [ev] = parse(json.dumps(good(type="purchase", price=10.0, quantity=3, currency="eur")).encode(), Rules(), NOW)
+    [ev] = parse(
+        json.dumps(good(type="purchase", price=10.0, quantity=3, currency="eur")).encode(), Rules(), NOW
+    )
     assert ev.ts_ms == ISO_MS
     assert ev.revenue == 30.0  # revenue defaults to price * quantity for orders
     assert ev.currency == "EUR"
@@ -52,7 +54,10 @@ def test_epoch_ms_and_integer_ids_accepted() -> None:
         (good(price=-1), "out_of_range"),
         (good(quantity=0), "out_of_range"),
         (good(user_id="x" * 300), "out_of_range"),
-        (b'{"event_id":"e","user_id":"u","type":"page_view","ts":"' + ISO.encode() + b'","price":1e400}', "not_json"),  # decoder refuses inf
+        (
+            b'{"event_id":"e","user_id":"u","type":"page_view","ts":"' + ISO.encode() + b'","price":1e400}',
+            "not_json",
+        ),  # decoder refuses inf
         (good(ts="yesterday"), "bad_time"),
         (good(ts="2025-11-23T10:00:00"), "bad_time"),  # naive: no offset
         (good(ts=[1]), "wrong_type"),

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -14,8 +16,6 @@ from features.state import FeatureParams, UserState, decode, encode
 from features.user import apply, compute, finalize, fold
 from tests.conftest import ROOT
 from tests.reference import DAY, HOUR, assert_features_equal, random_events, reference_features
-
-import msgspec
 
 NOW = 1_800_000_000_000
 PARAMS = FeatureParams()
@@ -91,7 +91,9 @@ def test_catalogue_matches_compute_and_docs() -> None:
     f = compute(UserState(), T0, PARAMS)
     assert set(f) == set(NAMES)
     docs = (ROOT / "docs" / "features.md").read_text()
-    assert as_markdown() in docs, "docs/features.md is stale: regenerate with `propstream features --catalogue`"
+    assert as_markdown() in docs, (
+        "docs/features.md is stale: regenerate with `propstream features --catalogue`"
+    )
 
 
 def test_state_version_mismatch_starts_fresh() -> None:
@@ -119,7 +121,13 @@ def test_stream_equals_brute_force_recount(seed: int) -> None:
     dup_every=st.integers(0, 7),
 )
 def test_property_any_batching_and_local_disorder(
-    seed: int, n: int, cuts: list[int], shuffle_window_ms: int, with_sessions: bool, delay_ms: int, dup_every: int
+    seed: int,
+    n: int,
+    cuts: list[int],
+    shuffle_window_ms: int,
+    with_sessions: bool,
+    delay_ms: int,
+    dup_every: int,
 ) -> None:
     """Batches (encode/decode between them), duplicates and small reorderings never change the features."""
     raw = random_events(seed, users=1, per_user=n, start_ms=T0, span_ms=20 * DAY, with_sessions=with_sessions)
@@ -131,7 +139,7 @@ def test_property_any_batching_and_local_disorder(
     evs = events_of(raw)
     blob = encode(UserState())
     bounds = sorted({0, len(evs), *[c for c in cuts if c < len(evs)]})
-    for lo, hi in zip(bounds, bounds[1:]):
+    for lo, hi in itertools.pairwise(bounds):
         state = decode(blob)
         for e in evs[lo:hi]:
             apply(state, e, PARAMS)

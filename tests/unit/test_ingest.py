@@ -1,0 +1,105 @@
+"""The batch handler without Kafka: lateness against the watermark, consent, coalesced writes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from features.state import decode
+from streams.ingest import DeadLetter, IngestHandler, Record
+from streams.settings import Settings
+
+NOW_S = 1_800_000_000.0
+T = int(NOW_S * 1000) - 86_400_000
+
+
+class DictStore:
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+        self.writes = 0
+
+    @contextmanager
+    def partition(self, record: Record) -> Iterator[None]:
+        yield
+
+    def get(self, user_id: str) -> bytes | None:
+        return self.data.get(user_id)
+
+    def set(self, user_id: str, value: bytes) -> None:
+        self.writes += 1
+        self.data[user_id] = value
+
+
+def rec(topic: str, ev: dict, offset: int = 0, partition: int = 0) -> Record:
+    return Record(topic, partition, offset, str(ev["user_id"]).encode(), json.dumps(ev).encode())
+
+
+def handler(**overrides: object) -> tuple[IngestHandler, DictStore, list[DeadLetter]]:
+    store = DictStore()
+    dead: list[DeadLetter] = []
+    s = Settings(**{"allowed_lateness_s": 3600, **overrides})  # type: ignore[arg-type]
+    return IngestHandler(s, store, dead.append, clock=lambda: NOW_S), store, dead
+
+
+def pv(i: int, ts: int, user: str = "u", **kw: object) -> dict:
+    return {"event_id": f"e{i}", "user_id": user, "type": "page_view", "ts": ts, **kw}
+
+
+def test_one_write_per_user_per_batch() -> None:
+    h, store, dead = handler()
+    batch = [rec("events.clickstream", pv(i, T + i, user=f"u{i % 3}")) for i in range(30)]
+    h.process(batch)
+    assert store.writes == 3 and not dead
+    assert sum(decode(v).events for v in store.data.values()) == 30
+
+
+def test_late_only_once_every_topic_has_a_watermark() -> None:
+    h, store, dead = handler()
+    # only clickstream has data: no watermark yet, an old event is still accepted
+    h.process([rec("events.clickstream", pv(1, T)), rec("events.clickstream", pv(2, T - 5 * 3_600_000))])
+    assert not dead
+    h.process(
+        [
+            rec("events.cart", {**pv(3, T), "type": "add_to_cart"}),
+            rec("events.purchase", {**pv(4, T), "type": "purchase"}),
+        ]
+    )
+    # watermark is now T on all three topics: 2 hours behind is late, 30 minutes behind is not
+    h.process(
+        [rec("events.clickstream", pv(5, T - 2 * 3_600_000)), rec("events.clickstream", pv(6, T - 1_800_000))]
+    )
+    assert [d.reason for d in dead] == ["late"]
+    assert decode(store.data["u"]).events == 5
+
+
+def test_a_topic_consumed_ahead_does_not_make_others_late() -> None:
+    h, _, dead = handler()
+    ahead = T + 10 * 3_600_000
+    h.process(
+        [
+            rec("events.purchase", {**pv(1, ahead), "type": "purchase"}),
+            rec("events.cart", {**pv(2, ahead), "type": "add_to_cart"}),
+            rec("events.clickstream", pv(3, T)),
+        ]
+    )
+    h.process([rec("events.clickstream", pv(4, T + 1000))])  # 10 h behind the other topics, not late
+    assert not dead
+
+
+def test_consent_denied_is_not_used_and_not_dead_lettered() -> None:
+    h, store, dead = handler()
+    h.process([rec("events.clickstream", pv(1, T, consent={"personalization": False}))])
+    assert not dead and not store.data
+    assert h.metrics.no_consent.labels("events.clickstream")._value.get() == 1
+
+
+def test_dead_letter_keeps_original_bytes_and_source() -> None:
+    h, _, dead = handler()
+    r = Record("events.cart", 3, 42, b"u", b"\x00garbage")
+    h.process([r])
+    [d] = dead
+    assert d.record.value == b"\x00garbage"
+    headers = dict(d.headers())
+    assert headers["propstream.reason"] == b"not_json"
+    assert (headers["propstream.source.partition"], headers["propstream.source.offset"]) == (b"3", b"42")
