@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     # --- Worker ------------------------------------------------------------------------------
     app_id: str = Field("propstream", description="Faust app id: consumer group and changelog prefix.")
     web_host: str = Field("127.0.0.1", description="Interface the worker's HTTP API binds to.")
+    web_advertise: str = Field(
+        "", description="Host other workers use to reach this one (routed lookups). Default: web_host."
+    )
     web_port: int = Field(6066, ge=0, le=65535, description="Port of the worker's HTTP API.")
     data_dir: Path | None = Field(
         None, description="Worker state (RocksDB). Default: <home>/worker-<web_port>."

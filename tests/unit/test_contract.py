@@ -154,3 +154,28 @@ def test_ga4_vocabulary(name: str, canonical: str) -> None:
 def test_unknown_vocabulary_names() -> None:
     assert reason_of({**SEGMENT, "event": "Rocket Launched"}) == "unknown_type"
     assert reason_of({"user_id": "u", "timestamp_micros": 1, "events": [{"name": "x"}]}) == "unknown_type"
+
+
+def test_published_schema_agrees_with_the_parser() -> None:
+    """The JSON Schema accepts what the parser accepts and refuses what it refuses for shape reasons."""
+    import jsonschema
+
+    from streams.settings import Settings  # noqa: F401  (package import: schema ships beside it)
+    from tests.conftest import ROOT
+    from tests.reference import random_events
+
+    schema = json.loads((ROOT / "streams" / "schemas" / "event.schema.json").read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    for e in random_events(3, users=5, per_user=40, start_ms=NOW - 86_400_000 * 5, span_ms=86_400_000 * 4):
+        assert parse(json.dumps(e).encode(), Rules(), NOW)
+        assert not list(validator.iter_errors(e)), e
+    for bad in (
+        good(user_id=None),
+        good(price="12"),
+        good(price=-1),
+        good(quantity=0),
+        good(ts=1_763_892_000),
+    ):
+        assert list(validator.iter_errors(bad)), bad
+        with pytest.raises(Rejected):
+            parse(json.dumps(bad).encode(), Rules(), NOW)
