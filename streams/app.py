@@ -139,6 +139,7 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
             return self.json(
                 {
                     "user_id": user_id,
+                    "served_by": app.conf.canonical_url.human_repr(),
                     "as_of_ms": as_of,
                     "last_event_ms": state.last_ms,
                     "events": state.events,

@@ -156,3 +156,28 @@ def test_bad_input_goes_to_deadletter_and_valid_counted_once(
     assert worker.metric("propstream_events_accepted_total") == len(valid)
     for reason, n in expected.items():
         assert worker.metric("propstream_events_rejected_total", reason=reason) == n
+
+
+def test_two_workers_route_lookups_to_the_owner(settings: Settings, make_worker: Any, kafka: str) -> None:
+    a = make_worker("a").start()
+    b = make_worker("b").start()
+    wait_until(lambda: a.ready() and b.ready(), 60, what="both workers ready after the rebalance")
+    events = recent_events(4, users=24, per_user=20)
+    produce(kafka, router(settings), events)
+    users = by_user(events)
+    wait_for_counts(a, users)
+    as_of = max(e["ts"] for e in events) + HOUR
+    owners = Counter()
+    for u, evs in users.items():
+        want = reference_features(evs, as_of)
+        for w in (a, b):  # either worker answers; the non-owner forwards to the owner
+            got = w.features(u, as_of)
+            assert got is not None, (u, w.url)
+            assert_features_equal(got["features"], want, f"user {u} via {w.url}")
+        owners[_owner(a, u)] += 1
+    assert len(owners) == 2, f"all users on one worker: {owners} (partitions not shared?)"
+
+
+def _owner(worker: Any, user: str) -> str:
+    """The worker that answered (the owner of ``user``'s partition), as it names itself."""
+    return str(worker.features(user)["served_by"])
