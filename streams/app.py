@@ -36,8 +36,9 @@ class FaustTableStore:
     mixes partitions, so each partition's writes run with one of its own events made current.
     """
 
-    def __init__(self, table: Any) -> None:
+    def __init__(self, table: Any, marks: Any) -> None:
         self.table = table
+        self.marks = marks
 
     @contextmanager
     def partition(self, record: Record) -> Iterator[None]:
@@ -53,6 +54,13 @@ class FaustTableStore:
 
     def set(self, user_id: str, value: bytes) -> None:
         self.table[user_id] = value
+
+    def get_mark(self, topic: str, partition: int) -> int | None:
+        raw = self.marks.get(f"{topic}|{partition}")
+        return int(raw) if raw is not None else None
+
+    def set_mark(self, topic: str, partition: int, ts_ms: int) -> None:
+        self.marks[f"{topic}|{partition}"] = str(ts_ms).encode()
 
 
 def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
@@ -88,13 +96,21 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
         options={"driver": "rocksdict"},
         help="Per-user feature state (msgpack UserState), one changelog message per user per batch.",
     )
+    marks = app.Table(
+        "watermarks",
+        partitions=settings.partitions,
+        key_type=bytes,
+        value_type=bytes,
+        options={"driver": "rocksdict"},
+        help="Newest event time per source topic and partition: the lateness watermark survives restarts.",
+    )
     source = app.topic(*settings.source_topics, key_serializer="raw", value_serializer="raw")
     deadletter = app.topic(settings.topic_deadletter, key_serializer="raw", value_serializer="raw")
 
     def send_dead_letter(dl: DeadLetter) -> None:
         deadletter.send_soon(key=dl.record.key, value=dl.record.value, headers=dl.headers())
 
-    handler = IngestHandler(settings, FaustTableStore(table), send_dead_letter, metrics)
+    handler = IngestHandler(settings, FaustTableStore(table, marks), send_dead_letter, metrics)
     app.propstream_handler = handler  # type: ignore[attr-defined]
 
     async def ingest(stream: Any) -> None:  # faust's StreamT stub lacks take_events

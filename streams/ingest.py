@@ -59,6 +59,11 @@ class StateStore(Protocol):
 
     def set(self, user_id: str, value: bytes) -> None: ...
 
+    def get_mark(self, topic: str, partition: int) -> int | None:
+        """Persisted newest event time of ``topic`` in ``partition`` (survives restarts and moves)."""
+
+    def set_mark(self, topic: str, partition: int, ts_ms: int) -> None: ...
+
 
 def rules_from(settings: Settings) -> Rules:
     from features.contract import DEFAULT_CUSTOM_TYPES
@@ -128,6 +133,7 @@ class IngestHandler:
         self.metrics = metrics or Metrics()
         self.clock = clock
         self.watermarks = Watermarks(settings.source_topics)
+        self.loaded: set[int] = set()
 
     def process(self, batch: Sequence[Record]) -> dict[str, list[Event]]:
         """Process one batch; returns the accepted events per user (for scoring downstream)."""
@@ -157,6 +163,8 @@ class IngestHandler:
                 continue
             p = rec.partition
             if p not in floors:
+                if p not in self.loaded:
+                    self._load_marks(rec)
                 floors[p] = marks.of(p) - self.lateness_ms
             for ev in events:
                 if rec.key is None or rec.key != ev.user_id.encode():
@@ -175,6 +183,7 @@ class IngestHandler:
                     items.append((ev, rec))
 
         out: dict[str, list[Event]] = {}
+        advanced: dict[tuple[str, int], Record] = {}
         writes = 0
         params = self.params
         store = self.store
@@ -191,7 +200,8 @@ class IngestHandler:
                             done.append(ev)
                             key = (rec.topic, ev.type)
                             accepted[key] = accepted.get(key, 0) + 1
-                            marks.advance(rec.topic, p, ev.ts_ms)
+                            if marks.advance(rec.topic, p, ev.ts_ms):
+                                advanced[(rec.topic, p)] = rec
                             if ev.ts_ms > newest_ts:
                                 newest_ts = ev.ts_ms
                         else:
@@ -201,11 +211,23 @@ class IngestHandler:
                         store.set(user_id, codec.encode(st))
                         writes += 1
                         out[user_id] = done
+        for (topic, p), rec in advanced.items():
+            with store.partition(rec):
+                store.set_mark(topic, p, marks.newest[(topic, p)])
         m = self.metrics
         m.record_batch(consumed, accepted, rejected, no_consent, writes, time.perf_counter() - t0)
         if newest_ts:
             m.lag_seconds.observe(max(0.0, now_ms - newest_ts) / 1000.0)
         return out
+
+    def _load_marks(self, rec: Record) -> None:
+        p = rec.partition
+        with self.store.partition(rec):
+            for topic in self.watermarks.topics:
+                ts = self.store.get_mark(topic, p)
+                if ts is not None:
+                    self.watermarks.advance(topic, p, ts)
+        self.loaded.add(p)
 
     def iter_watermarks(self) -> Iterator[tuple[str, int, int]]:
         for (topic, p), ts in self.watermarks.newest.items():

@@ -17,6 +17,7 @@ T = int(NOW_S * 1000) - 86_400_000
 class DictStore:
     def __init__(self) -> None:
         self.data: dict[str, bytes] = {}
+        self.marks: dict[tuple[str, int], int] = {}
         self.writes = 0
 
     @contextmanager
@@ -29,6 +30,12 @@ class DictStore:
     def set(self, user_id: str, value: bytes) -> None:
         self.writes += 1
         self.data[user_id] = value
+
+    def get_mark(self, topic: str, partition: int) -> int | None:
+        return self.marks.get((topic, partition))
+
+    def set_mark(self, topic: str, partition: int, ts_ms: int) -> None:
+        self.marks[(topic, partition)] = ts_ms
 
 
 def rec(topic: str, ev: dict, offset: int = 0, partition: int = 0) -> Record:
@@ -103,3 +110,22 @@ def test_dead_letter_keeps_original_bytes_and_source() -> None:
     headers = dict(d.headers())
     assert headers["propstream.reason"] == b"not_json"
     assert (headers["propstream.source.partition"], headers["propstream.source.offset"]) == (b"3", b"42")
+
+
+def test_watermark_survives_a_restart_through_the_store() -> None:
+    h, store, dead = handler()
+    h.process(
+        [
+            rec(t, {**pv(i, T), "type": k})
+            for i, (t, k) in enumerate(
+                [
+                    ("events.clickstream", "page_view"),
+                    ("events.cart", "add_to_cart"),
+                    ("events.purchase", "purchase"),
+                ]
+            )
+        ]
+    )
+    restarted = IngestHandler(Settings(allowed_lateness_s=3600), store, dead.append, clock=lambda: NOW_S)
+    restarted.process([rec("events.clickstream", pv(9, T - 2 * 3_600_000))])
+    assert [d.reason for d in dead] == ["late"]
