@@ -326,6 +326,43 @@ def _paced(events: Any, speedup: float, parse: Callable[[object], int | None]) -
         yield ev
 
 
+@main.command()
+@click.option("--follow", "-f", is_flag=True, help="Keep waiting for new dead letters.")
+@click.option(
+    "--limit", type=int, default=50, show_default=True, help="Stop after this many (without --follow)."
+)
+@setting_option("bootstrap", "--bootstrap")
+def deadletter(follow: bool, limit: int, bootstrap: str | None) -> None:
+    """Show rejected events from the dead-letter topic: reason, source, detail and payload head."""
+    from kafka import KafkaConsumer
+
+    settings = build_settings(bootstrap=bootstrap)
+    consumer = KafkaConsumer(
+        settings.topic_deadletter,
+        bootstrap_servers=_ensure(settings),
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        consumer_timeout_ms=-1 if follow else 3000,
+    )
+    n = 0
+    try:
+        for msg in consumer:
+            h = {k: v.decode("utf-8", "replace") for k, v in msg.headers}
+            src = f"{h.get('propstream.source.topic')}[{h.get('propstream.source.partition')}]"
+            src += f"@{h.get('propstream.source.offset')}"
+            head = (msg.value or b"")[:100].decode("utf-8", "replace")
+            click.echo(f"{h.get('propstream.reason', '?'):<14} {src:<28} {h.get('propstream.detail', '')}")
+            click.echo(f"{'':<14} {head!r}")
+            n += 1
+            if not follow and n >= limit:
+                break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        consumer.close()
+    click.echo(f"{n} dead letter(s) shown", err=True)
+
+
 # --- lookups --------------------------------------------------------------------------------
 def fetch_features(
     settings: Settings, user: str, as_of: str | None = None, timeout: float = 5.0
