@@ -226,9 +226,8 @@ def simulate(
     bootstrap: str | None,
 ) -> None:
     """Publish realistic synthetic traffic with a known ground truth (deterministic per --seed)."""
-    from traffic.simulator import SimConfig, simulate_with_truth, write_truth
-
     from streams.producer import Progress, publish
+    from traffic.simulator import SimConfig, simulate_with_truth, write_truth
 
     settings = build_settings(bootstrap=bootstrap)
     cfg = SimConfig(users=users, seed=seed, days=days, max_events=max_events)
@@ -294,10 +293,9 @@ def replay(file: Path, fmt: str, speedup: float, limit: int | None, bootstrap: s
     """Publish a real event log in event-time order, mapping its vocabulary to ours."""
     import itertools
 
-    from traffic.datasets import DatasetError, read_events
-
     from features.contract import parse_time_ms
     from streams.producer import Progress, publish
+    from traffic.datasets import DatasetError, read_events
 
     settings = build_settings(bootstrap=bootstrap)
     try:
@@ -461,13 +459,22 @@ def demo(users: int, rate: float, duration: float | None, n_watch: int) -> None:
     """Start broker and worker, stream simulated traffic and show features changing live. Ctrl-C stops."""
     import threading
 
+    from streams.broker import BrokerError, LocalBroker
+    from streams.producer import publish
     from traffic.simulator import SimConfig
     from traffic.simulator import simulate as sim
 
-    from streams.broker import BrokerError, LocalBroker
-    from streams.producer import publish
-
-    settings = build_settings()
+    # Each demo run gets its own topics, consumer group and state, removed again at the end: a
+    # second run must not find the first run's newer event times and reject its traffic as late.
+    run = f"demo-{int(time.time())}"
+    overrides = {
+        "app_id": run,
+        "topic_clickstream": f"{run}.clickstream",
+        "topic_cart": f"{run}.cart",
+        "topic_purchase": f"{run}.purchase",
+        "topic_deadletter": f"{run}.deadletter",
+    }
+    settings = build_settings(**overrides, data_dir=build_settings().home / run)
     own_broker = False
     if not settings.bootstrap:
         b = LocalBroker(settings)
@@ -482,7 +489,12 @@ def demo(users: int, rate: float, duration: float | None, n_watch: int) -> None:
     click.echo(f"2/3 starting a worker (lookups on http://{settings.web_host}:{settings.web_port}) ...")
     log_path = settings.home / "demo-worker.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, env_name("bootstrap"): servers}
+    env = {
+        **os.environ,
+        env_name("bootstrap"): servers,
+        env_name("data_dir"): str(settings.state_dir),
+        **{env_name(k): v for k, v in overrides.items()},
+    }
     wproc = subprocess.Popen(
         [sys.executable, "-m", "streams.cli", "worker"],
         env=env,
@@ -521,9 +533,28 @@ def demo(users: int, rate: float, duration: float | None, n_watch: int) -> None:
             wproc.wait(30)
         except subprocess.TimeoutExpired:
             wproc.kill()
+        _drop_run(servers, run, settings.state_dir)
         if own_broker:
             LocalBroker(settings).stop()
         click.echo(f"stopped (worker log: {log_path})")
+
+
+def _drop_run(servers: str, prefix: str, state_dir: Path) -> None:
+    """Delete a demo run's topics (events, dead letters, changelogs) and its local state."""
+    import shutil
+
+    from kafka import KafkaAdminClient
+    from kafka.errors import KafkaError
+
+    shutil.rmtree(state_dir, ignore_errors=True)
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=servers, request_timeout_ms=10000)
+        try:
+            admin.delete_topics([t for t in admin.list_topics() if t.startswith(prefix)])
+        finally:
+            admin.close()
+    except KafkaError as exc:
+        click.echo(f"could not delete the demo topics ({exc}); they start with {prefix}", err=True)
 
 
 def _wait_http(
@@ -555,8 +586,30 @@ SHOWN = (
 )
 
 
+def _totals(settings: Settings) -> str:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = f"http://{settings.web_host}:{settings.web_port}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            text = r.read().decode()
+    except OSError:
+        return "worker: no metrics yet"
+    sums: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name.endswith("_total"):
+                sums[s.name] = sums.get(s.name, 0.0) + s.value
+    get = lambda name: int(sums.get(f"propstream_{name}_total", 0))  # noqa: E731
+    return (
+        f"worker: {get('events_consumed'):,} consumed, {get('events_accepted'):,} accepted, "
+        f"{get('events_rejected'):,} dead-lettered, {get('events_without_consent'):,} without consent"
+    )
+
+
 def _show(settings: Settings, users: list[str]) -> None:
     stamp = time.strftime("%H:%M:%S")
+    click.echo(f"{stamp} {_totals(settings)}")
     for user in users:
         try:
             data = fetch_features(settings, user)
