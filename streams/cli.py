@@ -47,7 +47,14 @@ def fail(message: str) -> None:
     sys.exit(1)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group(
+    context_settings={
+        "help_option_names": ["-h", "--help"],
+        "max_content_width": 110,
+        # options without an explicit variable read PROPSTREAM_<COMMAND>_<OPTION>, shown in --help
+        "auto_envvar_prefix": "PROPSTREAM",
+    }
+)
 def main() -> None:
     """Real-time propensity scoring on Kafka: events in, rolling features, score changes out."""
 
@@ -98,7 +105,7 @@ def broker_status(broker_port: int | None) -> None:
 
 
 @broker.command("logs")
-@click.option("-n", "lines", default=40, show_default=True, help="How many lines.")
+@click.option("-n", "lines", default=40, show_default=True, help="How many lines.", show_envvar=True)
 def broker_logs(lines: int) -> None:
     """Print the end of the local broker's log."""
     click.echo(_local(None).log_tail(lines))
@@ -325,9 +332,14 @@ def _paced(events: Any, speedup: float, parse: Callable[[object], int | None]) -
 
 
 @main.command()
-@click.option("--follow", "-f", is_flag=True, help="Keep waiting for new dead letters.")
+@click.option("--follow", "-f", is_flag=True, help="Keep waiting for new dead letters.", show_envvar=True)
 @click.option(
-    "--limit", type=int, default=50, show_default=True, help="Stop after this many (without --follow)."
+    "--limit",
+    type=int,
+    default=50,
+    show_default=True,
+    show_envvar=True,
+    help="Stop after this many (without --follow).",
 )
 @setting_option("bootstrap", "--bootstrap")
 def deadletter(follow: bool, limit: int, bootstrap: str | None) -> None:
@@ -385,9 +397,13 @@ def fetch_features(
 
 @main.command()
 @click.argument("user", required=False)
-@click.option("--as-of", default=None, help="Evaluate at this event time (epoch ms or ISO-8601).")
-@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
-@click.option("--catalogue", is_flag=True, help="Print the feature catalogue (Markdown) instead.")
+@click.option(
+    "--as-of", default=None, help="Evaluate at this event time (epoch ms or ISO-8601).", show_envvar=True
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.", show_envvar=True)
+@click.option(
+    "--catalogue", is_flag=True, help="Print the feature catalogue (Markdown) instead.", show_envvar=True
+)
 @setting_option("web_port", "--web-port", type=int)
 @setting_option("web_host", "--web-host")
 def features(user: str | None, as_of: str | None, as_json: bool, catalogue: bool, **opts: Any) -> None:
@@ -454,7 +470,14 @@ def format_features(data: dict[str, Any]) -> str:
     show_envvar=True,
     help="Stop after this many seconds (default: until Ctrl-C).",
 )
-@click.option("--watch", "n_watch", default=3, show_default=True, help="How many users to follow on screen.")
+@click.option(
+    "--watch",
+    "n_watch",
+    default=3,
+    show_default=True,
+    help="How many users to follow on screen.",
+    show_envvar=True,
+)
 def demo(users: int, rate: float, duration: float | None, n_watch: int) -> None:
     """Start broker and worker, stream simulated traffic and show features changing live. Ctrl-C stops."""
     import threading

@@ -181,3 +181,51 @@ def test_two_workers_route_lookups_to_the_owner(settings: Settings, make_worker:
 def _owner(worker: Any, user: str) -> str:
     """The worker that answered (the owner of ``user``'s partition), as it names itself."""
     return str(worker.features(user)["served_by"])
+
+
+def test_simulate_cli_publishes_and_features_cli_reads(
+    settings: Settings, make_worker: Any, tmp_path: Any
+) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    worker = make_worker().start()
+    truth = tmp_path / "truth.csv"
+    cmd = [
+        sys.executable,
+        "-m",
+        "streams.cli",
+        "simulate",
+        "--users",
+        "40",
+        "--events",
+        "2000",
+        "--truth",
+        str(truth),
+    ]
+    proc = subprocess.run(
+        cmd, env=worker.env, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "2,000/2,000 events (100%)" in proc.stderr  # progress output
+    assert len(truth.read_text().splitlines()) == 2001  # header + one row per event
+
+    def all_in() -> bool:
+        used = worker.metric("propstream_events_accepted_total")
+        return used + worker.metric("propstream_events_without_consent_total") == 2000
+
+    wait_until(all_in, 60, what="2,000 simulated events accepted or set aside for consent")
+    assert worker.metric("propstream_events_rejected_total") == 0
+    out = subprocess.run(
+        [sys.executable, "-m", "streams.cli", "features", "u000001"],
+        env=worker.env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("user u000001") and "n_events_24h" in out.stdout
