@@ -84,7 +84,9 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
         canonical_url=f"http://{settings.web_advertise or settings.web_host}:{settings.web_port}",
         web_in_thread=False,
         producer_linger_ms=5,
-        stream_buffer_maxsize=max(4096, settings.batch_size * 2),
+        # Deep per-partition buffers and large fetches keep the batched agent fed during catch-up.
+        stream_buffer_maxsize=max(16384, settings.batch_size * 4),
+        consumer_max_fetch_size=8 * 1024 * 1024,
     )
     metrics = Metrics()
     app.propstream_metrics = metrics  # type: ignore[attr-defined]

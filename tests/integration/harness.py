@@ -38,7 +38,14 @@ def wait_until(
 class WorkerProc:
     """One `propstream worker` subprocess with its own port and state folder."""
 
-    def __init__(self, env: dict[str, str], data_dir: Path, log: Path) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        data_dir: Path,
+        log: Path,
+        argv: tuple[str, ...] = ("-m", "streams.cli", "worker"),
+    ) -> None:
+        self.argv = argv
         self.port = free_port()
         self.env = {
             **os.environ,
@@ -55,7 +62,7 @@ class WorkerProc:
 
     def start(self, timeout_s: float = 90.0) -> WorkerProc:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "streams.cli", "worker"],
+            [sys.executable, *self.argv],
             env=self.env,
             cwd=ROOT,
             stdout=self.log.open("ab"),

@@ -1,0 +1,1 @@
+"""Ad-hoc measurements until `propstream bench` (benchmarks issue) replaces them."""
