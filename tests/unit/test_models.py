@@ -1,0 +1,138 @@
+"""Label ledger (resolution, censoring at the horizon, no leakage, sampling) and change detection."""
+
+from __future__ import annotations
+
+import random
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from models.changes import Announced, ChangeRules, detect, tier_of
+from models.ledger import Snapshot, Target, UserLedger, expire, observe, offer
+
+H = 7 * 86_400_000
+PURCHASE = Target("purchase", H, frozenset({"purchase"}), sample_every_ms=0)
+CHURN = Target("churn", 14 * 86_400_000, churn=True, sample_every_ms=0)
+
+
+def snap(ts: int) -> Snapshot:
+    return Snapshot(ts, [float(ts)], 0.5, 1)
+
+
+def test_positive_as_soon_as_the_target_happens() -> None:
+    led = UserLedger()
+    offer(led, PURCHASE, snap(1000))
+    assert observe(led, "u", (PURCHASE,), "page_view", 2000) == []
+    [m] = observe(led, "u", (PURCHASE,), "purchase", 3000)
+    assert (m.label, m.snapshot.ts_ms, m.resolved_ms) == (1, 1000, 3000)
+    assert led.pending["purchase"] == []
+
+
+def test_censoring_exactly_at_the_horizon() -> None:
+    led = UserLedger()
+    offer(led, PURCHASE, snap(0))
+    assert expire(led, "u", (PURCHASE,), H) == []  # clock at the horizon: the window is still open
+    [m] = observe(led, "u", (PURCHASE,), "purchase", H)  # an event exactly at t + H counts
+    assert (m.snapshot.ts_ms, m.label) == (0, 1)
+    offer(led, PURCHASE, snap(H + 1))
+    assert observe(led, "u", (PURCHASE,), "purchase", 2 * H + 2) == []  # one ms past the window
+    [m] = expire(led, "u", (PURCHASE,), 2 * H + 2)
+    assert (m.snapshot.ts_ms, m.label) == (H + 1, 0)
+
+
+def test_event_at_snapshot_time_or_before_never_labels_it() -> None:
+    led = UserLedger()
+    offer(led, PURCHASE, snap(5000))
+    assert observe(led, "u", (PURCHASE,), "purchase", 5000) == []
+    assert observe(led, "u", (PURCHASE,), "purchase", 4000) == []
+    assert len(led.pending["purchase"]) == 1
+
+
+def test_churn_labels() -> None:
+    led = UserLedger()
+    offer(led, CHURN, snap(0))
+    offer(led, CHURN, snap(86_400_000))
+    matured = observe(led, "u", (CHURN,), "page_view", 86_400_000 + 5)  # inside both windows
+    assert sorted((m.snapshot.ts_ms, m.label) for m in matured) == [(0, 0), (86_400_000, 0)]
+    assert led.pending["churn"] == []
+    offer(led, CHURN, snap(10 * 86_400_000))
+    [m] = expire(led, "u", (CHURN,), 25 * 86_400_000)
+    assert m.label == 1
+
+
+def test_sampling_rule_limits_heavy_users() -> None:
+    t = Target("purchase", H, frozenset({"purchase"}), sample_every_ms=3_600_000)
+    led = UserLedger()
+    kept = [offer(led, t, snap(i * 600_000)) for i in range(13)]  # every 10 minutes for 2 hours
+    assert kept == [i % 6 == 0 for i in range(13)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000))
+def test_labels_equal_a_brute_force_lookahead_and_replay_equals_live(seed: int) -> None:
+    """Labels from the streaming ledger equal those read off the complete history, in any batching."""
+    rng = random.Random(seed)
+    events = sorted(
+        (rng.randrange(30 * 86_400_000), rng.choice(["page_view", "purchase"])) for _ in range(60)
+    )
+    end = 40 * 86_400_000
+
+    def run(expire_every: int) -> list[tuple[int, int]]:
+        led, out = UserLedger(), []
+        for i, (ts, kind) in enumerate(events):
+            out += observe(led, "u", (PURCHASE,), kind, ts)
+            if i % expire_every == 0:
+                out += expire(led, "u", (PURCHASE,), ts)
+            offer(led, PURCHASE, snap(ts))
+        out += expire(led, "u", (PURCHASE,), end)
+        return sorted((m.snapshot.ts_ms, m.label) for m in out)
+
+    want = sorted((t, int(any(k == "purchase" and t < u <= t + H for u, k in events))) for t, _ in events)
+    assert run(1) == want
+    assert run(7) == want
+
+
+R = ChangeRules(thresholds=(0.2, 0.5), hysteresis=0.03, min_delta=0.15, cooldown_ms=1000)
+
+
+def test_tiers_and_hysteresis() -> None:
+    assert [tier_of(s, None, R) for s in (0.1, 0.2, 0.49, 0.5, 0.9)] == [0, 1, 1, 2, 2]
+    assert tier_of(0.22, 0, R) == 0 and tier_of(0.23, 0, R) == 1  # must clear 0.2 by 0.03
+    assert tier_of(0.18, 1, R) == 1 and tier_of(0.169, 1, R) == 0
+    assert tier_of(0.9, 0, R) == 2 and tier_of(0.05, 2, R) == 0  # jumps across two boundaries
+
+
+def test_no_flapping_at_a_boundary() -> None:
+    last, changes = None, []
+    for i, s in enumerate([0.19, 0.21, 0.19, 0.215, 0.185, 0.22, 0.19]):
+        last, ch = detect(last, s, i * 10_000, R, target="x", warming_up=False)
+        changes.append(ch)
+    assert changes == [None] * 7
+
+
+def test_delta_tier_and_reasons() -> None:
+    base = Announced(0.30, 1, 0)
+    _, ch = detect(base, 0.44, 10_000, R, target="x", warming_up=False)
+    assert ch is None  # +0.14: same tier, under min_delta
+    _, ch = detect(base, 0.46, 10_000, R, target="x", warming_up=False)
+    assert ch is not None and (ch.reason, ch.direction, ch.tier) == ("large_move", "up", "medium")
+    _, ch = detect(base, 0.56, 10_000, R, target="purchase", warming_up=False)
+    assert ch is not None and (ch.reason, ch.previous_tier, ch.tier) == (
+        "purchase_intent_up",
+        "medium",
+        "high",
+    )
+    _, ch = detect(Announced(0.6, 2, 0), 0.3, 10_000, R, target="purchase", warming_up=False, engaged=True)
+    assert ch is not None and ch.reason == "churn_risk_up"
+    _, ch = detect(Announced(0.6, 2, 0), 0.3, 10_000, R, target="purchase", warming_up=False, engaged=False)
+    assert ch is not None and ch.reason == "purchase_intent_down"
+    _, ch = detect(Announced(0.1, 0, 0), 0.3, 10_000, R, target="churn", warming_up=False)
+    assert ch is not None and ch.reason == "churn_risk_up"
+
+
+def test_cooldown_and_warming_up_suppress() -> None:
+    base = Announced(0.1, 0, 0)
+    assert detect(base, 0.9, 500, R, target="x", warming_up=False)[1] is None  # within cooldown
+    assert detect(base, 0.9, 5000, R, target="x", warming_up=True)[1] is None  # model warming up
+    state, ch = detect(base, 0.9, 5000, R, target="x", warming_up=False)
+    assert ch is not None and state.ts_ms == 5000 and state.score == 0.9
