@@ -15,7 +15,9 @@ def test_metrics_match_scikit_learn(seed: int) -> None:
     rng = random.Random(seed)
     n = 500
     labels = [int(rng.random() < 0.3) for _ in range(n)]
-    scores = [round(min(0.999, max(0.001, 0.3 * y + rng.random() * 0.7)), 2) for y in labels]  # ties on purpose
+    scores = [
+        round(min(0.999, max(0.001, 0.3 * y + rng.random() * 0.7)), 2) for y in labels
+    ]  # ties on purpose
     assert roc_auc(scores, labels) == pytest.approx(skm.roc_auc_score(labels, scores), abs=1e-12)
     assert pr_auc(scores, labels) == pytest.approx(skm.average_precision_score(labels, scores), abs=1e-12)
     assert log_loss(scores, labels) == pytest.approx(skm.log_loss(labels, scores), rel=1e-9)
