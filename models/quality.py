@@ -19,7 +19,7 @@ def roc_auc(scores: Sequence[float], labels: Sequence[int]) -> float:
     >>> roc_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1])
     0.75
     """
-    pairs = sorted(zip(scores, labels))
+    pairs = sorted(zip(scores, labels, strict=True))
     n_pos = sum(labels)
     n_neg = len(labels) - n_pos
     if n_pos == 0 or n_neg == 0:
@@ -41,7 +41,7 @@ def pr_auc(scores: Sequence[float], labels: Sequence[int]) -> float:
     n_pos = sum(labels)
     if n_pos == 0:
         return float("nan")
-    pairs = sorted(zip(scores, labels), key=lambda p: -p[0])
+    pairs = sorted(zip(scores, labels, strict=True), key=lambda p: -p[0])
     tp = fp = 0
     ap = 0.0
     i = 0
@@ -59,24 +59,28 @@ def pr_auc(scores: Sequence[float], labels: Sequence[int]) -> float:
 
 def log_loss(scores: Sequence[float], labels: Sequence[int]) -> float:
     total = 0.0
-    for p, y in zip(scores, labels):
+    for p, y in zip(scores, labels, strict=True):
         p = min(max(p, EPS), 1 - EPS)
         total -= math.log(p) if y else math.log(1 - p)
     return total / len(labels) if labels else float("nan")
 
 
 def brier(scores: Sequence[float], labels: Sequence[int]) -> float:
-    return sum((p - y) ** 2 for p, y in zip(scores, labels)) / len(labels) if labels else float("nan")
+    return (
+        sum((p - y) ** 2 for p, y in zip(scores, labels, strict=True)) / len(labels)
+        if labels
+        else float("nan")
+    )
 
 
 def ece(scores: Sequence[float], labels: Sequence[int], bins: int = 10) -> float:
-    """Expected calibration error over ``bins`` equal-width bins: sum of |mean score - rate| weighted by size."""
+    """Expected calibration error: |mean score - positive rate| per equal-width bin, weighted by size."""
     if not labels:
         return float("nan")
     count = [0] * bins
     s_sum = [0.0] * bins
     y_sum = [0] * bins
-    for p, y in zip(scores, labels):
+    for p, y in zip(scores, labels, strict=True):
         b = min(int(p * bins), bins - 1)
         count[b] += 1
         s_sum[b] += p

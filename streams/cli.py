@@ -373,6 +373,135 @@ def deadletter(follow: bool, limit: int, bootstrap: str | None) -> None:
     click.echo(f"{n} dead letter(s) shown", err=True)
 
 
+@main.command("eval")
+@click.argument("file", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["jsonl", "taobao", "rees46", "retailrocket"]),
+    default="jsonl",
+    show_default=True,
+    show_envvar=True,
+    help="Format of FILE.",
+)
+@click.option(
+    "--simulate",
+    "use_sim",
+    is_flag=True,
+    show_envvar=True,
+    help="Evaluate on simulated traffic (with the oracle's true probabilities) instead of FILE.",
+)
+@click.option("--users", default=2000, show_default=True, show_envvar=True, help="Simulated users.")
+@click.option("--days", default=60.0, show_default=True, show_envvar=True, help="Simulated event-time span.")
+@click.option("--seed", default=42, show_default=True, show_envvar=True, help="Simulation seed.")
+@click.option(
+    "--target",
+    default="purchase",
+    show_default=True,
+    show_envvar=True,
+    help="purchase, churn, or any event type (custom target).",
+)
+@click.option(
+    "--horizon",
+    "horizon_s",
+    type=int,
+    default=None,
+    show_envvar=True,
+    help="Label horizon in seconds (default: 7 days; churn 14 days).",
+)
+@click.option(
+    "--sample-every",
+    "sample_every_s",
+    type=int,
+    default=3600,
+    show_default=True,
+    show_envvar=True,
+    help="At most one snapshot per user and target per this many seconds of event time.",
+)
+@click.option(
+    "--baseline",
+    is_flag=True,
+    show_envvar=True,
+    help="Also train offline logistic regression and gradient-boosted trees (first 70%, test last 30%).",
+)
+@click.option(
+    "--bootstrap",
+    type=int,
+    default=0,
+    show_default=True,
+    show_envvar=True,
+    help="Bootstrap rounds for 95% intervals (0: none).",
+)
+@click.option(
+    "--json",
+    "json_out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    show_envvar=True,
+    help="Write the report as JSON here.",
+)
+def evaluate_cmd(
+    file: Path | None,
+    fmt: str,
+    use_sim: bool,
+    users: int,
+    days: float,
+    seed: int,
+    target: str,
+    horizon_s: int | None,
+    sample_every_s: int,
+    baseline: bool,
+    bootstrap: int,
+    json_out: Path | None,
+) -> None:
+    """Run features, labels and the online model in-process, in event-time order, and report quality."""
+    from models.evaluate import format_report, make_target, run, summary
+    from streams.producer import Progress
+
+    if file is None and not use_sim:
+        msg = "give a FILE or --simulate"
+        raise click.UsageError(msg)
+    horizon = horizon_s or (14 * 86400 if target == "churn" else 7 * 86400)
+    tgt = make_target(target, horizon, sample_every_s)
+    progress = Progress("eval")
+    oracle = None
+    if use_sim:
+        from traffic.simulator import SimConfig, simulate_with_truth
+
+        cfg = SimConfig(
+            users=users, seed=seed, days=days, horizon_purchase_s=horizon, horizon_churn_s=horizon
+        )
+        current: list[tuple[str, int, float]] = []
+
+        def sim_events() -> Any:
+            for ev, t in simulate_with_truth(cfg):
+                current[:] = [(t.user_id, t.ts_ms, t.p_churn if target == "churn" else t.p_purchase)]
+                yield ev
+
+        def oracle_fn(user: str, ts: int) -> float | None:
+            if target not in ("purchase", "churn") or not current or current[0][:2] != (user, ts):
+                return None
+            return current[0][2]
+
+        events: Any = sim_events()
+        oracle = oracle_fn
+    else:
+        from traffic.datasets import DatasetError, read_events
+
+        assert file is not None
+        try:
+            events = list(read_events(file, fmt))
+        except DatasetError as exc:
+            fail(str(exc))
+    result = run(events, tgt, oracle=oracle, progress=lambda n: progress.tick(10_000))
+    progress.done()
+    rep = summary(result, baseline=baseline, bootstrap=bootstrap)
+    click.echo(format_report(rep))
+    if json_out is not None:
+        json_out.write_text(json.dumps(rep, indent=2, default=str))
+        click.echo(f"report written to {json_out}", err=True)
+
+
 # --- lookups --------------------------------------------------------------------------------
 def fetch_features(
     settings: Settings, user: str, as_of: str | None = None, timeout: float = 5.0
