@@ -9,34 +9,10 @@ from __future__ import annotations
 import json
 import time
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 
-from streams.ingest import IngestHandler, Record
+from streams.ingest import IngestHandler, MemoryStore, Record
 from streams.settings import Settings
 from tests.reference import DAY, HOUR, random_events
-
-
-class _Dict:
-    def __init__(self) -> None:
-        self.data: dict[str, bytes] = {}
-        self.marks: dict[tuple[str, int], int] = {}
-
-    @contextmanager
-    def partition(self, record: Record) -> Iterator[None]:
-        yield
-
-    def get(self, user_id: str) -> bytes | None:
-        return self.data.get(user_id)
-
-    def set(self, user_id: str, value: bytes) -> None:
-        self.data[user_id] = value
-
-    def get_mark(self, topic: str, partition: int) -> int | None:
-        return self.marks.get((topic, partition))
-
-    def set_mark(self, topic: str, partition: int, ts_ms: int) -> None:
-        self.marks[(topic, partition)] = ts_ms
 
 
 def main(users: int = 2000, per_user: int = 50, batch: int = 2000) -> None:
@@ -55,7 +31,7 @@ def main(users: int = 2000, per_user: int = 50, batch: int = 2000) -> None:
         for i, e in enumerate(events)
     ]
     dead: list[object] = []
-    handler = IngestHandler(Settings(), _Dict(), dead.append)
+    handler = IngestHandler(Settings(), MemoryStore(), dead.append)
     t0 = time.perf_counter()
     for i in range(0, len(records), batch):
         handler.process(records[i : i + batch])

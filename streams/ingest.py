@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -63,6 +63,32 @@ class StateStore(Protocol):
         """Persisted newest event time of ``topic`` in ``partition`` (survives restarts and moves)."""
 
     def set_mark(self, topic: str, partition: int, ts_ms: int) -> None: ...
+
+
+class MemoryStore:
+    """An in-process :class:`StateStore` (benchmarks, unit tests): a dict, no partitions."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+        self.marks: dict[tuple[str, int], int] = {}
+        self.writes = 0
+
+    @contextmanager
+    def partition(self, record: Record) -> Iterator[None]:
+        yield
+
+    def get(self, user_id: str) -> bytes | None:
+        return self.data.get(user_id)
+
+    def set(self, user_id: str, value: bytes) -> None:
+        self.writes += 1
+        self.data[user_id] = value
+
+    def get_mark(self, topic: str, partition: int) -> int | None:
+        return self.marks.get((topic, partition))
+
+    def set_mark(self, topic: str, partition: int, ts_ms: int) -> None:
+        self.marks[(topic, partition)] = ts_ms
 
 
 def rules_from(settings: Settings) -> Rules:

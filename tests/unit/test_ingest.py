@@ -3,47 +3,21 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from features.state import decode
-from streams.ingest import DeadLetter, IngestHandler, Record
+from streams.ingest import DeadLetter, IngestHandler, MemoryStore, Record
 from streams.settings import Settings
 
 NOW_S = 1_800_000_000.0
 T = int(NOW_S * 1000) - 86_400_000
 
 
-class DictStore:
-    def __init__(self) -> None:
-        self.data: dict[str, bytes] = {}
-        self.marks: dict[tuple[str, int], int] = {}
-        self.writes = 0
-
-    @contextmanager
-    def partition(self, record: Record) -> Iterator[None]:
-        yield
-
-    def get(self, user_id: str) -> bytes | None:
-        return self.data.get(user_id)
-
-    def set(self, user_id: str, value: bytes) -> None:
-        self.writes += 1
-        self.data[user_id] = value
-
-    def get_mark(self, topic: str, partition: int) -> int | None:
-        return self.marks.get((topic, partition))
-
-    def set_mark(self, topic: str, partition: int, ts_ms: int) -> None:
-        self.marks[(topic, partition)] = ts_ms
-
-
 def rec(topic: str, ev: dict, offset: int = 0, partition: int = 0) -> Record:
     return Record(topic, partition, offset, str(ev["user_id"]).encode(), json.dumps(ev).encode())
 
 
-def handler(**overrides: object) -> tuple[IngestHandler, DictStore, list[DeadLetter]]:
-    store = DictStore()
+def handler(**overrides: object) -> tuple[IngestHandler, MemoryStore, list[DeadLetter]]:
+    store = MemoryStore()
     dead: list[DeadLetter] = []
     s = Settings(**{"allowed_lateness_s": 3600, **overrides})  # type: ignore[arg-type]
     return IngestHandler(s, store, dead.append, clock=lambda: NOW_S), store, dead
