@@ -29,7 +29,9 @@ DAY_MS = 86_400_000
 def make_target(name: str, horizon_s: int, sample_every_s: int = 3600) -> Target:
     """``purchase``, ``churn``, or any event type as a custom target."""
     if name == "churn":
-        return Target(name, horizon_s * 1000, churn=True, sample_every_ms=sample_every_s * 1000)
+        return Target(
+            name, horizon_s * 1000, churn=True, sample_every_ms=sample_every_s * 1000, grace_ms=1_800_000
+        )
     return Target(name, horizon_s * 1000, frozenset({name}), sample_every_ms=sample_every_s * 1000)
 
 

@@ -4,7 +4,9 @@ A snapshot taken at event time ``t`` asks "does the target happen in ``(t, t + h
 - Event targets (``purchase``, custom types): **positive** as soon as a matching event with time in
   that window is observed; **negative** once the clock passes ``t + horizon`` without one.
 - The ``churn`` target: **negative** (not churned) as soon as any activity falls in the window;
-  **positive** once the clock passes ``t + horizon`` with none.
+  **positive** once the clock passes ``t + horizon`` with none. Its window opens after a grace
+  period (``grace_ms``, default: the 30-minute session gap), so the rest of the session in which the
+  snapshot was taken does not count as "coming back".
 The window is closed at ``t + horizon``: an event exactly at the horizon still counts.
 
 Nothing observed after ``t`` ever changes a snapshot's features: they are frozen when it is offered.
@@ -28,6 +30,7 @@ class Target:
     event_types: frozenset[str] = frozenset()  # empty for churn: any activity counts
     churn: bool = False
     sample_every_ms: int = 3_600_000
+    grace_ms: int = 0  # activity in (t, t + grace] does not resolve the snapshot
 
     def matches(self, event_type: str) -> bool:
         return self.churn or event_type in self.event_types
@@ -78,7 +81,7 @@ def observe(
             continue
         keep = []
         for snap in pending:
-            if snap.ts_ms < ts_ms <= snap.ts_ms + target.horizon_ms:
+            if snap.ts_ms + target.grace_ms < ts_ms <= snap.ts_ms + target.horizon_ms:
                 out.append(Matured(user_id, target.name, snap, 0 if target.churn else 1, ts_ms))
             else:
                 keep.append(snap)

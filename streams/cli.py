@@ -479,7 +479,8 @@ def evaluate_cmd(
                 yield ev
 
         def oracle_fn(user: str, ts: int) -> float | None:
-            if target not in ("purchase", "churn") or not current or current[0][:2] != (user, ts):
+            # the simulator's churn truth has no grace period, so only purchase has a comparable oracle
+            if target != "purchase" or not current or current[0][:2] != (user, ts):
                 return None
             return current[0][2]
 

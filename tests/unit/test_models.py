@@ -136,3 +136,15 @@ def test_cooldown_and_warming_up_suppress() -> None:
     assert detect(base, 0.9, 5000, R, target="x", warming_up=True)[1] is None  # model warming up
     state, ch = detect(base, 0.9, 5000, R, target="x", warming_up=False)
     assert ch is not None and state.ts_ms == 5000 and state.score == 0.9
+
+
+def test_churn_grace_period_ignores_the_rest_of_the_session() -> None:
+    t = Target("churn", 14 * 86_400_000, churn=True, sample_every_ms=0, grace_ms=1_800_000)
+    led = UserLedger()
+    offer(led, t, snap(0))
+    assert observe(led, "u", (t,), "page_view", 600_000) == []  # same session: not a return
+    [m] = observe(led, "u", (t,), "page_view", 1_800_001)  # back after the grace period
+    assert m.label == 0
+    offer(led, t, snap(10 * 86_400_000))
+    [m] = expire(led, "u", (t,), 25 * 86_400_000)
+    assert m.label == 1
