@@ -13,7 +13,9 @@ def _seconds_since(as_of_ms: int, ts_ms: int) -> float | None:
     return None if ts_ms == 0 else (as_of_ms - ts_ms) / 1000.0
 
 
-def update_session(state: UserState, session_id: str | None, ts_ms: int, params: FeatureParams) -> None:
+def update_session(
+    state: UserState, session_id: str | None, ts_ms: int, params: FeatureParams, etype: str = ""
+) -> None:
     """Extend the event's session; without a ``session_id``, a gap of ``session_gap_ms`` starts a new one.
 
     Derived sessions depend on arrival order; sessions keyed by the producer's id do not.
@@ -25,13 +27,17 @@ def update_session(state: UserState, session_id: str | None, ts_ms: int, params:
         sid = state.cur_sid
     s = state.sessions.get(sid)
     if s is None:
-        state.sessions[sid] = [ts_ms, ts_ms, 1]
+        state.sessions[sid] = [ts_ms, ts_ms, 1, int(etype == "add_to_cart"), int(etype == "checkout_start")]
     else:
         if ts_ms < s[0]:
             s[0] = ts_ms
         if ts_ms > s[1]:
             s[1] = ts_ms
         s[2] += 1
+        if etype == "add_to_cart":
+            s[3] += 1
+        elif etype == "checkout_start":
+            s[4] += 1
 
 
 def finalize(state: UserState) -> None:
@@ -44,7 +50,7 @@ def finalize(state: UserState) -> None:
             del sessions[sid]
 
 
-def result(state: UserState, as_of_ms: int) -> dict[str, float | int | bool | None]:
+def result(state: UserState, as_of_ms: int, params: FeatureParams) -> dict[str, float | int | bool | None]:
     lo = as_of_ms - SESSION_WINDOW_MS
     recent = [s for s in state.sessions.values() if s[1] > lo]
     n = len(recent)
@@ -53,7 +59,16 @@ def result(state: UserState, as_of_ms: int) -> dict[str, float | int | bool | No
     for buckets in state.cd.values():
         last7 += window_sum(buckets, today, 7)
         prev7 += window_sum(buckets, today - 7, 7)
+    # the session in progress: the latest one, if its last event is within the session gap
+    current = max(state.sessions.values(), key=lambda s: s[1], default=None)
+    if current is not None and as_of_ms - current[1] > params.session_gap_ms:
+        current = None
     return {
+        "in_session": current is not None,
+        "session_events": current[2] if current else 0,
+        "session_duration_s": (current[1] - current[0]) / 1000.0 if current else 0.0,
+        "session_add_to_cart": current[3] if current else 0,
+        "session_checkout_start": current[4] if current else 0,
         "s_since_last_event": _seconds_since(as_of_ms, state.last_ms),
         "s_since_last_add_to_cart": _seconds_since(as_of_ms, state.last_cart_ms),
         "s_since_last_purchase": _seconds_since(as_of_ms, state.last_purchase_ms),

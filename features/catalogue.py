@@ -45,6 +45,17 @@ CATALOGUE: tuple[Feature, ...] = (
         "14d (day buckets)",
         "ratio in [-1, 1]",
     ),
+    Feature(
+        "in_session", "A session is in progress: the latest event is within the session gap", "now", "boolean"
+    ),
+    Feature(
+        "session_events", "Events so far in the session in progress (0: none in progress)", "session", "count"
+    ),
+    Feature(
+        "session_duration_s", "First-to-latest event span of the session in progress", "session", "seconds"
+    ),
+    Feature("session_add_to_cart", "add_to_cart events in the session in progress", "session", "count"),
+    Feature("session_checkout_start", "checkout_start events in the session in progress", "session", "count"),
     Feature("sessions_7d", "Sessions with an event in the window", "7d (exact)", "count"),
     Feature("events_per_session_7d", "Mean events per session of those sessions", "7d", "events"),
     Feature("mean_session_duration_s_7d", "Mean first-to-last event span of those sessions", "7d", "seconds"),

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: sessions also count add_to_cart and checkout_start
 
 
 class UserState(msgspec.Struct, array_like=True):
@@ -29,7 +29,9 @@ class UserState(msgspec.Struct, array_like=True):
     last_cart_ms: int = 0  # latest add_to_cart (0: never)
     last_purchase_ms: int = 0  # latest purchase (0: never)
     orders: dict[int, list[float]] = msgspec.field(default_factory=dict)  # day -> [orders, revenue]
-    sessions: dict[str, list[int]] = msgspec.field(default_factory=dict)  # id -> [start, end, events]
+    sessions: dict[str, list[int]] = msgspec.field(
+        default_factory=dict
+    )  # id -> [start, end, events, adds, checkouts]
     cur_sid: str = ""  # current derived session, for events without session_id
     cart: list[tuple[int, str, int, float]] = msgspec.field(
         default_factory=list

@@ -32,7 +32,7 @@ def apply(state: UserState, ev: Event, params: FeatureParams, min_ts_ms: int = 0
     dedup.remember(state, h, ev.ts_ms, params.dedup_capacity)
     ts = ev.ts_ms
     counts.update(state, ev.type, ts)
-    activity.update_session(state, ev.session_id, ts, params)
+    activity.update_session(state, ev.session_id, ts, params, ev.type)
     commerce.update(state, ev)
     if state.first_ms == 0 or ts < state.first_ms:
         state.first_ms = ts
@@ -53,7 +53,7 @@ def compute(state: UserState, as_of_ms: int, params: FeatureParams) -> dict[str,
     """All features as of ``as_of_ms`` (clamped to the user's latest event: state holds no earlier view)."""
     as_of = max(as_of_ms, state.last_ms)
     out = counts.result(state, as_of)
-    out.update(activity.result(state, as_of))
+    out.update(activity.result(state, as_of, params))
     out.update(commerce.result(state, as_of, params))
     return out
 

@@ -58,8 +58,10 @@ def sessions(events: list[dict[str, Any]], gap_ms: int) -> dict[str, list[int]]:
             if cur is None or ts - last > gap_ms:
                 cur = f"derived-{ts}"
             sid = cur
-        s = out.setdefault(sid, [ts, ts, 0])
+        s = out.setdefault(sid, [ts, ts, 0, 0, 0])
         s[0], s[1], s[2] = min(s[0], ts), max(s[1], ts), s[2] + 1
+        s[3] += ev["type"] == "add_to_cart"
+        s[4] += ev["type"] == "checkout_start"
         last = max(last, ts)
     return out
 
@@ -95,7 +97,15 @@ def reference_features(
     a = sum(1 for ts in stamps if as_of // DAY - 7 < ts // DAY <= as_of // DAY)
     b = sum(1 for ts in stamps if as_of // DAY - 14 < ts // DAY <= as_of // DAY - 7)
     out["engagement_trend"] = (a - b) / (a + b) if a + b else 0.0
-    recent = [s for s in sessions(events, gap_ms).values() if s[1] > as_of - 7 * DAY]
+    all_sessions = list(sessions(events, gap_ms).values())
+    latest = max(all_sessions, key=lambda s: s[1])
+    live = as_of - latest[1] <= gap_ms
+    out["in_session"] = live
+    out["session_events"] = latest[2] if live else 0
+    out["session_duration_s"] = (latest[1] - latest[0]) / 1000 if live else 0.0
+    out["session_add_to_cart"] = latest[3] if live else 0
+    out["session_checkout_start"] = latest[4] if live else 0
+    recent = [s for s in all_sessions if s[1] > as_of - 7 * DAY]
     out["sessions_7d"] = len(recent)
     out["events_per_session_7d"] = sum(s[2] for s in recent) / len(recent) if recent else 0.0
     out["mean_session_duration_s_7d"] = (
