@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -368,11 +367,3 @@ def parse(payload: bytes, rules: Rules, now_ms: int) -> list[Event]:
     if "events" in raw:
         return _from_ga4(raw, rules, now_ms, payload)
     raise Rejected("missing_field", "type")
-
-
-def reasons_of(rejections: Iterable[Rejected]) -> dict[str, int]:
-    """Count rejections by reason (reporting helper)."""
-    out: dict[str, int] = {}
-    for r in rejections:
-        out[r.reason] = out.get(r.reason, 0) + 1
-    return out

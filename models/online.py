@@ -79,9 +79,6 @@ class OnlineModel:
         else:
             self.negatives += 1
 
-    def warming_up(self, min_positives: int = 200, min_negatives: int = 200) -> bool:
-        return self.positives < min_positives or self.negatives < min_negatives
-
     def contributions(self, x: Mapping[str, float]) -> tuple[dict[str, float], float]:
         """Per-input contribution to the logit, and the intercept: they sum to the model's logit."""
         scaler, lr = self.pipeline.steps.values()

@@ -8,9 +8,20 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 EPS = 1e-15
+
+
+def _tie_groups(pairs: list[tuple[float, int]]) -> Iterator[tuple[int, int, int]]:
+    """(start, end, positives) of each run of equal scores in sorted ``pairs``."""
+    i = 0
+    while i < len(pairs):
+        j = i
+        while j < len(pairs) and pairs[j][0] == pairs[i][0]:
+            j += 1
+        yield i, j, sum(lab for _, lab in pairs[i:j])
+        i = j
 
 
 def roc_auc(scores: Sequence[float], labels: Sequence[int]) -> float:
@@ -25,14 +36,8 @@ def roc_auc(scores: Sequence[float], labels: Sequence[int]) -> float:
     if n_pos == 0 or n_neg == 0:
         return float("nan")
     rank_sum = 0.0
-    i = 0
-    while i < len(pairs):
-        j = i
-        while j < len(pairs) and pairs[j][0] == pairs[i][0]:
-            j += 1
-        avg_rank = (i + j + 1) / 2  # 1-based average rank of the tie group
-        rank_sum += avg_rank * sum(lab for _, lab in pairs[i:j])
-        i = j
+    for i, j, pos in _tie_groups(pairs):
+        rank_sum += (i + j + 1) / 2 * pos  # 1-based average rank of the tie group
     return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
@@ -44,16 +49,10 @@ def pr_auc(scores: Sequence[float], labels: Sequence[int]) -> float:
     pairs = sorted(zip(scores, labels, strict=True), key=lambda p: -p[0])
     tp = fp = 0
     ap = 0.0
-    i = 0
-    while i < len(pairs):
-        j = i
-        while j < len(pairs) and pairs[j][0] == pairs[i][0]:
-            j += 1
-        new_tp = sum(lab for _, lab in pairs[i:j])
+    for i, j, new_tp in _tie_groups(pairs):
         tp += new_tp
         fp += (j - i) - new_tp
         ap += (new_tp / n_pos) * (tp / (tp + fp))
-        i = j
     return ap
 
 

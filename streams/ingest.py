@@ -255,10 +255,6 @@ class IngestHandler:
                     self.watermarks.advance(topic, p, ts)
         self.loaded.add(p)
 
-    def iter_watermarks(self) -> Iterator[tuple[str, int, int]]:
-        for (topic, p), ts in self.watermarks.newest.items():
-            yield topic, p, ts
-
 
 def _detail(reason: str, ev: Event, floor: int) -> str:
     if reason == "duplicate":
