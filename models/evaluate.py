@@ -20,19 +20,12 @@ from features.contract import Rejected, Rules, parse
 from features.state import FeatureParams, UserState
 from features.user import apply, compute, finalize
 from models import quality
-from models.ledger import Matured, Snapshot, Target, UserLedger, expire, observe, offer
+from models.changes import ChangeRules
+from models.ledger import Target
 from models.online import ModelConfig, OnlineModel, inputs
+from models.scoring import LazyLedger, ScoreState, ScoringCore, TargetModel
 
 DAY_MS = 86_400_000
-
-
-def make_target(name: str, horizon_s: int, sample_every_s: int = 3600) -> Target:
-    """``purchase``, ``churn``, or any event type as a custom target."""
-    if name == "churn":
-        return Target(
-            name, horizon_s * 1000, churn=True, sample_every_ms=sample_every_s * 1000, grace_ms=1_800_000
-        )
-    return Target(name, horizon_s * 1000, frozenset({name}), sample_every_ms=sample_every_s * 1000)
 
 
 @dataclass
@@ -63,33 +56,34 @@ def run(
     target: Target,
     *,
     model_config: ModelConfig | None = None,
+    model: OnlineModel | None = None,
+    learn: bool = True,
     oracle: Callable[[str, int], float | None] | None = None,
     now_ms: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> EvalRun:
-    """Stream ``events`` (time-ordered canonical dicts) through features, ledger and model."""
+    """Stream ``events`` (time-ordered canonical dicts) through features, ledger and model.
+
+    Each snapshot is scored when sampled (test-then-train) and learnt when its horizon passes, in
+    horizon order, exactly as the worker publishes it to the trainer. ``model`` starts from a given
+    model (a published snapshot, say); ``learn=False`` keeps it fixed.
+    """
     enc = msgspec.json.Encoder()
     rules = Rules(max_future_ms=10**15) if now_ms is None else Rules()
     clock_now = now_ms if now_ms is not None else 0
     params = FeatureParams()
-    model = OnlineModel(model_config)
+    online = model or OnlineModel(model_config)
+    core = ScoringCore((target,), params, ChangeRules(), {target.name: TargetModel(online, 0)})
     states: dict[str, UserState] = {}
-    ledgers: dict[str, UserLedger] = {}
-    deadlines: list[tuple[int, str]] = []
+    scores: dict[str, ScoreState] = {}
+    ledgers: dict[str, LazyLedger] = {}
+    deadlines: list[tuple[int, str]] = []  # (horizon, user): may hold stale entries, checked on pop
     oracle_at: dict[tuple[str, int], float] = {}
     out = EvalRun(target)
-    targets = (target,)
-    names: list[str] = []
 
-    # Labels arrive early for positives (at the purchase) and late for negatives (at the horizon):
-    # learning in arrival order would feed the model a positive-first stream. So each labelled
-    # snapshot is learnt at its own horizon, in snapshot-time order, whatever its label.
-    to_learn: list[tuple[int, int, list[float], int]] = []
-    seq = 0
-
-    def learn(matured: list[Matured]) -> None:
-        nonlocal seq
-        for m in matured:
+    def mature(user: str, clock_ms: int) -> None:
+        ss = scores[user]
+        for m in core.expire(user, ss, ledgers[user], clock_ms):
             snap = m.snapshot
             out.outcomes.append(
                 Outcome(
@@ -98,16 +92,13 @@ def run(
                     snap.score,
                     m.label,
                     snap.features,
-                    oracle_at.pop((m.user_id, snap.ts_ms), None),
+                    oracle_at.pop((user, snap.ts_ms), None),
                 )
             )
-            seq += 1
-            heapq.heappush(to_learn, (snap.ts_ms + target.horizon_ms, seq, snap.features, m.label))
-
-    def catch_up(clock_ms: int) -> None:
-        while to_learn and to_learn[0][0] < clock_ms:
-            _, _, feats, label = heapq.heappop(to_learn)
-            model.learn(dict(zip(names, feats, strict=True)), label)
+            if learn:
+                online.learn(dict(zip(out.input_names, snap.features, strict=True)), m.label)
+        if ss.deadline_ms:
+            heapq.heappush(deadlines, (ss.deadline_ms, user))
 
     for raw in events:
         out.events += 1
@@ -125,33 +116,29 @@ def run(
             out.first_ms = out.first_ms or ts
             out.last_ms = max(out.last_ms, ts)
             while deadlines and deadlines[0][0] < ts:
-                _, user = heapq.heappop(deadlines)
-                learn(expire(ledgers[user], user, targets, ts))
-            catch_up(ts)
+                end, u = heapq.heappop(deadlines)
+                if scores[u].deadline_ms == end:
+                    mature(u, end + 1)  # exactly the snapshots whose horizon is ``end``: horizon order
             user = ev.user_id
             st = states.get(user)
             if st is None:
                 st = states[user] = UserState()
-                ledgers[user] = UserLedger()
+                scores[user] = ScoreState()
+                ledgers[user] = LazyLedger(lambda: None)
             if apply(st, ev, params) is not None:
                 continue
             finalize(st)
-            led = ledgers[user]
-            learn(observe(led, user, targets, ev.type, ts))
-            last = led.last_sampled.get(target.name)
-            if last is not None and ts - last < target.sample_every_ms:
-                continue
-            x = inputs(compute(st, ts, params))
-            if not names:
-                names.extend(x)
-            snap = Snapshot(ts, [x[k] for k in names], model.score(x), 0)
-            if offer(led, target, snap):
-                heapq.heappush(deadlines, (ts + target.horizon_ms, user))
+            ss = scores[user]
+            before = ss.deadline_ms
+            for _, snap in core.on_event(ss, ledgers[user], st, ev):
+                if not out.input_names:
+                    out.input_names = list(inputs(compute(st, snap.ts_ms, params)))
                 if oracle is not None:
-                    p = oracle(user, ts)
+                    p = oracle(user, snap.ts_ms)
                     if p is not None:
-                        oracle_at[(user, ts)] = p
-    out.input_names = names
+                        oracle_at[(user, snap.ts_ms)] = p
+            if ss.deadline_ms != before:
+                heapq.heappush(deadlines, (ss.deadline_ms, user))
     return out
 
 

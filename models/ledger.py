@@ -9,9 +9,14 @@ A snapshot taken at event time ``t`` asks "does the target happen in ``(t, t + h
   snapshot was taken does not count as "coming back".
 The window is closed at ``t + horizon``: an event exactly at the horizon still counts.
 
+A label known early stays in the ledger until the horizon passes, and every snapshot leaves
+(:func:`expire`) at its horizon whatever its label: learning in label-arrival order would feed the
+model positives first (they resolve early) and wreck its calibration (see ``docs/models.md``).
+
 Nothing observed after ``t`` ever changes a snapshot's features: they are frozen when it is offered.
 Sampling keeps heavy users from dominating: at most one snapshot per user and target per
-``sample_every_ms`` of event time. Pure code over plain state, so replay and live give the same labels.
+``sample_every_ms`` of event time, and at most ``max_pending`` waiting. Pure code over plain
+state, so replay and live give the same labels.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import msgspec
+
+UNKNOWN = -1
 
 
 @dataclass(frozen=True)
@@ -31,20 +38,52 @@ class Target:
     churn: bool = False
     sample_every_ms: int = 3_600_000
     grace_ms: int = 0  # activity in (t, t + grace] does not resolve the snapshot
+    max_pending: int = 64  # per user: bounds state; a heavier user is sampled less
 
     def matches(self, event_type: str) -> bool:
         return self.churn or event_type in self.event_types
 
+    @property
+    def early_label(self) -> int:
+        """The label an observed matching event gives (the censored label is its opposite)."""
+        return 0 if self.churn else 1
+
+
+def make_target(name: str, horizon_s: int, sample_every_s: int = 3600, max_pending: int = 64) -> Target:
+    """``purchase``, ``churn``, or any event type as a custom target.
+
+    >>> make_target("churn", 14 * 86400).grace_ms
+    1800000
+    """
+    if name == "churn":
+        return Target(
+            name,
+            horizon_s * 1000,
+            churn=True,
+            sample_every_ms=sample_every_s * 1000,
+            grace_ms=1_800_000,
+            max_pending=max_pending,
+        )
+    return Target(
+        name,
+        horizon_s * 1000,
+        frozenset({name}),
+        sample_every_ms=sample_every_s * 1000,
+        max_pending=max_pending,
+    )
+
 
 class Snapshot(msgspec.Struct, array_like=True):
     ts_ms: int
-    features: list[float]
+    features: list[float]  # model inputs, in the model's input order
     score: float
     model_version: int
+    label: int = UNKNOWN  # known early (a target event, or churn activity) before the horizon
+    resolved_ms: int = 0  # event time the label became known
 
 
 class Matured(msgspec.Struct, array_like=True):
-    """A labelled snapshot, ready to learn from."""
+    """A labelled snapshot whose horizon has passed: ready to learn from."""
 
     user_id: str
     target: str
@@ -54,43 +93,45 @@ class Matured(msgspec.Struct, array_like=True):
 
 
 class UserLedger(msgspec.Struct, array_like=True):
-    """Per user: pending snapshots and the last sampled time, per target name."""
+    """Per user: pending snapshots per target name, oldest first."""
 
     pending: dict[str, list[Snapshot]] = msgspec.field(default_factory=dict)
-    last_sampled: dict[str, int] = msgspec.field(default_factory=dict)
+
+
+def due(last_sampled_ms: int | None, target: Target, ts_ms: int) -> bool:
+    """The sampling rule: is a snapshot at ``ts_ms`` allowed after the last one at ``last_sampled_ms``?"""
+    return last_sampled_ms is None or ts_ms - last_sampled_ms >= target.sample_every_ms
 
 
 def offer(ledger: UserLedger, target: Target, snap: Snapshot) -> bool:
-    """Add ``snap`` unless the sampling rule says this user was sampled too recently. True if kept."""
-    last = ledger.last_sampled.get(target.name)
-    if last is not None and snap.ts_ms - last < target.sample_every_ms:
+    """Add ``snap`` unless ``max_pending`` snapshots already wait. True if kept."""
+    pending = ledger.pending.setdefault(target.name, [])
+    if len(pending) >= target.max_pending:
         return False
-    ledger.last_sampled[target.name] = snap.ts_ms
-    ledger.pending.setdefault(target.name, []).append(snap)
+    pending.append(snap)
     return True
 
 
-def observe(
-    ledger: UserLedger, user_id: str, targets: tuple[Target, ...], event_type: str, ts_ms: int
-) -> list[Matured]:
-    """An event happened: resolve every pending snapshot whose window contains it and whose target it hits."""
-    out: list[Matured] = []
+def observe(ledger: UserLedger, targets: tuple[Target, ...], event_type: str, ts_ms: int) -> int:
+    """An event happened: label every unresolved snapshot whose window holds it. Returns how many."""
+    n = 0
     for target in targets:
         pending = ledger.pending.get(target.name)
         if not pending or not target.matches(event_type):
             continue
-        keep = []
         for snap in pending:
-            if snap.ts_ms + target.grace_ms < ts_ms <= snap.ts_ms + target.horizon_ms:
-                out.append(Matured(user_id, target.name, snap, 0 if target.churn else 1, ts_ms))
-            else:
-                keep.append(snap)
-        ledger.pending[target.name] = keep
-    return out
+            if (
+                snap.label == UNKNOWN
+                and snap.ts_ms + target.grace_ms < ts_ms <= snap.ts_ms + target.horizon_ms
+            ):
+                snap.label = target.early_label
+                snap.resolved_ms = ts_ms
+                n += 1
+    return n
 
 
 def expire(ledger: UserLedger, user_id: str, targets: tuple[Target, ...], clock_ms: int) -> list[Matured]:
-    """Event time reached ``clock_ms``: snapshots whose window closed before it are censored."""
+    """Event time reached ``clock_ms``: snapshots whose window closed before it leave, labelled."""
     out: list[Matured] = []
     for target in targets:
         pending = ledger.pending.get(target.name)
@@ -99,8 +140,26 @@ def expire(ledger: UserLedger, user_id: str, targets: tuple[Target, ...], clock_
         keep = []
         for snap in pending:
             if clock_ms > snap.ts_ms + target.horizon_ms:
-                out.append(Matured(user_id, target.name, snap, 1 if target.churn else 0, clock_ms))
+                if snap.label == UNKNOWN:
+                    out.append(Matured(user_id, target.name, snap, 1 - target.early_label, clock_ms))
+                else:
+                    out.append(Matured(user_id, target.name, snap, snap.label, snap.resolved_ms))
             else:
                 keep.append(snap)
-        ledger.pending[target.name] = keep
+        if keep:
+            ledger.pending[target.name] = keep
+        else:
+            del ledger.pending[target.name]
     return out
+
+
+def open_from(ledger: UserLedger, target: Target) -> int | None:
+    """Time of the oldest snapshot an event could still label (None: nothing to resolve)."""
+    times = [s.ts_ms for s in ledger.pending.get(target.name, ()) if s.label == UNKNOWN]
+    return min(times) if times else None
+
+
+def next_deadline(ledger: UserLedger, targets: tuple[Target, ...]) -> int:
+    """Earliest ``t + horizon`` over pending snapshots (0: none pending)."""
+    ends = [s.ts_ms + t.horizon_ms for t in targets for s in ledger.pending.get(t.name, ())]
+    return min(ends) if ends else 0

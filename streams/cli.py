@@ -455,7 +455,8 @@ def evaluate_cmd(
     json_out: Path | None,
 ) -> None:
     """Run features, labels and the online model in-process, in event-time order, and report quality."""
-    from models.evaluate import format_report, make_target, run, summary
+    from models.evaluate import format_report, run, summary
+    from models.ledger import make_target
     from streams.producer import Progress
 
     if file is None and not use_sim:

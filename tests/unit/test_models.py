@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from models.changes import Announced, ChangeRules, detect, tier_of
-from models.ledger import Snapshot, Target, UserLedger, expire, observe, offer
+from models.ledger import Snapshot, Target, UserLedger, due, expire, next_deadline, observe, offer, open_from
 
 H = 7 * 86_400_000
 PURCHASE = Target("purchase", H, frozenset({"purchase"}), sample_every_ms=0)
@@ -19,52 +19,69 @@ def snap(ts: int) -> Snapshot:
     return Snapshot(ts, [float(ts)], 0.5, 1)
 
 
-def test_positive_as_soon_as_the_target_happens() -> None:
+def test_positive_as_soon_as_the_target_happens_learnt_at_the_horizon() -> None:
     led = UserLedger()
     offer(led, PURCHASE, snap(1000))
-    assert observe(led, "u", (PURCHASE,), "page_view", 2000) == []
-    [m] = observe(led, "u", (PURCHASE,), "purchase", 3000)
+    assert observe(led, (PURCHASE,), "page_view", 2000) == 0
+    assert observe(led, (PURCHASE,), "purchase", 3000) == 1
+    assert led.pending["purchase"][0].label == 1  # known now ...
+    assert open_from(led, PURCHASE) is None  # ... so no later event needs to look at it
+    assert expire(led, "u", (PURCHASE,), 1000 + H) == []  # ... but it leaves only after its horizon
+    [m] = expire(led, "u", (PURCHASE,), 1001 + H)
     assert (m.label, m.snapshot.ts_ms, m.resolved_ms) == (1, 1000, 3000)
-    assert led.pending["purchase"] == []
+    assert "purchase" not in led.pending
 
 
 def test_censoring_exactly_at_the_horizon() -> None:
     led = UserLedger()
     offer(led, PURCHASE, snap(0))
+    assert next_deadline(led, (PURCHASE,)) == H
     assert expire(led, "u", (PURCHASE,), H) == []  # clock at the horizon: the window is still open
-    [m] = observe(led, "u", (PURCHASE,), "purchase", H)  # an event exactly at t + H counts
+    assert observe(led, (PURCHASE,), "purchase", H) == 1  # an event exactly at t + H counts
+    [m] = expire(led, "u", (PURCHASE,), H + 1)
     assert (m.snapshot.ts_ms, m.label) == (0, 1)
     offer(led, PURCHASE, snap(H + 1))
-    assert observe(led, "u", (PURCHASE,), "purchase", 2 * H + 2) == []  # one ms past the window
+    assert observe(led, (PURCHASE,), "purchase", 2 * H + 2) == 0  # one ms past the window
     [m] = expire(led, "u", (PURCHASE,), 2 * H + 2)
-    assert (m.snapshot.ts_ms, m.label) == (H + 1, 0)
+    assert (m.snapshot.ts_ms, m.label, m.resolved_ms) == (H + 1, 0, 2 * H + 2)
+    assert next_deadline(led, (PURCHASE,)) == 0
 
 
 def test_event_at_snapshot_time_or_before_never_labels_it() -> None:
     led = UserLedger()
     offer(led, PURCHASE, snap(5000))
-    assert observe(led, "u", (PURCHASE,), "purchase", 5000) == []
-    assert observe(led, "u", (PURCHASE,), "purchase", 4000) == []
-    assert len(led.pending["purchase"]) == 1
+    assert observe(led, (PURCHASE,), "purchase", 5000) == 0
+    assert observe(led, (PURCHASE,), "purchase", 4000) == 0
+    assert led.pending["purchase"][0].label == -1
+    assert open_from(led, PURCHASE) == 5000
 
 
 def test_churn_labels() -> None:
     led = UserLedger()
     offer(led, CHURN, snap(0))
     offer(led, CHURN, snap(86_400_000))
-    matured = observe(led, "u", (CHURN,), "page_view", 86_400_000 + 5)  # inside both windows
-    assert sorted((m.snapshot.ts_ms, m.label) for m in matured) == [(0, 0), (86_400_000, 0)]
-    assert led.pending["churn"] == []
+    assert observe(led, (CHURN,), "page_view", 86_400_000 + 5) == 2  # inside both windows
     offer(led, CHURN, snap(10 * 86_400_000))
-    [m] = expire(led, "u", (CHURN,), 25 * 86_400_000)
-    assert m.label == 1
+    matured = expire(led, "u", (CHURN,), 25 * 86_400_000)
+    assert sorted((m.snapshot.ts_ms, m.label) for m in matured) == [
+        (0, 0),
+        (86_400_000, 0),
+        (10 * 86_400_000, 1),  # nothing in its window: churned
+    ]
 
 
 def test_sampling_rule_limits_heavy_users() -> None:
-    t = Target("purchase", H, frozenset({"purchase"}), sample_every_ms=3_600_000)
-    led = UserLedger()
-    kept = [offer(led, t, snap(i * 600_000)) for i in range(13)]  # every 10 minutes for 2 hours
+    t = Target("purchase", H, frozenset({"purchase"}), sample_every_ms=3_600_000, max_pending=3)
+    last: int | None = None
+    kept = []
+    for i in range(13):  # every 10 minutes for 2 hours
+        ok = due(last, t, i * 600_000)
+        kept.append(ok)
+        if ok:
+            last = i * 600_000
     assert kept == [i % 6 == 0 for i in range(13)]
+    led = UserLedger()
+    assert [offer(led, t, snap(i)) for i in range(5)] == [True, True, True, False, False]
 
 
 @settings(max_examples=60, deadline=None)
@@ -76,15 +93,16 @@ def test_labels_equal_a_brute_force_lookahead_and_replay_equals_live(seed: int) 
         (rng.randrange(30 * 86_400_000), rng.choice(["page_view", "purchase"])) for _ in range(60)
     )
     end = 40 * 86_400_000
+    target = Target("purchase", H, frozenset({"purchase"}), sample_every_ms=0, max_pending=1000)
 
     def run(expire_every: int) -> list[tuple[int, int]]:
         led, out = UserLedger(), []
         for i, (ts, kind) in enumerate(events):
-            out += observe(led, "u", (PURCHASE,), kind, ts)
+            observe(led, (target,), kind, ts)
             if i % expire_every == 0:
-                out += expire(led, "u", (PURCHASE,), ts)
-            offer(led, PURCHASE, snap(ts))
-        out += expire(led, "u", (PURCHASE,), end)
+                out += expire(led, "u", (target,), ts)
+            offer(led, target, snap(ts))
+        out += expire(led, "u", (target,), end)
         return sorted((m.snapshot.ts_ms, m.label) for m in out)
 
     want = sorted((t, int(any(k == "purchase" and t < u <= t + H for u, k in events))) for t, _ in events)
@@ -142,9 +160,8 @@ def test_churn_grace_period_ignores_the_rest_of_the_session() -> None:
     t = Target("churn", 14 * 86_400_000, churn=True, sample_every_ms=0, grace_ms=1_800_000)
     led = UserLedger()
     offer(led, t, snap(0))
-    assert observe(led, "u", (t,), "page_view", 600_000) == []  # same session: not a return
-    [m] = observe(led, "u", (t,), "page_view", 1_800_001)  # back after the grace period
-    assert m.label == 0
+    assert observe(led, (t,), "page_view", 600_000) == 0  # same session: not a return
+    assert observe(led, (t,), "page_view", 1_800_001) == 1  # back after the grace period
     offer(led, t, snap(10 * 86_400_000))
-    [m] = expire(led, "u", (t,), 25 * 86_400_000)
-    assert m.label == 1
+    matured = expire(led, "u", (t,), 25 * 86_400_000)
+    assert [(m.snapshot.ts_ms, m.label) for m in matured] == [(0, 0), (10 * 86_400_000, 1)]

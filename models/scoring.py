@@ -1,0 +1,284 @@
+"""Per-user scoring: snapshots into the ledger, labels out at the horizon, scores and change events.
+
+One pure core shared by the worker (``streams/score_stage.py``) and ``propstream eval``, so both
+sample the same snapshots, assign the same labels and compute the same scores from the same events
+and model. Per user it keeps a small :class:`ScoreState` (read every batch) and a larger
+:class:`~models.ledger.UserLedger` (read only when an event could label a pending snapshot, a
+snapshot is due, or a horizon has passed: :class:`LazyLedger`).
+"""
+
+from __future__ import annotations
+
+import math
+from array import array
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from features.catalogue import NAMES
+from features.contract import Event
+from features.state import FeatureParams, UserState
+from features.user import FeatureValue, compute
+from models.changes import Announced, ChangeRules, detect
+from models.ledger import (
+    Matured,
+    Snapshot,
+    Target,
+    UserLedger,
+    due,
+    expire,
+    next_deadline,
+    observe,
+    offer,
+    open_from,
+)
+from models.online import OnlineModel, inputs
+
+SCORE_STATE_VERSION = 1
+
+
+@dataclass
+class TargetModel:
+    """The model a process scores a target with: the live version, or the in-process one in eval."""
+
+    model: OnlineModel
+    version: int
+    min_positives: int = 200
+    min_negatives: int = 200
+
+    @property
+    def warming_up(self) -> bool:
+        """Too few matured labels learnt: scores are marked and no change is announced."""
+        return self.model.positives < self.min_positives or self.model.negatives < self.min_negatives
+
+
+class TargetState(msgspec.Struct, array_like=True):
+    sampled_ms: int = -1  # time of the last snapshot sampled (-1: never)
+    open_ms: int = -1  # oldest pending snapshot an event could still label (-1: none)
+    announced: Announced | None = None  # what downstream systems were last told
+    features: bytes = b""  # raw features at that announcement (float32, catalogue order)
+
+
+class ScoreState(msgspec.Struct, array_like=True):
+    """The per-user model-side state read on every batch; small on purpose."""
+
+    v: int = SCORE_STATE_VERSION
+    targets: dict[str, TargetState] = msgspec.field(default_factory=dict)
+    deadline_ms: int = 0  # earliest horizon among pending snapshots (0: none)
+
+
+_ss_enc = msgspec.msgpack.Encoder()
+_ss_dec = msgspec.msgpack.Decoder(ScoreState)
+_led_dec = msgspec.msgpack.Decoder(UserLedger)
+
+
+def encode(obj: ScoreState | UserLedger) -> bytes:
+    return _ss_enc.encode(obj)
+
+
+def decode_state(raw: bytes | None) -> ScoreState:
+    if not raw:
+        return ScoreState()
+    try:
+        st = _ss_dec.decode(raw)
+    except msgspec.DecodeError:
+        return ScoreState()
+    return st if st.v == SCORE_STATE_VERSION else ScoreState()
+
+
+class LazyLedger:
+    """A user's ledger, loaded on first use only; ``dirty`` once changed."""
+
+    __slots__ = ("_ledger", "_load", "dirty")
+
+    def __init__(self, load: Callable[[], bytes | None]) -> None:
+        self._load = load
+        self._ledger: UserLedger | None = None
+        self.dirty = False
+
+    def get(self) -> UserLedger:
+        if self._ledger is None:
+            raw = self._load()
+            self._ledger = _led_dec.decode(raw) if raw else UserLedger()
+        return self._ledger
+
+    @property
+    def loaded(self) -> UserLedger | None:
+        return self._ledger
+
+
+def _pack(feats: Mapping[str, FeatureValue]) -> bytes:
+    return array("f", [math.nan if feats[n] is None else float(feats[n]) for n in NAMES]).tobytes()  # type: ignore[arg-type]
+
+
+def _unpack(raw: bytes) -> dict[str, float]:
+    if not raw:
+        return {}
+    values = array("f")
+    values.frombytes(raw)
+    return dict(zip(NAMES, values, strict=True))
+
+
+def source_feature(input_name: str) -> str:
+    """The served feature an input derives from (inputs such as ``never_x`` explain ``x``)."""
+    if input_name.startswith("never_"):
+        return input_name[6:]
+    return input_name
+
+
+def top_factors(
+    model: OnlineModel,
+    x: Mapping[str, float],
+    feats: Mapping[str, FeatureValue],
+    previous: Mapping[str, float],
+    k: int,
+) -> list[dict[str, Any]]:
+    """The ``k`` features with the largest contribution to the logit, and how each moved."""
+    contrib, _ = model.contributions(x)
+    by_feature: dict[str, float] = {}
+    for name, c in contrib.items():
+        src = source_feature(name)
+        by_feature[src] = by_feature.get(src, 0.0) + c
+    out = []
+    for name, c in sorted(by_feature.items(), key=lambda kv: -abs(kv[1]))[:k]:
+        raw = feats.get(name, x.get(name))
+        value = None if raw is None else float(raw)
+        prev = previous.get(name)
+        prev = None if prev is None or math.isnan(prev) else float(prev)
+        out.append(
+            {
+                "feature": name,
+                "contribution": round(c, 6),
+                "value": value,
+                "previous": prev,
+                "change": None if value is None or prev is None else round(value - prev, 6),
+            }
+        )
+    return out
+
+
+def engaged(feats: Mapping[str, FeatureValue]) -> bool:
+    """An engaged user: two sessions or more in the last 7 days (a purchase-score collapse is churn risk)."""
+    return (feats.get("sessions_7d") or 0) >= 2
+
+
+class ScoringCore:
+    """Sampling, labelling and change detection for a set of targets; no I/O."""
+
+    def __init__(
+        self,
+        targets: tuple[Target, ...],
+        params: FeatureParams,
+        rules: ChangeRules,
+        models: Mapping[str, TargetModel],
+        top_k: int = 5,
+    ) -> None:
+        self.targets = targets
+        self.params = params
+        self.rules = rules
+        self.models = models  # the caller may swap entries at any time (hot swap)
+        self.top_k = top_k
+
+    @staticmethod
+    def target_state(ss: ScoreState, name: str) -> TargetState:
+        t = ss.targets.get(name)
+        if t is None:
+            t = ss.targets[name] = TargetState()
+        return t
+
+    def on_event(
+        self, ss: ScoreState, ledger: LazyLedger, st: UserState, ev: Event
+    ) -> list[tuple[Target, Snapshot]]:
+        """``ev`` was just folded into ``st``: label what it resolves, sample a snapshot if due."""
+        snap_ts = st.last_ms  # features as of the user's newest event: nothing later is in them
+        x: dict[str, float] | None = None
+        offered: list[tuple[Target, Snapshot]] = []
+        for t in self.targets:
+            ts = self.target_state(ss, t.name)
+            if ts.open_ms >= 0 and ev.ts_ms > ts.open_ms + t.grace_ms and t.matches(ev.type):
+                led = ledger.get()
+                if observe(led, (t,), ev.type, ev.ts_ms):
+                    o = open_from(led, t)
+                    ts.open_ms = -1 if o is None else o
+                    ledger.dirty = True
+            if due(ts.sampled_ms if ts.sampled_ms >= 0 else None, t, snap_ts):
+                ts.sampled_ms = snap_ts
+                if x is None:
+                    x = inputs(compute(st, snap_ts, self.params))
+                m = self.models[t.name]
+                snap = Snapshot(snap_ts, list(x.values()), m.model.score(x), m.version)
+                if offer(ledger.get(), t, snap):
+                    ledger.dirty = True
+                    offered.append((t, snap))
+                    if ts.open_ms < 0:
+                        ts.open_ms = snap_ts
+                    end = snap_ts + t.horizon_ms
+                    if ss.deadline_ms == 0 or end < ss.deadline_ms:
+                        ss.deadline_ms = end
+        return offered
+
+    def expire(self, user_id: str, ss: ScoreState, ledger: LazyLedger, clock_ms: int) -> list[Matured]:
+        """Snapshots whose horizon is before ``clock_ms`` leave the ledger with their labels."""
+        if ss.deadline_ms == 0 or clock_ms <= ss.deadline_ms:
+            return []
+        led = ledger.get()
+        out = expire(led, user_id, self.targets, clock_ms)
+        ss.deadline_ms = next_deadline(led, self.targets)
+        for t in self.targets:
+            o = open_from(led, t)
+            self.target_state(ss, t.name).open_ms = -1 if o is None else o
+        ledger.dirty = True
+        return out
+
+    def score_all(self, st: UserState, as_of_ms: int) -> tuple[dict[str, FeatureValue], dict[str, float]]:
+        feats = compute(st, as_of_ms, self.params)
+        return feats, inputs(feats)
+
+    def rescore(
+        self, user_id: str, ss: ScoreState, st: UserState, trigger: Event
+    ) -> tuple[bool, list[dict[str, Any]]]:
+        """Score every target now; returns (state changed, change events to publish)."""
+        feats, x = self.score_all(st, st.last_ms)
+        changed = False
+        out: list[dict[str, Any]] = []
+        for t in self.targets:
+            m = self.models[t.name]
+            if m.warming_up:
+                continue  # no baseline either: the first trained score is not a "change"
+            score = m.model.score(x)
+            ts = self.target_state(ss, t.name)
+            ann, change = detect(
+                ts.announced,
+                score,
+                st.last_ms,
+                self.rules,
+                target=t.name,
+                warming_up=False,
+                engaged=engaged(feats),
+            )
+            if ann is ts.announced:
+                continue
+            changed = True
+            if change is not None:
+                out.append(
+                    {
+                        "user_id": user_id,
+                        "target": t.name,
+                        "previous_score": round(change.previous_score, 6),
+                        "score": round(change.score, 6),
+                        "previous_tier": change.previous_tier,
+                        "tier": change.tier,
+                        "direction": change.direction,
+                        "reason": change.reason,
+                        "top_factors": top_factors(m.model, x, feats, _unpack(ts.features), self.top_k),
+                        "model_version": m.version,
+                        "horizon_s": t.horizon_ms // 1000,
+                        "event_id": trigger.event_id,
+                        "event_ts_ms": trigger.ts_ms,
+                    }
+                )
+            ts.announced = ann
+            ts.features = _pack(feats)
+        return changed, out
