@@ -18,12 +18,12 @@ import msgspec
 
 from features.contract import Rejected, Rules, parse
 from features.state import FeatureParams, UserState
-from features.user import apply, compute, finalize
+from features.user import apply, finalize
 from models import quality
 from models.changes import ChangeRules
 from models.ledger import Target
-from models.online import ModelConfig, OnlineModel, inputs
-from models.scoring import LazyLedger, ScoreState, ScoringCore, TargetModel
+from models.online import ModelConfig, OnlineModel
+from models.scoring import LazyLedger, ScoreState, ScoringCore, TargetModel, input_names
 
 DAY_MS = 86_400_000
 
@@ -79,7 +79,7 @@ def run(
     ledgers: dict[str, LazyLedger] = {}
     deadlines: list[tuple[int, str]] = []  # (horizon, user): may hold stale entries, checked on pop
     oracle_at: dict[tuple[str, int], float] = {}
-    out = EvalRun(target)
+    out = EvalRun(target, input_names=list(input_names()))
 
     def mature(user: str, clock_ms: int) -> None:
         ss = scores[user]
@@ -131,8 +131,6 @@ def run(
             ss = scores[user]
             before = ss.deadline_ms
             for _, snap in core.on_event(ss, ledgers[user], st, ev):
-                if not out.input_names:
-                    out.input_names = list(inputs(compute(st, snap.ts_ms, params)))
                 if oracle is not None:
                     p = oracle(user, snap.ts_ms)
                     if p is not None:

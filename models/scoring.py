@@ -13,6 +13,7 @@ import math
 from array import array
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import msgspec
@@ -20,7 +21,7 @@ import msgspec
 from features.catalogue import NAMES
 from features.contract import Event
 from features.state import FeatureParams, UserState
-from features.user import FeatureValue, compute
+from features.user import FeatureValue, compute, finalize
 from models.changes import Announced, ChangeRules, detect
 from models.ledger import (
     Matured,
@@ -37,6 +38,12 @@ from models.ledger import (
 from models.online import OnlineModel, inputs
 
 SCORE_STATE_VERSION = 1
+
+
+@lru_cache(maxsize=1)
+def input_names() -> tuple[str, ...]:
+    """The model inputs in one fixed order: the order of snapshot vectors and training examples."""
+    return tuple(inputs(compute(UserState(), 0, FeatureParams())))
 
 
 @dataclass
@@ -206,9 +213,11 @@ class ScoringCore:
             if due(ts.sampled_ms if ts.sampled_ms >= 0 else None, t, snap_ts):
                 ts.sampled_ms = snap_ts
                 if x is None:
+                    finalize(st)  # the worker folds a whole batch before finalising; eval already has
                     x = inputs(compute(st, snap_ts, self.params))
+                    vec = [x[k] for k in input_names()]
                 m = self.models[t.name]
-                snap = Snapshot(snap_ts, list(x.values()), m.model.score(x), m.version)
+                snap = Snapshot(snap_ts, vec, m.model.score(x), m.version)
                 if offer(ledger.get(), t, snap):
                     ledger.dirty = True
                     offered.append((t, snap))
@@ -238,16 +247,16 @@ class ScoringCore:
 
     def rescore(
         self, user_id: str, ss: ScoreState, st: UserState, trigger: Event
-    ) -> tuple[bool, list[dict[str, Any]]]:
-        """Score every target now; returns (state changed, change events to publish)."""
+    ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """Score every target now (updating ``ss``); returns the scores and the change events to publish."""
         feats, x = self.score_all(st, st.last_ms)
-        changed = False
+        scores: dict[str, float] = {}
         out: list[dict[str, Any]] = []
         for t in self.targets:
             m = self.models[t.name]
+            score = scores[t.name] = m.model.score(x)
             if m.warming_up:
-                continue  # no baseline either: the first trained score is not a "change"
-            score = m.model.score(x)
+                continue  # no baseline either: the first trusted score is not a "change"
             ts = self.target_state(ss, t.name)
             ann, change = detect(
                 ts.announced,
@@ -260,7 +269,6 @@ class ScoringCore:
             )
             if ann is ts.announced:
                 continue
-            changed = True
             if change is not None:
                 out.append(
                     {
@@ -281,4 +289,4 @@ class ScoringCore:
                 )
             ts.announced = ann
             ts.features = _pack(feats)
-        return changed, out
+        return scores, out

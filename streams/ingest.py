@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from features import state as codec
 from features.contract import REASONS, Event, Rejected, Rules, parse
@@ -19,6 +19,9 @@ from features.state import FeatureParams
 from features.user import apply, finalize
 from streams.metrics import Metrics
 from streams.settings import Settings
+
+if TYPE_CHECKING:
+    from streams.score_stage import ScoreStage
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +153,7 @@ class IngestHandler:
         dead_letter: Callable[[DeadLetter], None],
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
+        stage: ScoreStage | None = None,
     ) -> None:
         self.rules = rules_from(settings)
         self.params = params_from(settings)
@@ -160,6 +164,7 @@ class IngestHandler:
         self.clock = clock
         self.watermarks = Watermarks(settings.source_topics)
         self.loaded: set[int] = set()
+        self.stage = stage  # scoring, labels and change events; None: features only
 
     def process(self, batch: Sequence[Record]) -> dict[str, list[Event]]:
         """Process one batch; returns the accepted events per user (for scoring downstream)."""
@@ -213,17 +218,21 @@ class IngestHandler:
         writes = 0
         params = self.params
         store = self.store
+        stage = self.stage
         for p, users in groups.items():
             floor = floors[p]
             first = next(iter(users.values()))[0][1]
             with store.partition(first):
                 for user_id, items in users.items():
                     st = codec.decode(store.get(user_id))
+                    scoring = stage.begin_user(user_id) if stage is not None else None
                     done: list[Event] = []
                     for ev, rec in items:
                         reason = apply(st, ev, params, min_ts_ms=floor)
                         if reason is None:
                             done.append(ev)
+                            if stage is not None and scoring is not None:
+                                stage.on_event(scoring, st, ev)
                             key = (rec.topic, ev.type)
                             accepted[key] = accepted.get(key, 0) + 1
                             if marks.advance(rec.topic, p, ev.ts_ms):
@@ -237,9 +246,16 @@ class IngestHandler:
                         store.set(user_id, codec.encode(st))
                         writes += 1
                         out[user_id] = done
+                        if stage is not None and scoring is not None:
+                            stage.end_user(scoring, st, done[-1], p)
+                if stage is not None:
+                    # labels can be final only below the lateness floor: no accepted event is older
+                    stage.expire_partition(p, marks.of(p) - self.lateness_ms)
         for (topic, p), rec in advanced.items():
             with store.partition(rec):
                 store.set_mark(topic, p, marks.newest[(topic, p)])
+        if stage is not None:
+            stage.end_batch(t0)
         m = self.metrics
         m.record_batch(consumed, accepted, rejected, no_consent, writes, time.perf_counter() - t0)
         if newest_ts:

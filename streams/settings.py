@@ -8,10 +8,15 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from models.changes import ChangeRules
+    from models.ledger import Target
+    from models.online import ModelConfig
 
 ENV_PREFIX = "PROPSTREAM_"
 
@@ -52,6 +57,15 @@ class Settings(BaseSettings):
     topic_deadletter: str = Field(
         "events.deadletter", description="Rejected input, original bytes plus reason."
     )
+    topic_changes: str = Field(
+        "propensity.changes", description="Outbound propensity-change events (JSON, keyed by user)."
+    )
+    topic_training: str = Field(
+        "propstream.training", description="Matured labelled snapshots, one partition: the trainer's log."
+    )
+    topic_models: str = Field(
+        "propstream.models", description="Published model versions (compacted; every version kept)."
+    )
 
     # --- Worker ------------------------------------------------------------------------------
     app_id: str = Field("propstream", description="Faust app id: consumer group and changelog prefix.")
@@ -87,7 +101,73 @@ class Settings(BaseSettings):
     session_gap_s: int = Field(1800, ge=60, description="Inactivity that starts a new derived session.")
     abandon_after_s: int = Field(1800, ge=60, description="Cart untouched and unbought this long: abandoned.")
 
+    # --- Targets, labels and models ----------------------------------------------------------
+    targets: str = Field(
+        "purchase:7d,churn:14d",
+        description="Targets, comma-separated NAME:HORIZON (horizon in s, m, h or d): purchase, churn, "
+        "or any accepted event type (e.g. sign_up:30d).",
+    )
+    sample_every_s: int = Field(
+        3600, ge=0, description="At most one labelled snapshot per user and target per this much event time."
+    )
+    max_pending: int = Field(64, ge=1, description="Pending snapshots kept per user and target.")
+    model_optimizer: Literal["sgd", "adagrad", "adam"] | None = Field(
+        None, description="Optimiser of the logistic regression (default: the model's own)."
+    )
+    model_learning_rate: float | None = Field(None, gt=0, description="Learning rate (default: the model's).")
+    model_l2: float | None = Field(None, ge=0, description="L2 penalty (default: the model's).")
+    model_positive_weight: float | None = Field(
+        None, gt=0, description="Weight of positive examples; above 1 favours recall over calibration."
+    )
+    min_positives: int = Field(200, ge=0, description="Matured positives a model needs before it is trusted.")
+    min_negatives: int = Field(200, ge=0, description="Matured negatives a model needs before it is trusted.")
+    publish_every: int = Field(500, ge=1, description="Labels learnt between published model versions.")
+    publish_interval_s: float = Field(
+        30.0, gt=0, description="Publish what was learnt at least this often, seconds."
+    )
+    quality_window: int = Field(
+        5000, ge=100, description="Matured labels in the rolling quality figures (ROC-AUC, ECE, ...)."
+    )
+
+    # --- Change events -------------------------------------------------------------------------
+    tier_thresholds: str = Field(
+        "0.2,0.5", description="Score boundaries of the tiers low / medium / high (ascending)."
+    )
+    tier_hysteresis: float = Field(
+        0.03, ge=0, lt=0.5, description="Leaving a tier needs the score past the boundary by this much."
+    )
+    min_delta: float = Field(
+        0.15, gt=0, le=1, description="A move this large is a change even within a tier."
+    )
+    cooldown_s: int = Field(
+        900, ge=0, description="Event time between two change events per user and target."
+    )
+    churn_drop: float = Field(
+        0.25, gt=0, le=1, description="A purchase-score drop this large for an engaged user is a churn risk."
+    )
+    top_factors: int = Field(5, ge=1, le=20, description="Contributing features listed per score.")
+
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Worker log level.")
+
+    @field_validator("targets")
+    @classmethod
+    def _parse_targets(cls, value: str) -> str:
+        from models.targets import parse_targets
+
+        parse_targets(value)  # raises ValueError with the reason
+        return value
+
+    @field_validator("tier_thresholds")
+    @classmethod
+    def _parse_thresholds(cls, value: str) -> str:
+        try:
+            cuts = [float(v) for v in value.split(",")]
+        except ValueError:
+            cuts = []
+        if len(cuts) != 2 or not 0 < cuts[0] < cuts[1] < 1:
+            msg = f"tier_thresholds must be two ascending numbers in (0, 1), got {value!r}"
+            raise ValueError(msg)
+        return value
 
     @field_validator("earliest_event_time")
     @classmethod
@@ -106,6 +186,34 @@ class Settings(BaseSettings):
         ms = parse_time_ms(self.earliest_event_time)
         assert ms is not None  # checked by the validator
         return ms
+
+    def target_list(self) -> tuple[Target, ...]:
+        from models.targets import parse_targets
+
+        return parse_targets(self.targets, self.sample_every_s, self.max_pending)
+
+    def learner_config(self) -> ModelConfig:
+        from models.online import ModelConfig
+
+        given: dict[str, Any] = {
+            "optimizer": self.model_optimizer,
+            "learning_rate": self.model_learning_rate,
+            "l2": self.model_l2,
+            "positive_weight": self.model_positive_weight,
+        }
+        return ModelConfig(**{k: v for k, v in given.items() if v is not None})
+
+    def change_rules(self) -> ChangeRules:
+        from models.changes import ChangeRules
+
+        low, high = (float(v) for v in self.tier_thresholds.split(","))
+        return ChangeRules(
+            thresholds=(low, high),
+            hysteresis=self.tier_hysteresis,
+            min_delta=self.min_delta,
+            cooldown_ms=self.cooldown_s * 1000,
+            churn_drop=self.churn_drop,
+        )
 
     @property
     def source_topics(self) -> tuple[str, str, str]:

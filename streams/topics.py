@@ -17,6 +17,22 @@ class TopicMismatch(RuntimeError):
     """An existing topic has another partition count than the settings ask for."""
 
 
+def topic_specs(settings: Settings) -> dict[str, tuple[int, dict[str, str]]]:
+    """Every topic the system owns: name -> (partitions, configs).
+
+    The training log has one partition, so one trainer learns every label of a target in one
+    order; the models topic is compacted with one key per version, so every version is kept for
+    ``propstream model list|rollback``; change events are keyed by user on the event partitions.
+    """
+    n = settings.partitions
+    specs: dict[str, tuple[int, dict[str, str]]] = {t: (n, {}) for t in settings.source_topics}
+    specs[settings.topic_deadletter] = (n, {})
+    specs[settings.topic_changes] = (n, {})
+    specs[settings.topic_training] = (1, {})
+    specs[settings.topic_models] = (1, {"cleanup.policy": "compact"})
+    return specs
+
+
 def ensure_topics(settings: Settings, bootstrap: str | None = None) -> list[str]:
     """Create missing event topics; returns the names created. Raises on partition mismatch."""
     servers = bootstrap or settings.broker_url
@@ -24,14 +40,19 @@ def ensure_topics(settings: Settings, bootstrap: str | None = None) -> list[str]
         bootstrap_servers=servers, client_id="propstream-admin", request_timeout_ms=30000
     )
     try:
-        wanted = [*settings.source_topics, settings.topic_deadletter]
+        wanted = topic_specs(settings)
         existing = set(admin.list_topics())
         missing = [t for t in wanted if t not in existing]
         created = []
         if missing:
             try:
                 admin.create_topics(
-                    [NewTopic(t, num_partitions=settings.partitions, replication_factor=1) for t in missing]
+                    [
+                        NewTopic(
+                            t, num_partitions=wanted[t][0], replication_factor=1, topic_configs=wanted[t][1]
+                        )
+                        for t in missing
+                    ]
                 )
                 created = missing
             except TopicAlreadyExistsError:

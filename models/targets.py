@@ -1,0 +1,64 @@
+"""Targets as data scientists declare them: ``purchase:7d,churn:14d,sign_up:30d``.
+
+Each target gets its own model, ledger entries and score per user. ``purchase`` and any other
+event type are event targets (did it happen within the horizon?); ``churn`` asks whether a
+recently active user shows no activity at all within the horizon.
+"""
+
+from __future__ import annotations
+
+import re
+
+from models.ledger import Target, make_target
+
+UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+
+
+def parse_horizon(text: str) -> int:
+    """Seconds in ``90s``, ``30m``, ``24h``, ``7d`` or a bare number of seconds.
+
+    >>> parse_horizon("7d"), parse_horizon("36h"), parse_horizon("600")
+    (604800, 129600, 600)
+    """
+    text = text.strip().lower()
+    unit = text[-1:] if text[-1:] in UNITS_S else "s"
+    number = text[:-1] if text[-1:] in UNITS_S else text
+    try:
+        value = float(number)
+    except ValueError:
+        msg = f"horizon {text!r} is not a number with an optional unit s, m, h or d"
+        raise ValueError(msg) from None
+    seconds = int(value * UNITS_S[unit])
+    if seconds <= 0:
+        msg = f"horizon {text!r} must be positive"
+        raise ValueError(msg)
+    return seconds
+
+
+def parse_targets(spec: str, sample_every_s: int = 3600, max_pending: int = 64) -> tuple[Target, ...]:
+    """The targets of a ``NAME:HORIZON,...`` spec; ``ValueError`` names the first bad entry.
+
+    >>> [(t.name, t.horizon_ms // 86_400_000, t.churn) for t in parse_targets("purchase:7d, churn:14d")]
+    [('purchase', 7, False), ('churn', 14, True)]
+    """
+    out: list[Target] = []
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            continue
+        name, sep, horizon = item.partition(":")
+        name = name.strip()
+        if not sep:
+            msg = f"target {item!r} needs a horizon, as in {name}:7d"
+            raise ValueError(msg)
+        if not _NAME.match(name):
+            msg = f"target name {name!r} must be an event type: lowercase letters, digits and _"
+            raise ValueError(msg)
+        if any(t.name == name for t in out):
+            msg = f"target {name!r} is declared twice"
+            raise ValueError(msg)
+        out.append(make_target(name, parse_horizon(horizon), sample_every_s, max_pending))
+    if not out:
+        msg = "declare at least one target, e.g. purchase:7d"
+        raise ValueError(msg)
+    return tuple(out)

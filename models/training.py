@@ -1,0 +1,163 @@
+"""The trainer's logic: one ordered log of matured examples per deployment in, model versions out.
+
+Workers send every labelled snapshot whose horizon passed to a one-partition training topic; the
+one trainer consuming it learns them in log order, so there is one model per target, not one per
+partition. Its state records the last log offset learnt, so a redelivered message after a crash
+is skipped (learning is exactly-once over the log) and a restart resumes where it stopped.
+Pure: the Faust agent in ``streams/trainer.py`` feeds it and publishes what it returns.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections import deque
+from typing import Any
+
+import msgspec
+
+from models import quality
+from models.online import ModelConfig, OnlineModel
+from models.persist import ModelSnapshot, load, model_of, model_state, restore, snapshot_of
+from models.scoring import input_names
+
+
+def inputs_hash() -> int:
+    """Fingerprint of the input layout: examples built with another layout are refused."""
+    return zlib.crc32(",".join(input_names()).encode())
+
+
+class Example(msgspec.Struct, array_like=True, tag="example"):
+    target: str
+    ts_ms: int  # snapshot event time
+    x: list[float]  # model inputs in ``input_names()`` order
+    label: int
+    score: float  # the live score at snapshot time (test-then-train: before this label was learnt)
+    model_version: int
+    inputs: int  # ``inputs_hash()`` of the sender
+
+
+class Rollback(msgspec.Struct, array_like=True, tag="rollback"):
+    target: str
+    to_version: int
+    snapshot: bytes  # the published ModelSnapshot of ``to_version``
+
+
+_msg_dec = msgspec.msgpack.Decoder(Example | Rollback)
+
+
+def decode_message(raw: bytes) -> Example | Rollback:
+    try:
+        return _msg_dec.decode(raw)
+    except msgspec.DecodeError as exc:
+        msg = f"not a training message: {exc}"
+        raise ValueError(msg) from exc
+
+
+class TrainerState(msgspec.Struct):
+    """What survives a trainer restart (stored in a changelogged table)."""
+
+    target: str
+    version: int = 0  # last published version
+    offset: int = -1  # last training-log offset handled
+    since_publish: int = 0
+    trained_to_ms: int = 0
+    published_wall_ms: int = 0
+    note: str = ""
+    force: bool = False  # publish at the next chance (warm-up just ended, or a rollback)
+    window: list[tuple[float, int]] = msgspec.field(default_factory=list)  # (live score, label)
+    config: dict[str, Any] = msgspec.field(default_factory=dict)
+    model: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class Trainer:
+    def __init__(
+        self,
+        target: str,
+        *,
+        config: ModelConfig,
+        min_positives: int,
+        min_negatives: int,
+        publish_every: int,
+        publish_interval_ms: int,
+        window: int,
+        state: TrainerState | None = None,
+        seed: ModelSnapshot | None = None,
+    ) -> None:
+        self.target = target
+        self.min = (min_positives, min_negatives)
+        self.publish_every = publish_every
+        self.publish_interval_ms = publish_interval_ms
+        self.names = input_names()
+        self.hash = inputs_hash()
+        self.window: deque[tuple[float, int]] = deque(maxlen=window)
+        if state is not None:
+            self.st = state
+            self.model = restore(state.config, state.model)
+            self.window.extend(state.window)
+        elif seed is not None:  # a fresh trainer continues from the newest published version
+            self.st = TrainerState(target, version=seed.version, trained_to_ms=seed.trained_to_ms)
+            self.model = model_of(seed)
+        else:
+            self.st = TrainerState(target)
+            self.model = OnlineModel(config)
+
+    @property
+    def warm(self) -> bool:
+        return self.model.positives >= self.min[0] and self.model.negatives >= self.min[1]
+
+    def handle(self, offset: int, msg: Example | Rollback) -> str:
+        """Learn one log entry; returns what happened (``learnt``, ``skipped``, ``rollback``, ``refused``)."""
+        if offset <= self.st.offset:
+            return "skipped"  # redelivered after a crash: already in the model
+        self.st.offset = offset
+        if isinstance(msg, Rollback):
+            snap = load(msg.snapshot)
+            self.model = model_of(snap)
+            self.st.note = f"rollback to {msg.to_version}"
+            self.st.force = True
+            return "rollback"
+        if msg.inputs != self.hash or len(msg.x) != len(self.names):
+            return "refused"
+        was_warm = self.warm
+        self.model.learn(dict(zip(self.names, msg.x, strict=True)), msg.label)
+        self.window.append((msg.score, msg.label))
+        self.st.since_publish += 1
+        self.st.trained_to_ms = max(self.st.trained_to_ms, msg.ts_ms)
+        if self.warm and not was_warm:
+            self.st.force = True  # leave warm-up everywhere as soon as it is earned
+        return "learnt"
+
+    def due(self, now_ms: int) -> bool:
+        if self.st.force or self.st.since_publish >= self.publish_every:
+            return True
+        return self.st.since_publish > 0 and now_ms - self.st.published_wall_ms >= self.publish_interval_ms
+
+    def quality(self) -> dict[str, float]:
+        if not self.window:
+            return {}
+        scores = [s for s, _ in self.window]
+        labels = [y for _, y in self.window]
+        return quality.report(scores, labels)
+
+    def publish(self, now_ms: int) -> ModelSnapshot:
+        self.st.version += 1
+        snap = snapshot_of(
+            self.model,
+            target=self.target,
+            version=self.st.version,
+            created_ms=now_ms,
+            trained_to_ms=self.st.trained_to_ms,
+            quality=self.quality(),
+            note=self.st.note,
+        )
+        self.st.since_publish = 0
+        self.st.published_wall_ms = now_ms
+        self.st.note = ""
+        self.st.force = False
+        return snap
+
+    def state(self) -> TrainerState:
+        self.st.window = list(self.window)
+        self.st.config = snapshot_of(self.model, target=self.target, version=0, created_ms=0).config
+        self.st.model = model_state(self.model)
+        return self.st

@@ -1,0 +1,89 @@
+"""Every worker follows the models topic and hot-swaps each target's newest version.
+
+The models topic is read whole, from the beginning, by every worker (no consumer group: each
+needs all of it), with aiokafka in the worker's event loop. A newer version replaces the entry in
+the dict the scoring core reads, between two batches, so a batch never mixes versions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from models.online import OnlineModel
+from models.persist import ModelSnapshot, load, model_of
+from models.scoring import TargetModel
+from streams.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class LiveModels:
+    """The model each target is scored with on this worker, and the snapshot it came from."""
+
+    def __init__(
+        self, settings: Settings, on_swap: Callable[[str, TargetModel, ModelSnapshot], None]
+    ) -> None:
+        self.settings = settings
+        self.on_swap = on_swap
+        config = settings.learner_config()
+        self.models: dict[str, TargetModel] = {
+            t.name: TargetModel(OnlineModel(config), 0, settings.min_positives, settings.min_negatives)
+            for t in settings.target_list()
+        }
+        self.snapshots: dict[str, ModelSnapshot] = {}
+        self.caught_up = asyncio.Event()
+        self.refused = 0
+
+    def apply(self, raw: bytes | None) -> bool:
+        """Take one message of the models topic; True if it swapped a model in."""
+        if raw is None:
+            return False
+        try:
+            snap = load(raw)
+        except ValueError as exc:
+            self.refused += 1
+            log.warning("ignoring a message on the models topic: %s", exc)
+            return False
+        live = self.models.get(snap.target)
+        if live is None or snap.version <= live.version:
+            return False  # a target not configured here, or an older version replayed
+        s = self.settings
+        new = TargetModel(model_of(snap), snap.version, s.min_positives, s.min_negatives)
+        self.models[snap.target] = new
+        self.snapshots[snap.target] = snap
+        self.on_swap(snap.target, new, snap)
+        return True
+
+    async def follow(self, bootstrap: str) -> None:
+        """Read the models topic from the start forever; ``caught_up`` is set once the backlog is read."""
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        topic = self.settings.topic_models
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, auto_offset_reset="earliest"
+        )
+        await consumer.start()
+        try:
+            parts = consumer.partitions_for_topic(topic)
+            while not parts:  # metadata for a topic created a moment ago
+                await consumer._client.force_metadata_update()
+                parts = consumer.partitions_for_topic(topic)
+                if not parts:
+                    await asyncio.sleep(0.5)
+            tps = [TopicPartition(topic, p) for p in sorted(parts)]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            ends = await consumer.end_offsets(tps)
+            while True:
+                batch = await consumer.getmany(*tps, timeout_ms=500)
+                for messages in batch.values():
+                    for msg in messages:
+                        self.apply(msg.value)
+                if not self.caught_up.is_set():
+                    positions = [await consumer.position(tp) for tp in tps]
+                    if all(pos >= ends[tp] for pos, tp in zip(positions, tps, strict=True)):
+                        self.caught_up.set()
+        finally:
+            await consumer.stop()

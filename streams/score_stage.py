@@ -1,0 +1,215 @@
+"""Scoring inside the ingest batch: snapshots and labels per event, scores and change events per user.
+
+Called by :class:`streams.ingest.IngestHandler` while it holds the partition context, so reads and
+writes of the ``scores`` and ``ledger`` tables land in the user's partition and changelog. Per user
+and batch: one read of the small score state, the ledger only when needed, at most one write of
+each. Per partition and batch: snapshots whose horizon passed the partition's lateness floor leave
+the ledger, labelled, for the trainer (no accepted event can still change their label).
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import msgspec
+
+from features.contract import Event
+from features.state import UserState
+from models.ledger import Matured
+from models.scoring import LazyLedger, ScoringCore, decode_state, encode
+from models.training import Example, inputs_hash
+from streams.model_metrics import ModelMetrics
+
+CHANGE_SCHEMA = "propstream.change/1"
+
+
+class KV(Protocol):
+    """One partitioned key-value table (a Faust table in the worker, a dict in tests and eval)."""
+
+    def get(self, key: str) -> bytes | None: ...
+
+    def set(self, key: str, value: bytes) -> None: ...
+
+    def delete(self, key: str) -> None: ...
+
+    def scan(self, partition: int) -> Iterator[tuple[str, bytes]]:
+        """Every key and value stored for ``partition`` on this process."""
+
+
+class MemoryKV:
+    """A :class:`KV` over a dict (one partition: scans return everything)."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+
+    def get(self, key: str) -> bytes | None:
+        return self.data.get(key)
+
+    def set(self, key: str, value: bytes) -> None:
+        self.data[key] = value
+
+    def delete(self, key: str) -> None:
+        self.data.pop(key, None)
+
+    def scan(self, partition: int) -> Iterator[tuple[str, bytes]]:
+        yield from list(self.data.items())
+
+
+def iso_ms(ts_ms: int) -> str:
+    return (
+        datetime.fromtimestamp(ts_ms / 1000, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    )
+
+
+class UserScoring:
+    __slots__ = ("deadline_ms", "ledger", "raw", "state", "user_id")
+
+    def __init__(self, user_id: str, raw: bytes | None, ledger: LazyLedger) -> None:
+        self.user_id = user_id
+        self.raw = raw
+        self.state = decode_state(raw)
+        self.deadline_ms = self.state.deadline_ms  # as read: a new one goes into the horizon heap
+        self.ledger = ledger
+
+
+class ScoreStage:
+    def __init__(
+        self,
+        core: ScoringCore,
+        scores: KV,
+        ledgers: KV,
+        send_change: Callable[[str, bytes], None],
+        send_example: Callable[[str, bytes], None],
+        metrics: ModelMetrics,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.core = core
+        self.scores = scores
+        self.ledgers = ledgers
+        self.send_change = send_change
+        self.send_example = send_example
+        self.metrics = metrics
+        self.wall_clock = wall_clock
+        self.deadlines: dict[int, list[tuple[int, str]]] = {}  # partition -> heap of (horizon, user)
+        self.inputs_hash = inputs_hash()
+        self._json = msgspec.json.Encoder()
+        self._msgpack = msgspec.msgpack.Encoder()
+        self._batch_scores: dict[str, list[float]] = {}
+        self._changes = 0
+
+    # --- per user ----------------------------------------------------------------------------
+    def begin_user(self, user_id: str) -> UserScoring:
+        return UserScoring(user_id, self.scores.get(user_id), LazyLedger(lambda: self.ledgers.get(user_id)))
+
+    def on_event(self, u: UserScoring, st: UserState, ev: Event) -> None:
+        self.core.on_event(u.state, u.ledger, st, ev)
+
+    def end_user(self, u: UserScoring, st: UserState, trigger: Event, partition: int) -> None:
+        scores, changes = self.core.rescore(u.user_id, u.state, st, trigger)
+        for target, s in scores.items():
+            self._batch_scores.setdefault(target, []).append(s)
+        if changes:
+            now_ms = int(self.wall_clock() * 1000)
+            for ch in changes:
+                ch["schema"] = CHANGE_SCHEMA
+                ch["event_time"] = iso_ms(ch["event_ts_ms"])
+                ch["emit_ts_ms"] = now_ms
+                ch["emitted_at"] = iso_ms(now_ms)
+                self.send_change(u.user_id, self._json.encode(ch))
+                self.metrics.changes.labels(ch["target"], ch["reason"], ch["direction"]).inc()
+            self._changes += len(changes)
+        self._save(u, partition)
+
+    def _save(self, u: UserScoring, partition: int) -> None:
+        raw = encode(u.state)
+        if raw != u.raw:
+            self.scores.set(u.user_id, raw)
+            u.raw = raw
+        led = u.ledger.loaded
+        if u.ledger.dirty and led is not None:
+            if led.pending:
+                self.ledgers.set(u.user_id, encode(led))
+            else:
+                self.ledgers.delete(u.user_id)
+            u.ledger.dirty = False
+        end = u.state.deadline_ms
+        if end and end != u.deadline_ms and partition in self.deadlines:
+            heapq.heappush(self.deadlines[partition], (end, u.user_id))
+        u.deadline_ms = end
+
+    # --- per partition -------------------------------------------------------------------------
+    def expire_partition(self, partition: int, clock_ms: int) -> int:
+        """Send every snapshot whose horizon is before ``clock_ms`` to the trainer; returns how many."""
+        heap = self.deadlines.get(partition)
+        if heap is None:
+            heap = self.deadlines[partition] = self._index(partition)
+        sent = 0
+        while heap and heap[0][0] < clock_ms:
+            end, user = heapq.heappop(heap)
+            u = self.begin_user(user)
+            if u.state.deadline_ms != end:
+                continue  # stale entry: the user's earliest horizon moved
+            for m in self.core.expire(user, u.state, u.ledger, end + 1):  # one horizon at a time: in order
+                self._send(m)
+                sent += 1
+            self._save(u, partition)
+        return sent
+
+    def _index(self, partition: int) -> list[tuple[int, str]]:
+        """Pending horizons of a partition this process just got: read once from the table."""
+        heap = []
+        for user, raw in self.scores.scan(partition):
+            ss = decode_state(raw)
+            if ss.deadline_ms:
+                heap.append((ss.deadline_ms, user))
+        heapq.heapify(heap)
+        return heap
+
+    def forget(self, partitions: set[int]) -> None:
+        """Partitions moved to another worker: their horizons are that worker's now."""
+        for p in partitions:
+            self.deadlines.pop(p, None)
+
+    def _send(self, m: Matured) -> None:
+        s = m.snapshot
+        ex = Example(m.target, s.ts_ms, s.features, m.label, s.score, s.model_version, self.inputs_hash)
+        self.send_example(m.target, self._msgpack.encode(ex))
+        self.metrics.matured.labels(m.target, "positive" if m.label else "negative").inc()
+
+    # --- per batch ---------------------------------------------------------------------------
+    def end_batch(self, started: float) -> None:
+        if self._batch_scores:
+            self.metrics.record_scores(self._batch_scores)
+            self._batch_scores = {}
+        if self._changes:
+            self.metrics.emit_latency.observe(time.perf_counter() - started)
+            self._changes = 0
+
+    def current(self, user_id: str, st: UserState) -> dict[str, Any]:
+        """Per target: score, tier, model version, warming-up flag and top factors now (lookups)."""
+        from models.changes import TIERS, tier_of
+        from models.scoring import top_factors
+
+        ss = decode_state(self.scores.get(user_id))
+        feats, x = self.core.score_all(st, st.last_ms)
+        out: dict[str, Any] = {}
+        for t in self.core.targets:
+            m = self.core.models[t.name]
+            score = m.model.score(x)
+            ts = ss.targets.get(t.name)
+            last = ts.announced if ts else None
+            tier = tier_of(score, last.tier if last else None, self.core.rules)
+            out[t.name] = {
+                "score": round(score, 6),
+                "tier": TIERS[tier],
+                "warming_up": m.warming_up,
+                "model_version": m.version,
+                "horizon_s": t.horizon_ms // 1000,
+                "announced_score": round(last.score, 6) if last else None,
+                "top_factors": top_factors(m.model, x, feats, {}, self.core.top_k),
+            }
+        return out

@@ -1,0 +1,103 @@
+"""The trainer agent: the one consumer of the one-partition training topic, one model per target.
+
+Faust assigns the single partition to one worker of the group, so exactly one process learns at
+a time; if it dies, another worker takes the partition over and restores the trainer's state
+(model, version, last offset learnt) from the ``trainer`` table's changelog. Published versions
+go to the compacted models topic, from which every worker hot-swaps (:mod:`streams.model_feed`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from typing import Any
+
+import faust
+import msgspec
+from faust.streams import _current_event
+
+from models.persist import dump
+from models.training import Trainer, TrainerState, decode_message
+from streams.model_feed import LiveModels
+from streams.model_metrics import ModelMetrics
+from streams.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_state_enc = msgspec.msgpack.Encoder()
+_state_dec = msgspec.msgpack.Decoder(TrainerState)
+
+
+def attach_trainer(
+    app: faust.App, settings: Settings, live: LiveModels, metrics: ModelMetrics
+) -> dict[str, Any]:
+    """Add the trainer table and agent to ``app``; returns the in-memory trainers (dropped on rebalance)."""
+    table = app.Table(
+        "trainer",
+        partitions=1,
+        key_type=bytes,
+        value_type=bytes,
+        options={"driver": "rocksdict"},
+        help="Per target: the trainer's model, version and last training-log offset learnt.",
+    )
+    source = app.topic(settings.topic_training, partitions=1, key_serializer="raw", value_serializer="raw")
+    models_topic = app.topic(settings.topic_models, key_serializer="raw", value_serializer="raw")
+    trainers: dict[str, Trainer] = {}
+    targets = {t.name for t in settings.target_list()}
+    config = settings.learner_config()
+
+    def trainer_for(target: str) -> Trainer:
+        tr = trainers.get(target)
+        if tr is None:
+            raw = table.get(target)
+            state = _state_dec.decode(raw) if raw else None
+            tr = trainers[target] = Trainer(
+                target,
+                config=config,
+                min_positives=settings.min_positives,
+                min_negatives=settings.min_negatives,
+                publish_every=settings.publish_every,
+                publish_interval_ms=int(settings.publish_interval_s * 1000),
+                window=settings.quality_window,
+                state=state,
+                seed=None if state is not None else live.snapshots.get(target),
+            )
+        return tr
+
+    async def train(stream: Any) -> None:
+        async for batch in stream.take_events(1000, within=0.5):
+            await live.caught_up.wait()  # a fresh trainer starts from the newest published version
+            token = _current_event.set(weakref.ref(batch[0]))
+            try:
+                touched: set[str] = set()
+                for ev in batch:
+                    try:
+                        msg = decode_message(ev.message.value)
+                    except ValueError as exc:
+                        log.warning("training log offset %d: %s", ev.message.offset, exc)
+                        continue
+                    if msg.target not in targets:
+                        continue
+                    outcome = trainer_for(msg.target).handle(ev.message.offset, msg)
+                    if outcome == "learnt":
+                        metrics.learning_steps.labels(msg.target).inc()
+                    elif outcome == "refused":
+                        log.warning(
+                            "training example with another input layout refused (offset %d)",
+                            ev.message.offset,
+                        )
+                    touched.add(msg.target)
+                now_ms = int(time.time() * 1000)
+                for target in touched:
+                    tr = trainers[target]
+                    if tr.due(now_ms):
+                        snap = tr.publish(now_ms)
+                        await models_topic.send(key=snap.key, value=dump(snap))
+                        log.info("published %s model version %d", target, snap.version)
+                    table[target] = _state_enc.encode(tr.state())
+            finally:
+                _current_event.reset(token)
+
+    app.agent(source, name="trainer")(train)
+    return trainers
