@@ -6,6 +6,7 @@ can run several differently configured apps in one interpreter.
 
 from __future__ import annotations
 
+import math
 import time
 import weakref
 from collections.abc import Iterator
@@ -22,9 +23,14 @@ from features.catalogue import NAMES
 from features.contract import parse_time_ms
 from features.state import decode
 from features.user import compute
+from models.scoring import ScoringCore
 from streams.ingest import DeadLetter, IngestHandler, Record, params_from
 from streams.metrics import Metrics
+from streams.model_feed import LiveModels
+from streams.model_metrics import ModelMetrics
+from streams.score_stage import ScoreStage
 from streams.settings import Settings
+from streams.trainer import attach_trainer
 
 FEATURE_TABLE = "features"
 
@@ -63,6 +69,28 @@ class FaustTableStore:
         self.marks[f"{topic}|{partition}"] = str(ts_ms).encode()
 
 
+class FaustKV:
+    """:class:`streams.score_stage.KV` over a Faust table (writes need the partition context)."""
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+
+    def get(self, key: str) -> bytes | None:
+        value: bytes | None = self.table.get(key)
+        return value
+
+    def set(self, key: str, value: bytes) -> None:
+        self.table[key] = value
+
+    def delete(self, key: str) -> None:
+        self.table.pop(key, None)
+
+    def scan(self, partition: int) -> Iterator[tuple[str, bytes]]:
+        store = self.table.data  # faust's RocksDB store: one database per partition
+        for key, value in store._visible_items(store._db_for_partition(partition)):
+            yield key.decode(), value
+
+
 def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
     """A configured Faust app with its agent, table and views attached."""
     servers = bootstrap or settings.broker_url
@@ -90,6 +118,7 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
     )
     metrics = Metrics()
     app.propstream_metrics = metrics  # type: ignore[attr-defined]
+    metrics.watch_app(app)
     table = app.Table(
         FEATURE_TABLE,
         partitions=settings.partitions,
@@ -112,7 +141,8 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
     def send_dead_letter(dl: DeadLetter) -> None:
         deadletter.send_soon(key=dl.record.key, value=dl.record.value, headers=dl.headers())
 
-    handler = IngestHandler(settings, FaustTableStore(table, marks), send_dead_letter, metrics)
+    stage, live = _scoring(app, settings, metrics)
+    handler = IngestHandler(settings, FaustTableStore(table, marks), send_dead_letter, metrics, stage=stage)
     app.propstream_handler = handler  # type: ignore[attr-defined]
 
     async def ingest(stream: Any) -> None:  # faust's StreamT stub lacks take_events
@@ -128,6 +158,64 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
     app.agent(source, name="ingest")(ingest)
     params = params_from(settings)
 
+    def lookup_error(web: Any, request: Request) -> Response | None:
+        if settings.api_token is not None:
+            auth = request.headers.get("Authorization", "")
+            if auth != f"Bearer {settings.api_token.get_secret_value()}":
+                return error(web, 401, "unauthorized", "missing or wrong bearer token")
+        return None
+
+    def as_of_of(request: Request) -> int | None:
+        arg = request.query.get("as_of")
+        if arg is None:
+            return max(handler.watermarks.clock(p) for p in range(settings.partitions))
+        return parse_time_ms(int(arg) if arg.isdigit() else arg)
+
+    @app.page("/users/{user_id}")
+    class UserView(View):
+        """Features plus, per target, the current score, tier, model version and top factors."""
+
+        @app.table_route(table=table, match_info="user_id")  # type: ignore[arg-type]
+        async def get(self, request: Request, user_id: str) -> Response:
+            denied = lookup_error(self, request)
+            if denied is not None:
+                return denied
+            raw = table.get(user_id)
+            if raw is None:
+                return error(self, 404, "unknown_user", f"no features for user {user_id!r} on this cluster")
+            state = decode(raw)
+            return self.json(
+                {
+                    "user_id": user_id,
+                    "served_by": app.conf.canonical_url.human_repr(),
+                    "as_of_ms": state.last_ms,
+                    "last_event_ms": state.last_ms,
+                    "events": state.events,
+                    "features": {k: v for k, v in compute(state, state.last_ms, params).items()},
+                    "scores": stage.current(user_id, state),
+                }
+            )
+
+    @app.page("/models")
+    class ModelsView(View):
+        """The model versions this worker scores with, and their rolling quality on matured labels."""
+
+        async def get(self, request: Request) -> Response:
+            out = {}
+            for name, m in live.models.items():
+                snap = live.snapshots.get(name)
+                out[name] = {
+                    "version": m.version,
+                    "warming_up": m.warming_up,
+                    "positives": m.model.positives,
+                    "negatives": m.model.negatives,
+                    "created_ms": snap.created_ms if snap else None,
+                    "trained_to_ms": snap.trained_to_ms if snap else None,
+                    "note": snap.note if snap else "",
+                    "quality": _finite(snap.quality) if snap else {},
+                }
+            return self.json({"served_by": app.conf.canonical_url.human_repr(), "models": out})
+
     def error(web: Any, status: int, code: str, message: str) -> Response:
         return web.json({"error": code, "message": message}, status=status)
 
@@ -137,21 +225,16 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
 
         @app.table_route(table=table, match_info="user_id")  # type: ignore[arg-type]
         async def get(self, request: Request, user_id: str) -> Response:
-            if settings.api_token is not None:
-                auth = request.headers.get("Authorization", "")
-                if auth != f"Bearer {settings.api_token.get_secret_value()}":
-                    return error(self, 401, "unauthorized", "missing or wrong bearer token")
+            denied = lookup_error(self, request)
+            if denied is not None:
+                return denied
             raw = table.get(user_id)
             if raw is None:
                 return error(self, 404, "unknown_user", f"no features for user {user_id!r} on this cluster")
             state = decode(raw)
-            as_of_arg = request.query.get("as_of")
-            if as_of_arg is not None:
-                as_of = parse_time_ms(int(as_of_arg) if as_of_arg.isdigit() else as_of_arg)
-                if as_of is None:
-                    return error(self, 400, "bad_as_of", "as_of must be epoch ms or ISO-8601 with offset")
-            else:
-                as_of = max(handler.watermarks.clock(p) for p in range(settings.partitions))
+            as_of = as_of_of(request)
+            if as_of is None:
+                return error(self, 400, "bad_as_of", "as_of must be epoch ms or ISO-8601 with offset")
             as_of = max(as_of, state.last_ms)
             feats = compute(state, as_of, params)
             return self.json(
@@ -193,3 +276,61 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
             return AioResponse(body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     return app
+
+
+def _finite(values: dict[str, float]) -> dict[str, float | None]:
+    """JSON has no NaN: a figure that is undefined so far (one class only) is null."""
+    return {k: (v if math.isfinite(v) else None) for k, v in values.items()}
+
+
+def _scoring(app: faust.App, settings: Settings, metrics: Metrics) -> tuple[ScoreStage, LiveModels]:
+    """Tables, topics, live models, trainer and the score stage the ingest handler calls."""
+    model_metrics = ModelMetrics(metrics.registry)
+    live = LiveModels(settings, lambda name, m, snap: model_metrics.record_model(name, m, snap.quality))
+    for name, m in live.models.items():
+        model_metrics.record_model(name, m, {})
+
+    def kv(name: str, help: str) -> FaustKV:
+        return FaustKV(
+            app.Table(
+                name,
+                partitions=settings.partitions,
+                key_type=bytes,
+                value_type=bytes,
+                options={"driver": "rocksdict"},
+                help=help,
+            )
+        )
+
+    scores = kv("scores", "Per user: last announced score and tier per target, sampling and horizon index.")
+    ledgers = kv("ledger", "Per user: scored snapshots waiting for their label (pending-label ledger).")
+    changes = app.topic(settings.topic_changes, key_serializer="raw", value_serializer="raw")
+    training = app.topic(settings.topic_training, key_serializer="raw", value_serializer="raw")
+
+    def send_change(user_id: str, value: bytes) -> None:
+        changes.send_soon(key=user_id.encode(), value=value)
+
+    def send_example(target: str, value: bytes) -> None:
+        training.send_soon(key=target.encode(), value=value)
+
+    core = ScoringCore(
+        settings.target_list(),
+        params_from(settings),
+        settings.change_rules(),
+        live.models,
+        top_k=settings.top_factors,
+    )
+    stage = ScoreStage(core, scores, ledgers, send_change, send_example, model_metrics)
+    trainers = attach_trainer(app, settings, live, model_metrics)
+    servers = app.conf.broker[0]
+
+    @app.task
+    async def follow_models() -> None:
+        await live.follow(f"{servers.host}:{servers.port}")
+
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]
+    async def on_revoked(app: Any, revoked: set[Any], **kwargs: Any) -> None:
+        stage.forget({tp.partition for tp in revoked if tp.topic in settings.source_topics})
+        trainers.clear()  # the next owner of the training log may move on: reload from the table
+
+    return stage, live
