@@ -1,5 +1,6 @@
 # Two commands for a newcomer: `make demo` (see it work) and `make test` (the whole suite; CI runs it).
-# Both install what they need: Java 17 and Maven (via apt-get when missing and allowed), a virtual
+# Both install what they need: Java 17 and Maven (via apt-get when missing and allowed), Debian's
+# prometheus package (prometheus + promtool, for the alert-rule and real-Prometheus tests), a virtual
 # env with the Python packages, and the Kafka jars (fetched by the code itself on first use).
 
 PYTHON ?= python3
@@ -7,7 +8,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint format typecheck unit integration install system-deps clean
+.PHONY: demo test lint format typecheck alerts unit integration install system-deps clean
 
 demo: install
 	$(BIN)/propstream demo
@@ -31,6 +32,11 @@ format: install
 
 typecheck: install
 	$(BIN)/mypy streams features models traffic
+
+# The suite runs these too (tests/unit/test_promtool.py); this is the quick loop when editing rules.
+alerts: system-deps
+	promtool check config deploy/prometheus/prometheus.yml
+	promtool test rules deploy/prometheus/alerts_test.yml
 
 install: system-deps $(STAMP)
 
