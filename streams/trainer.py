@@ -67,7 +67,8 @@ def attach_trainer(
 
     async def train(stream: Any) -> None:
         async for batch in stream.take_events(1000, within=0.5):
-            await live.caught_up.wait()  # a fresh trainer starts from the newest published version
+            if not live.caught_up.is_set():  # a fresh trainer starts from the newest published version
+                await live.caught_up.wait()
             token = _current_event.set(weakref.ref(batch[0]))
             try:
                 touched: set[str] = set()
@@ -93,7 +94,7 @@ def attach_trainer(
                     tr = trainers[target]
                     if tr.due(now_ms):
                         snap = tr.publish(now_ms)
-                        await models_topic.send(key=snap.key, value=dump(snap))
+                        models_topic.send_soon(key=snap.key, value=dump(snap))
                         log.info("published %s model version %d", target, snap.version)
                     table[target] = _state_enc.encode(tr.state())
             finally:
