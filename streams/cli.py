@@ -17,7 +17,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 
@@ -42,7 +42,7 @@ def build_settings(**overrides: Any) -> Settings:
         raise click.UsageError(str(exc)) from None
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     click.echo(f"propstream: {message}", err=True)
     sys.exit(1)
 
@@ -774,6 +774,9 @@ def _show(settings: Settings, users: list[str]) -> None:
         shown = "  ".join(f"{k}={f[k]:.0f}" if isinstance(f[k], float) else f"{k}={f[k]}" for k in SHOWN)
         click.echo(f"{stamp} {user} [{data['events']} events] {shown}")
 
+
+# change events and model versions live in their own module; importing it registers the commands
+from streams import cli_models  # noqa: E402, F401
 
 if __name__ == "__main__":
     main()
