@@ -61,9 +61,7 @@ class OnlineModel:
         self.config = config or ModelConfig()
         self.pipeline = compose.Pipeline(
             preprocessing.StandardScaler(),
-            linear_model.LogisticRegression(
-                optimizer=optim.SGD(self.config.learning_rate), l2=self.config.l2
-            ),
+            linear_model.LogisticRegression(optimizer=self.config.make_optimizer(), l2=self.config.l2),
         )
         self.positives = 0
         self.negatives = 0

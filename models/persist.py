@@ -13,6 +13,7 @@ from collections import Counter, defaultdict
 from typing import Any
 
 import msgspec
+from river.utils import VectorDict
 
 from models.online import ModelConfig, OnlineModel
 
@@ -47,7 +48,8 @@ _dec = msgspec.msgpack.Decoder(ModelSnapshot)
 def model_state(model: OnlineModel) -> dict[str, Any]:
     scaler, lr = model.pipeline.steps.values()
     opt = lr.optimizer
-    opt_state = {k: dict(v) for k, v in vars(opt).items() if k in ("g2", "m", "v")}
+    # AdaGrad keeps g2, Adam m and v (created on Adam's first step: absent before)
+    opt_state = {k: dict(v) for k, v in vars(opt).items() if k in ("g2", "m", "v") and v is not None}
     return {
         "counts": dict(scaler.counts),
         "means": dict(scaler.means),
@@ -77,7 +79,8 @@ def restore(config: dict[str, Any], state: dict[str, Any]) -> OnlineModel:
     opt = lr.optimizer
     opt.n_iterations = state["n_iterations"]
     for k, v in state["optimizer"].items():
-        getattr(opt, k).update(v)
+        # the types river creates: Adam steps weights as vectors, AdaGrad per key
+        setattr(opt, k, VectorDict(v) if k in ("m", "v") else defaultdict(float, v))
     model.positives = state["positives"]
     model.negatives = state["negatives"]
     return model

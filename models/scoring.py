@@ -65,7 +65,7 @@ class TargetState(msgspec.Struct, array_like=True):
     sampled_ms: int = -1  # time of the last snapshot sampled (-1: never)
     open_ms: int = -1  # oldest pending snapshot an event could still label (-1: none)
     announced: Announced | None = None  # what downstream systems were last told
-    features: bytes = b""  # raw features at that announcement (float32, catalogue order)
+    features: bytes = b""  # raw features at that announcement (float64, catalogue order)
 
 
 class ScoreState(msgspec.Struct, array_like=True):
@@ -117,13 +117,13 @@ class LazyLedger:
 
 
 def _pack(feats: Mapping[str, FeatureValue]) -> bytes:
-    return array("f", [math.nan if feats[n] is None else float(feats[n]) for n in NAMES]).tobytes()  # type: ignore[arg-type]
+    return array("d", [math.nan if feats[n] is None else float(feats[n]) for n in NAMES]).tobytes()  # type: ignore[arg-type]
 
 
 def _unpack(raw: bytes) -> dict[str, float]:
     if not raw:
         return {}
-    values = array("f")
+    values = array("d")
     values.frombytes(raw)
     return dict(zip(NAMES, values, strict=True))
 
@@ -187,6 +187,7 @@ class ScoringCore:
         self.rules = rules
         self.models = models  # the caller may swap entries at any time (hot swap)
         self.top_k = top_k
+        self.last_inputs: dict[str, float] = {}  # inputs of the latest rescore (drift monitoring)
 
     @staticmethod
     def target_state(ss: ScoreState, name: str) -> TargetState:
@@ -250,6 +251,7 @@ class ScoringCore:
     ) -> tuple[dict[str, float], list[dict[str, Any]]]:
         """Score every target now (updating ``ss``); returns the scores and the change events to publish."""
         feats, x = self.score_all(st, st.last_ms)
+        self.last_inputs = x
         scores: dict[str, float] = {}
         out: list[dict[str, Any]] = []
         for t in self.targets:

@@ -7,6 +7,7 @@ recently active user shows no activity at all within the horizon.
 
 from __future__ import annotations
 
+import math
 import re
 
 from models.ledger import Target, make_target
@@ -27,8 +28,10 @@ def parse_horizon(text: str) -> int:
     try:
         value = float(number)
     except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
         msg = f"horizon {text!r} is not a number with an optional unit s, m, h or d"
-        raise ValueError(msg) from None
+        raise ValueError(msg)
     seconds = int(value * UNITS_S[unit])
     if seconds <= 0:
         msg = f"horizon {text!r} must be positive"

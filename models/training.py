@@ -95,7 +95,12 @@ class Trainer:
             self.model = restore(state.config, state.model)
             self.window.extend(state.window)
         elif seed is not None:  # a fresh trainer continues from the newest published version
-            self.st = TrainerState(target, version=seed.version, trained_to_ms=seed.trained_to_ms)
+            self.st = TrainerState(
+                target,
+                version=seed.version,
+                trained_to_ms=seed.trained_to_ms,
+                published_wall_ms=seed.created_ms,
+            )
             self.model = model_of(seed)
         else:
             self.st = TrainerState(target)
@@ -112,7 +117,10 @@ class Trainer:
         self.st.offset = offset
         if isinstance(msg, Rollback):
             snap = load(msg.snapshot)
+            if snap.target != self.target or snap.version != msg.to_version:
+                return "refused"
             self.model = model_of(snap)
+            self.st.trained_to_ms = snap.trained_to_ms  # the weights know nothing newer
             self.st.note = f"rollback to {msg.to_version}"
             self.st.force = True
             return "rollback"

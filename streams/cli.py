@@ -17,34 +17,13 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any
 
 import click
 
+from streams import cli_models
+from streams.cli_common import _ensure, build_settings, fail, setting_option
 from streams.settings import Settings, env_name
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def setting_option(field: str, *flags: str, **kwargs: Any) -> Callable[[F], F]:
-    """A click option bound to settings ``field``: env var shown in help, default from Settings."""
-    desc = Settings.model_fields[field].description or ""
-    return click.option(
-        *flags, field, envvar=env_name(field), show_envvar=True, default=None, help=desc, **kwargs
-    )
-
-
-def build_settings(**overrides: Any) -> Settings:
-    """Settings from the environment, with the CLI options given on the command line on top."""
-    try:
-        return Settings(**{k: v for k, v in overrides.items() if v is not None})
-    except Exception as exc:  # pydantic's ValidationError lists every bad field
-        raise click.UsageError(str(exc)) from None
-
-
-def fail(message: str) -> NoReturn:
-    click.echo(f"propstream: {message}", err=True)
-    sys.exit(1)
 
 
 @click.group(
@@ -142,18 +121,6 @@ def worker(**opts: Any) -> None:
 
 
 # --- traffic --------------------------------------------------------------------------------
-def _ensure(settings: Settings) -> str:
-    from streams.broker import BrokerError
-    from streams.topics import TopicMismatch, ensure_topics
-
-    try:
-        servers = settings.broker_url
-        ensure_topics(settings, servers)
-    except (BrokerError, TopicMismatch) as exc:
-        fail(str(exc))
-    return servers
-
-
 @main.command()
 @click.option(
     "--users",
@@ -775,8 +742,8 @@ def _show(settings: Settings, users: list[str]) -> None:
         click.echo(f"{stamp} {user} [{data['events']} events] {shown}")
 
 
-# change events and model versions live in their own module; importing it registers the commands
-from streams import cli_models  # noqa: E402, F401
+main.add_command(cli_models.tail)
+main.add_command(cli_models.model)
 
 if __name__ == "__main__":
     main()

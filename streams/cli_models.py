@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from streams.cli import _ensure, build_settings, fail, main, setting_option
+from streams.cli_common import _ensure, build_settings, fail, setting_option
 from streams.settings import Settings
 
 
@@ -45,7 +45,7 @@ def format_change(ch: dict[str, Any]) -> str:
     )
 
 
-@main.command()
+@click.command()
 @click.option("--follow", "-f", is_flag=True, show_envvar=True, help="Keep waiting for new change events.")
 @click.option(
     "-n", "last", type=int, default=20, show_default=True, show_envvar=True, help="Show the last N first."
@@ -130,7 +130,7 @@ def read_versions(settings: Settings, servers: str, timeout_s: float = 10.0) -> 
         consumer.close()
 
 
-@main.group()
+@click.group()
 def model() -> None:
     """Published model versions per target: list them, inspect one, roll back."""
 

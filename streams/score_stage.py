@@ -10,6 +10,7 @@ the ledger, labelled, for the trainer (no accepted event can still change their 
 from __future__ import annotations
 
 import heapq
+import math
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -19,12 +20,18 @@ import msgspec
 
 from features.contract import Event
 from features.state import UserState
+from models.drift import DriftMonitor, uniform_edges
 from models.ledger import Matured
 from models.scoring import LazyLedger, ScoringCore, decode_state, encode
 from models.training import Example, inputs_hash
 from streams.model_metrics import ModelMetrics
 
 CHANGE_SCHEMA = "propstream.change/1"
+
+# Drift of the main model inputs (log1p-compressed, so one set of edges fits counts, money and
+# durations), beside the score's drift per target. Reference: the first 10,000 values a worker sees.
+DRIFT_INPUTS = ("n_events_24h", "n_events_7d", "session_events", "cart_value", "s_since_last_event")
+LOG_EDGES = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 7.0, 10.0, 13.0)
 
 
 class KV(Protocol):
@@ -100,6 +107,9 @@ class ScoreStage:
         self._msgpack = msgspec.msgpack.Encoder()
         self._batch_scores: dict[str, list[float]] = {}
         self._changes = 0
+        score_edges = uniform_edges(0.0, 1.0, 10)
+        self.score_drift = {t.name: DriftMonitor(score_edges) for t in core.targets}
+        self.input_drift = {name: DriftMonitor(LOG_EDGES) for name in DRIFT_INPUTS}
 
     # --- per user ----------------------------------------------------------------------------
     def begin_user(self, user_id: str) -> UserScoring:
@@ -112,6 +122,9 @@ class ScoreStage:
         scores, changes = self.core.rescore(u.user_id, u.state, st, trigger)
         for target, s in scores.items():
             self._batch_scores.setdefault(target, []).append(s)
+        x = self.core.last_inputs
+        for name, monitor in self.input_drift.items():
+            monitor.observe(x.get(name, math.nan))
         if changes:
             now_ms = int(self.wall_clock() * 1000)
             for ch in changes:
@@ -184,10 +197,22 @@ class ScoreStage:
     def end_batch(self, started: float) -> None:
         if self._batch_scores:
             self.metrics.record_scores(self._batch_scores)
+            for target, values in self._batch_scores.items():
+                monitor = self.score_drift[target]
+                for v in values:
+                    monitor.observe(v)
+                self._set_psi(target, "score", monitor)
+            for name, monitor in self.input_drift.items():
+                self._set_psi("all", name, monitor)
             self._batch_scores = {}
         if self._changes:
             self.metrics.emit_latency.observe(time.perf_counter() - started)
             self._changes = 0
+
+    def _set_psi(self, target: str, name: str, monitor: DriftMonitor) -> None:
+        value = monitor.psi()
+        if value is not None:
+            self.metrics.psi.labels(target, name).set(value)
 
     def current(self, user_id: str, st: UserState) -> dict[str, Any]:
         """Per target: score, tier, model version, warming-up flag and top factors now (lookups)."""
@@ -195,6 +220,7 @@ class ScoreStage:
         from models.scoring import top_factors
 
         ss = decode_state(self.scores.get(user_id))
+        pending = LazyLedger(lambda: self.ledgers.get(user_id)).get().pending
         feats, x = self.core.score_all(st, st.last_ms)
         out: dict[str, Any] = {}
         for t in self.core.targets:
@@ -210,6 +236,7 @@ class ScoreStage:
                 "model_version": m.version,
                 "horizon_s": t.horizon_ms // 1000,
                 "announced_score": round(last.score, 6) if last else None,
+                "pending_snapshots": len(pending.get(t.name, ())),
                 "top_factors": top_factors(m.model, x, feats, {}, self.core.top_k),
             }
         return out

@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
@@ -186,6 +186,20 @@ class Settings(BaseSettings):
         ms = parse_time_ms(self.earliest_event_time)
         assert ms is not None  # checked by the validator
         return ms
+
+    @model_validator(mode="after")
+    def _targets_are_event_types(self) -> Settings:
+        from features.contract import CANONICAL_TYPES, DEFAULT_CUSTOM_TYPES
+
+        known = {*CANONICAL_TYPES, *DEFAULT_CUSTOM_TYPES, *(t for t in self.custom_events.split(",") if t)}
+        for t in self.target_list():
+            if not t.churn and t.name not in known:
+                msg = (
+                    f"target {t.name!r} is not an accepted event type, so it could never happen: use "
+                    f"churn or one of {', '.join(sorted(known))} (PROPSTREAM_CUSTOM_EVENTS adds types)"
+                )
+                raise ValueError(msg)
+        return self
 
     def target_list(self) -> tuple[Target, ...]:
         from models.targets import parse_targets

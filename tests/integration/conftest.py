@@ -35,6 +35,9 @@ def env(kafka: str) -> dict[str, str]:
         "PROPSTREAM_TOPIC_CART": f"{uid}.cart",
         "PROPSTREAM_TOPIC_PURCHASE": f"{uid}.purchase",
         "PROPSTREAM_TOPIC_DEADLETTER": f"{uid}.deadletter",
+        "PROPSTREAM_TOPIC_CHANGES": f"{uid}.changes",
+        "PROPSTREAM_TOPIC_TRAINING": f"{uid}.training",
+        "PROPSTREAM_TOPIC_MODELS": f"{uid}.models",
         "PROPSTREAM_LOG_LEVEL": "warning",
     }
 

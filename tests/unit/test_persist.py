@@ -12,16 +12,7 @@ from models.persist import ModelSnapshot, dump, load, model_of, model_state, sna
 from models.scoring import input_names
 
 NAMES = input_names()
-ADAM_BUG = (
-    "persist.restore calls getattr(opt, 'm').update(...) but river's Adam starts with m = v = None "
-    "(they become VectorDicts on the first step): restoring a learnt Adam model raises AttributeError"
-)
-ADAM_FRESH_BUG = "model_state does dict(opt.m) on a never-stepped Adam whose m is None: TypeError"
-OPTIMISERS = [
-    "sgd",
-    "adagrad",
-    pytest.param("adam", marks=pytest.mark.xfail(reason=ADAM_BUG, strict=True, raises=AttributeError)),
-]
+OPTIMISERS = ["sgd", "adagrad", "adam"]
 
 
 def sample(rng: random.Random) -> tuple[dict[str, float], int]:
@@ -56,11 +47,7 @@ def test_a_restored_model_scores_and_keeps_learning_like_the_original(optimizer:
 
 @pytest.mark.parametrize(
     "optimizer",
-    [
-        "sgd",
-        "adagrad",
-        pytest.param("adam", marks=pytest.mark.xfail(reason=ADAM_FRESH_BUG, strict=True, raises=TypeError)),
-    ],
+    ["sgd", "adagrad", "adam"],
 )
 def test_a_fresh_model_round_trips(optimizer: str) -> None:
     fresh = OnlineModel(ModelConfig(optimizer=optimizer))

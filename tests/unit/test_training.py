@@ -71,19 +71,7 @@ def test_learns_in_log_order_and_skips_what_it_already_handled() -> None:
 
 @pytest.mark.parametrize(
     "optimizer",
-    [
-        "sgd",
-        "adagrad",
-        pytest.param(
-            "adam",
-            marks=pytest.mark.xfail(
-                reason="persist.restore cannot load Adam's state (see test_persist): a trainer configured "
-                "with model_optimizer=adam cannot be restored after a restart",
-                strict=True,
-                raises=AttributeError,
-            ),
-        ),
-    ],
+    ["sgd", "adagrad", "adam"],
 )
 def test_a_trainer_restored_from_its_state_continues_like_an_uninterrupted_one(optimizer: str) -> None:
     exs = examples(120, seed=1)
