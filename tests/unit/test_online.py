@@ -9,7 +9,8 @@ import pytest
 
 from features.state import FeatureParams, UserState
 from features.user import compute
-from models.evaluate import make_target, run, summary
+from models.evaluate import run, summary
+from models.ledger import make_target
 from models.online import OnlineModel, inputs
 from traffic.simulator import SimConfig, simulate_with_truth
 
