@@ -8,9 +8,6 @@ can never disagree.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 import time
 import urllib.error
@@ -23,7 +20,8 @@ import click
 
 from streams import cli_models
 from streams.cli_common import _ensure, build_settings, fail, setting_option
-from streams.settings import Settings, env_name
+from streams.demo import demo
+from streams.settings import Settings
 
 
 @click.group(
@@ -542,206 +540,7 @@ def format_features(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-# --- demo -----------------------------------------------------------------------------------
-@main.command()
-@click.option(
-    "--users",
-    default=300,
-    show_default=True,
-    envvar="PROPSTREAM_SIM_USERS",
-    show_envvar=True,
-    help="Simulated users.",
-)
-@click.option(
-    "--rate",
-    default=500.0,
-    show_default=True,
-    envvar="PROPSTREAM_SIM_RATE",
-    show_envvar=True,
-    help="Events per second.",
-)
-@click.option(
-    "--duration",
-    type=float,
-    default=None,
-    envvar="PROPSTREAM_DEMO_DURATION",
-    show_envvar=True,
-    help="Stop after this many seconds (default: until Ctrl-C).",
-)
-@click.option(
-    "--watch",
-    "n_watch",
-    default=3,
-    show_default=True,
-    help="How many users to follow on screen.",
-    show_envvar=True,
-)
-def demo(users: int, rate: float, duration: float | None, n_watch: int) -> None:
-    """Start broker and worker, stream simulated traffic and show features changing live. Ctrl-C stops."""
-    import threading
-
-    from streams.broker import BrokerError, LocalBroker
-    from streams.producer import publish
-    from traffic.simulator import SimConfig
-    from traffic.simulator import simulate as sim
-
-    # Each demo run gets its own topics, consumer group and state, removed again at the end: a
-    # second run must not find the first run's newer event times and reject its traffic as late.
-    run = f"demo-{int(time.time())}"
-    overrides = {
-        "app_id": run,
-        "topic_clickstream": f"{run}.clickstream",
-        "topic_cart": f"{run}.cart",
-        "topic_purchase": f"{run}.purchase",
-        "topic_deadletter": f"{run}.deadletter",
-    }
-    settings = build_settings(**overrides, data_dir=build_settings().home / run)
-    own_broker = False
-    if not settings.bootstrap:
-        b = LocalBroker(settings)
-        own_broker = b.read_state() is None
-        click.echo("1/3 starting Kafka (the first run downloads it, about a minute) ...")
-        try:
-            state = b.start()
-        except BrokerError as exc:
-            fail(str(exc))
-        click.echo(f"    Kafka on {state.bootstrap}")
-    servers = _ensure(settings)
-    click.echo(f"2/3 starting a worker (lookups on http://{settings.web_host}:{settings.web_port}) ...")
-    log_path = settings.home / "demo-worker.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = {
-        **os.environ,
-        env_name("bootstrap"): servers,
-        env_name("data_dir"): str(settings.state_dir),
-        **{env_name(k): v for k, v in overrides.items()},
-    }
-    wproc = subprocess.Popen(
-        [sys.executable, "-m", "streams.cli", "worker"],
-        env=env,
-        stdout=log_path.open("ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    stop = threading.Event()
-    watched: list[str] = []
-
-    def events() -> Any:
-        for ev in sim(SimConfig(users=users, seed=int(time.time()))):
-            if stop.is_set():
-                return
-            if len(watched) < n_watch and ev["user_id"] not in watched:
-                watched.append(str(ev["user_id"]))
-            yield ev
-
-    def produce() -> None:
-        publish(events(), settings, bootstrap=servers, rate=rate)
-
-    try:
-        _wait_http(settings, wproc, log_path)
-        click.echo(f"3/3 streaming simulated traffic at {rate:,.0f} events/s; Ctrl-C to stop\n")
-        threading.Thread(target=produce, daemon=True).start()
-        t_end = time.monotonic() + duration if duration else None
-        while t_end is None or time.monotonic() < t_end:
-            time.sleep(3)
-            _show(settings, watched)
-    except KeyboardInterrupt:
-        click.echo("\nstopping ...")
-    finally:
-        stop.set()
-        wproc.send_signal(signal.SIGTERM)
-        try:
-            wproc.wait(30)
-        except subprocess.TimeoutExpired:
-            wproc.kill()
-        _drop_run(servers, run, settings.state_dir)
-        if own_broker:
-            LocalBroker(settings).stop()
-        click.echo(f"stopped (worker log: {log_path})")
-
-
-def _drop_run(servers: str, prefix: str, state_dir: Path) -> None:
-    """Delete a demo run's topics (events, dead letters, changelogs) and its local state."""
-    import shutil
-
-    from kafka import KafkaAdminClient
-    from kafka.errors import KafkaError
-
-    shutil.rmtree(state_dir, ignore_errors=True)
-    try:
-        admin = KafkaAdminClient(bootstrap_servers=servers, request_timeout_ms=10000)
-        try:
-            admin.delete_topics([t for t in admin.list_topics() if t.startswith(prefix)])
-        finally:
-            admin.close()
-    except KafkaError as exc:
-        click.echo(f"could not delete the demo topics ({exc}); they start with {prefix}", err=True)
-
-
-def _wait_http(
-    settings: Settings, proc: subprocess.Popen[bytes], log_path: Path, timeout_s: float = 90
-) -> None:
-    deadline = time.monotonic() + timeout_s
-    url = f"http://{settings.web_host}:{settings.web_port}/healthz"
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            fail(f"the worker exited ({proc.returncode}); see {log_path}")
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except OSError:
-            time.sleep(0.5)
-    fail(f"the worker did not answer within {timeout_s:.0f}s; see {log_path}")
-
-
-SHOWN = (
-    "n_events_1h",
-    "n_product_view_24h",
-    "sessions_7d",
-    "cart_items",
-    "cart_value",
-    "cart_abandoned",
-    "purchases_30d",
-    "revenue_30d",
-    "s_since_last_event",
-)
-
-
-def _totals(settings: Settings) -> str:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    url = f"http://{settings.web_host}:{settings.web_port}/metrics"
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            text = r.read().decode()
-    except OSError:
-        return "worker: no metrics yet"
-    sums: dict[str, float] = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if s.name.endswith("_total"):
-                sums[s.name] = sums.get(s.name, 0.0) + s.value
-    get = lambda name: int(sums.get(f"propstream_{name}_total", 0))  # noqa: E731
-    return (
-        f"worker: {get('events_consumed'):,} consumed, {get('events_accepted'):,} accepted, "
-        f"{get('events_rejected'):,} dead-lettered, {get('events_without_consent'):,} without consent"
-    )
-
-
-def _show(settings: Settings, users: list[str]) -> None:
-    stamp = time.strftime("%H:%M:%S")
-    click.echo(f"{stamp} {_totals(settings)}")
-    for user in users:
-        try:
-            data = fetch_features(settings, user)
-        except (LookupError, OSError):
-            click.echo(f"{stamp} {user}: (no features yet)")
-            continue
-        f = data["features"]
-        shown = "  ".join(f"{k}={f[k]:.0f}" if isinstance(f[k], float) else f"{k}={f[k]}" for k in SHOWN)
-        click.echo(f"{stamp} {user} [{data['events']} events] {shown}")
-
-
+main.add_command(demo)
 main.add_command(cli_models.tail)
 main.add_command(cli_models.model)
 
