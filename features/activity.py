@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from features.buckets import DAY_MS, window_sum
+from features.buckets import DAY_MS
 from features.state import FeatureParams, UserState
 
 SESSION_WINDOW_MS = 7 * DAY_MS
@@ -56,9 +56,13 @@ def result(state: UserState, as_of_ms: int, params: FeatureParams) -> dict[str, 
     n = len(recent)
     today = as_of_ms // DAY_MS
     last7 = prev7 = 0
+    mid, lo = today - 7, today - 14  # one pass: last7 = (mid, today], prev7 = (lo, mid]
     for buckets in state.cd.values():
-        last7 += window_sum(buckets, today, 7)
-        prev7 += window_sum(buckets, today - 7, 7)
+        for d, c in buckets.items():
+            if mid < d <= today:
+                last7 += c
+            elif lo < d <= mid:
+                prev7 += c
     # the session in progress: the latest one, if its last event is within the session gap
     current = max(state.sessions.values(), key=lambda s: s[1], default=None)
     if current is not None and as_of_ms - current[1] > params.session_gap_ms:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from features.buckets import DAY_MS, HOUR_MS, MINUTE_MS, add, prune, window_sum
+from features.buckets import DAY_MS, HOUR_MS, MINUTE_MS, add, prune
 from features.contract import CANONICAL_TYPES
 from features.state import UserState
 
@@ -45,16 +45,26 @@ def finalize(state: UserState) -> None:
                 del per_type[t]
 
 
+_KEYS: dict[str, tuple[str, ...]] = {w: tuple(f"n_{t}_{w}" for t in COUNTED_TYPES) for w in WINDOWS}
+_TOTALS: dict[str, str] = {w: f"n_events_{w}" for w in WINDOWS}
+
+
 def result(state: UserState, as_of_ms: int) -> dict[str, float | int | bool | None]:
+    # ``buckets.window_sum`` inlined, names precomputed: this runs once per user per batch when scoring
     out: dict[str, float | int | bool | None] = {}
     for window, (field, width, n_buckets) in WINDOWS.items():
         per_type: dict[str, dict[int, int]] = getattr(state, field)
         now_idx = as_of_ms // width
+        lo = now_idx - n_buckets
         total = 0
-        for t in COUNTED_TYPES:
+        for t, key in zip(COUNTED_TYPES, _KEYS[window], strict=True):
+            n = 0
             buckets = per_type.get(t)
-            n = window_sum(buckets, now_idx, n_buckets) if buckets else 0
-            out[f"n_{t}_{window}"] = n
+            if buckets:
+                for i, c in buckets.items():
+                    if lo < i <= now_idx:
+                        n += c
+            out[key] = n
             total += n
-        out[f"n_events_{window}"] = total
+        out[_TOTALS[window]] = total
     return out

@@ -23,6 +23,7 @@ from features.contract import Event
 from features.state import FeatureParams, UserState
 from features.user import FeatureValue, compute, finalize
 from models.changes import Announced, ChangeRules, detect
+from models.fastscore import FastScorer
 from models.ledger import (
     Matured,
     Snapshot,
@@ -188,6 +189,11 @@ class ScoringCore:
         self.models = models  # the caller may swap entries at any time (hot swap)
         self.top_k = top_k
         self.last_inputs: dict[str, float] = {}  # inputs of the latest rescore (drift monitoring)
+        self.fast = FastScorer()
+        # features of the latest compute(), keyed by the state object and its clock: a rescore right
+        # after sampling a snapshot (no event in between) reuses them instead of computing twice
+        self._cached: tuple[UserState, int, int, int, dict[str, FeatureValue], dict[str, float], list[float]]
+        self._cached = (UserState(), -1, -1, -1, {}, {}, [])
 
     @staticmethod
     def target_state(ss: ScoreState, name: str) -> TargetState:
@@ -202,6 +208,7 @@ class ScoringCore:
         """``ev`` was just folded into ``st``: label what it resolves, sample a snapshot if due."""
         snap_ts = st.last_ms  # features as of the user's newest event: nothing later is in them
         x: dict[str, float] | None = None
+        scores: list[float] = []
         offered: list[tuple[Target, Snapshot]] = []
         for t in self.targets:
             ts = self.target_state(ss, t.name)
@@ -215,10 +222,10 @@ class ScoringCore:
                 ts.sampled_ms = snap_ts
                 if x is None:
                     finalize(st)  # the worker folds a whole batch before finalising; eval already has
-                    x = inputs(compute(st, snap_ts, self.params))
-                    vec = [x[k] for k in input_names()]
+                    _, x, vec = self._features(st, snap_ts)
+                    scores = self._scores(x)
                 m = self.models[t.name]
-                snap = Snapshot(snap_ts, vec, m.model.score(x), m.version)
+                snap = Snapshot(snap_ts, vec, scores[self.targets.index(t)], m.version)
                 if offer(ledger.get(), t, snap):
                     ledger.dirty = True
                     offered.append((t, snap))
@@ -246,17 +253,34 @@ class ScoringCore:
         feats = compute(st, as_of_ms, self.params)
         return feats, inputs(feats)
 
+    def _features(
+        self, st: UserState, as_of_ms: int
+    ) -> tuple[dict[str, FeatureValue], dict[str, float], list[float]]:
+        """Features, inputs and the input vector of ``st`` as of ``as_of_ms`` (cached, see ``__init__``)."""
+        c = self._cached
+        if c[0] is st and c[1] == st.events and c[2] == st.last_ms and c[3] == as_of_ms:
+            return c[4], c[5], c[6]
+        feats = compute(st, as_of_ms, self.params)
+        x = inputs(feats)
+        vec = [x[k] for k in input_names()]
+        self._cached = (st, st.events, st.last_ms, as_of_ms, feats, x, vec)
+        return feats, x, vec
+
+    def _scores(self, x: dict[str, float]) -> list[float]:
+        """Every target's score, in target order: ``model.score(x)`` each, via ``models.fastscore``."""
+        return self.fast.scores([self.models[t.name].model for t in self.targets], x)
+
     def rescore(
         self, user_id: str, ss: ScoreState, st: UserState, trigger: Event
     ) -> tuple[dict[str, float], list[dict[str, Any]]]:
         """Score every target now (updating ``ss``); returns the scores and the change events to publish."""
-        feats, x = self.score_all(st, st.last_ms)
+        feats, x, vec = self._features(st, st.last_ms)
         self.last_inputs = x
         scores: dict[str, float] = {}
         out: list[dict[str, Any]] = []
-        for t in self.targets:
+        for t, score in zip(self.targets, self._scores(x), strict=True):
             m = self.models[t.name]
-            score = scores[t.name] = m.model.score(x)
+            scores[t.name] = score
             if m.warming_up:
                 continue  # no baseline either: the first trusted score is not a "change"
             ts = self.target_state(ss, t.name)
