@@ -1,8 +1,8 @@
 """The online propensity model: feature dict -> model inputs, River scaling + logistic regression.
 
-Inputs are the served features, log-compressed (counts, money and durations are heavy-tailed) with
-an explicit "never" indicator for recencies that have no event yet, so the model sees the same
-numbers replay and live do. Score before learning (test-then-train) is the caller's discipline.
+Inputs are derived from the served features only, so the model sees the same numbers replay and
+live do (see :func:`inputs` for which and why). Score before learning (test-then-train) is the
+caller's discipline.
 """
 
 from __future__ import annotations
@@ -14,27 +14,77 @@ from dataclasses import dataclass
 from river import compose, linear_model, optim, preprocessing
 
 from features.catalogue import NAMES
+from features.counts import COUNTED_TYPES
 
+Features = Mapping[str, float | int | bool | None]
+DAY_S = 86_400.0
+# counts over 30 days, as per-day rates over min(30 days, tenure): (feature, pseudo-count)
+RATES_30D: dict[str, float] = {
+    **{f"n_{t}_30d": 0.5 for t in COUNTED_TYPES},
+    "n_events_30d": 1.0,
+    "n_page_view_30d": 1.0,
+    "n_product_view_30d": 1.0,
+    "purchases_30d": 0.5,
+}
+# recencies as exp(-t / tau): (feature, tau in seconds); other recencies are log-compressed
+DECAYS: dict[str, float] = {"s_since_last_add_to_cart": DAY_S, "s_since_last_purchase": 7 * DAY_S}
 SIGNED = frozenset({"engagement_trend"})
 
 
-def inputs(features: Mapping[str, float | int | bool | None]) -> dict[str, float]:
-    """Model inputs from served features (same names; ``never_*`` flags for absent recencies)."""
+def per_day(count: float, days: float, pseudo: float) -> float:
+    """Log of a smoothed daily rate: ``log((count + pseudo) / (days + 0.5))``.
+
+    >>> round(per_day(6, 2.5, 0.5), 6) == round(math.log(6.5 / 3.0), 6)
+    True
+    """
+    return math.log((count + pseudo) / (days + 0.5))
+
+
+def decay(seconds: float | None, tau_s: float) -> float:
+    """``exp(-seconds / tau_s)``: 1 just now, 0 long ago or never (``None``).
+
+    >>> decay(None, 3600.0), decay(0.0, 3600.0)
+    (0.0, 1.0)
+    """
+    return 0.0 if seconds is None else math.exp(-seconds / tau_s)
+
+
+def inputs(features: Features) -> dict[str, float]:
+    """Model inputs from served features: one per feature, same name, plus a ``never_`` flag per recency.
+
+    Each input keeps its feature's name so an explanation names a served feature; the same keys come
+    in the same order on every call. Count windows fill while a user is new: a 30-day count of a
+    user seen for 3 days is not comparable with a regular's, and the labels the model learns from
+    are a horizon older than the snapshots it scores, so inputs that grow with tenure leave it
+    extrapolating. So 30-day counts and ``sessions_7d`` are smoothed per-day rates over
+    ``min(window, tenure)`` (their differences are the funnel ratios, adds per page view and so
+    on, which a linear model forms itself); the cart and purchase recencies decay exponentially
+    (1 day, 7 days); other counts, money and durations are log-compressed. Measured on simulated
+    purchase, mean of 3 seeds, against the log of every feature: ECE 0.035 -> 0.021, ratio to
+    the oracle's ROC-AUC 0.862 -> 0.867 (both with the 0.3 prior, see :class:`ModelConfig`).
+    """
+    f = features
+    tenure = float(f["tenure_days"] or 0.0)
+    d30 = min(30.0, tenure)
     x: dict[str, float] = {}
     for name in NAMES:
-        v = features[name]
-        if v is None:
-            x[name] = 0.0
-            x[f"never_{name}"] = 1.0
-            continue
-        if name.startswith("s_since"):
-            x[f"never_{name}"] = 0.0
-        if isinstance(v, bool):
-            x[name] = 1.0 if v else 0.0
+        v = f[name]
+        if name in DECAYS:
+            x[f"never_{name}"] = 1.0 if v is None else 0.0
+            x[name] = decay(None if v is None else float(v), DECAYS[name])
+        elif name.startswith("s_since"):
+            x[f"never_{name}"] = 1.0 if v is None else 0.0
+            x[name] = 0.0 if v is None else math.log1p(max(0.0, float(v)))
+        elif name in RATES_30D:
+            x[name] = per_day(float(v or 0), d30, RATES_30D[name])
+        elif name == "sessions_7d":
+            x[name] = per_day(float(v or 0), min(7.0, tenure), 0.5)
         elif name in SIGNED:
-            x[name] = float(v)
+            x[name] = float(v or 0.0)
+        elif isinstance(v, bool):
+            x[name] = 1.0 if v else 0.0
         else:
-            x[name] = math.log1p(max(0.0, float(v)))
+            x[name] = math.log1p(max(0.0, float(v or 0)))
     return x
 
 
@@ -44,6 +94,16 @@ class ModelConfig:
     learning_rate: float = 0.001
     l2: float = 0.0
     positive_weight: float = 1.0  # >1 favours recall; 1 keeps probabilities calibrated
+    prior: float = 0.3
+    """The untrained model's score (its starting intercept is ``logit(prior)``). No label matures
+    before one horizon has passed, and every score until then is this; 0.3 lies between the base
+    rates of the targets measured (simulated purchase 0.32, Taobao 24 h purchase 0.28, simulated
+    churn 0.017), where 0.5 is too high for all of them (measured ECE: purchase 0.075 -> 0.035)."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.prior < 1.0:
+            msg = f"prior must lie strictly between 0 and 1, not {self.prior}"
+            raise ValueError(msg)
 
     def make_optimizer(self) -> optim.base.Optimizer:
         lr = self.learning_rate
@@ -61,7 +121,11 @@ class OnlineModel:
         self.config = config or ModelConfig()
         self.pipeline = compose.Pipeline(
             preprocessing.StandardScaler(),
-            linear_model.LogisticRegression(optimizer=self.config.make_optimizer(), l2=self.config.l2),
+            linear_model.LogisticRegression(
+                optimizer=self.config.make_optimizer(),
+                l2=self.config.l2,
+                intercept_init=math.log(self.config.prior / (1.0 - self.config.prior)),
+            ),
         )
         self.positives = 0
         self.negatives = 0
