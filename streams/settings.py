@@ -116,6 +116,9 @@ class Settings(BaseSettings):
     )
     model_learning_rate: float | None = Field(None, gt=0, description="Learning rate (default: the model's).")
     model_l2: float | None = Field(None, ge=0, description="L2 penalty (default: the model's).")
+    model_prior: float | None = Field(
+        None, gt=0, lt=1, description="Score of an untrained model (its starting intercept is logit(prior))."
+    )
     model_positive_weight: float | None = Field(
         None, gt=0, description="Weight of positive examples; above 1 favours recall over calibration."
     )
@@ -214,6 +217,7 @@ class Settings(BaseSettings):
             "learning_rate": self.model_learning_rate,
             "l2": self.model_l2,
             "positive_weight": self.model_positive_weight,
+            "prior": self.model_prior,
         }
         return ModelConfig(**{k: v for k, v in given.items() if v is not None})
 
