@@ -19,6 +19,7 @@ from typing import Any
 import click
 
 from streams import cli_models
+from streams.bench.command import bench_cmd
 from streams.cli_common import _ensure, build_settings, fail, setting_option
 from streams.demo import demo
 from streams.settings import Settings
@@ -541,6 +542,7 @@ def format_features(data: dict[str, Any]) -> str:
 
 
 main.add_command(demo)
+main.add_command(bench_cmd)
 main.add_command(cli_models.tail)
 main.add_command(cli_models.model)
 

@@ -1,0 +1,248 @@
+"""``propstream bench``: every figure of the benchmarks issue in one run, ratios computed within it.
+
+Phases, in order, on topics and state of their own (nothing of a previous run is reused but the broker):
+preload simulated events; the raw consumer (aiokafka + JSON decode only); one worker catching up
+with the full pipeline; latency at a fixed offered load with feature lookups meanwhile; recovery of a
+fresh worker from the changelogs; the naive Faust baseline; growth in-process at each size; and the
+real-data replay when the file is there. Progress goes to stderr, the table to stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import click
+
+from streams.bench import phases
+from streams.bench.proc import Proc
+from streams.bench.stats import machine, profile_top, table
+from streams.settings import Settings
+
+REAL = Path("../shared/data/taobao_timeslice/user_behavior_timeslice.csv")
+
+
+def say(text: str) -> None:
+    click.echo(text, err=True)
+
+
+def run_env(uid: str, bootstrap: str, tag: str) -> dict[str, str]:
+    """Topics, app id and settings of one measured deployment: unique per run and per data set."""
+    p = f"bench-{uid}-{tag}"
+    return {
+        "PROPSTREAM_BOOTSTRAP": bootstrap,
+        "PROPSTREAM_APP_ID": p,
+        "PROPSTREAM_TOPIC_CLICKSTREAM": f"{p}.clickstream",
+        "PROPSTREAM_TOPIC_CART": f"{p}.cart",
+        "PROPSTREAM_TOPIC_PURCHASE": f"{p}.purchase",
+        "PROPSTREAM_TOPIC_DEADLETTER": f"{p}.deadletter",
+        "PROPSTREAM_TOPIC_CHANGES": f"{p}.changes",
+        "PROPSTREAM_TOPIC_TRAINING": f"{p}.training",
+        "PROPSTREAM_TOPIC_MODELS": f"{p}.models",
+        "PROPSTREAM_LOG_LEVEL": "warning",
+        # models are trusted from the first matured labels, so change detection runs all along
+        "PROPSTREAM_MIN_POSITIVES": "0",
+        "PROPSTREAM_MIN_NEGATIVES": "0",
+    }
+
+
+def settings_of(env: dict[str, str]) -> Settings:
+    given: dict[str, Any] = {k.removeprefix("PROPSTREAM_").lower(): v for k, v in env.items()}
+    return Settings(**given)
+
+
+def worker(env: dict[str, str], tmp: Path, name: str) -> Proc:
+    return Proc(env, tmp / name, tmp / f"{name}.log", ("-m", "streams.cli", "worker"))
+
+
+def pipeline(
+    env: dict[str, str], tmp: Path, n: int, name: str, profile: Path | None = None
+) -> tuple[Proc, float]:
+    w = worker(env, tmp, name)
+    rate = phases.catch_up(w, n, lambda: w.metric("propstream_events_consumed_total"), say, name, profile)
+    return w, rate
+
+
+def bench(opts: dict[str, Any]) -> dict[str, Any]:
+    from streams.broker import LocalBroker
+    from streams.topics import ensure_topics
+    from traffic.simulator import SimConfig, simulate
+
+    base = Settings()
+    bootstrap = base.bootstrap or LocalBroker(base).start().bootstrap
+    uid = uuid.uuid4().hex[:6]
+    tmp = Path(tempfile.mkdtemp(prefix="propstream-bench-"))
+    out: dict[str, Any] = {"machine": machine(), "command": " ".join(["propstream", *sys.argv[1:]])}
+    n = opts["events"]
+    users = max(1000, n // 20)
+    env = run_env(uid, bootstrap, "sim")
+    settings = settings_of(env)
+    ensure_topics(settings, bootstrap)
+    say(f"bench: broker {bootstrap}, state in {tmp}")
+    say(f"[1/7] preloading {n:,} simulated events of {users:,} users ...")
+    events = simulate(SimConfig(users=users, seed=1, max_events=n))
+    n = phases.preload(events, settings, bootstrap, n)
+    out.update(events=n, users=users)
+
+    say("[2/7] raw consumer: aiokafka, JSON decode only ...")
+    out["raw_events_per_s"] = phases.raw_consume(settings, bootstrap, n)
+    say(f"  raw: {out['raw_events_per_s']:,.0f} events/s")
+
+    say("[3/7] one worker, full pipeline, catching up ...")
+    w, rate = pipeline(env, tmp, n, "worker", opts["profile"])
+    out["events_per_s"] = rate
+    out["worker_rss_mb"] = w.rss_mb()
+    say(f"  pipeline: {rate:,.0f} events/s")
+    try:
+        say(
+            f"[4/7] latency at {opts['rate']:,} events/s offered for {opts['seconds']:.0f}s, "
+            "lookups meanwhile ..."
+        )
+        ids = [f"u{i:06d}" for i in range(users)]
+        out.update(phases.latency(w, settings, bootstrap, ids, opts["rate"], opts["seconds"], say))
+        out["users_in_state"] = w.metric("propstream_table_keys", table="features")
+    finally:
+        w.stop()
+
+    say("[5/7] recovery: a fresh worker rebuilds every table from the changelogs ...")
+    r = worker(env, tmp, "recovered")
+    r.start()
+    try:
+        out["recovery_s"] = r.wait_ready()
+        keys = out.get("users_in_state") or users
+        out["recovery_s_per_100k_users"] = out["recovery_s"] * 100_000 / keys
+    finally:
+        r.stop()
+
+    naive_n = min(n, opts["naive_events"])
+    say(f"[6/7] naive baseline: per-event Faust agent over the first {naive_n:,} events ...")
+    nv = Proc(env, tmp / "naive", tmp / "naive.log", ("-m", "streams.bench.naive"))
+    try:
+        out["naive_events_per_s"] = phases.catch_up(
+            nv, naive_n, lambda: float(nv.get_json("/count")["consumed"]), say, "naive"
+        )
+    finally:
+        nv.stop()
+    say(f"  naive: {out['naive_events_per_s']:,.0f} events/s")
+    out["vs_raw"] = out["events_per_s"] / out["raw_events_per_s"]
+    out["vs_naive"] = out["events_per_s"] / out["naive_events_per_s"]
+
+    say("[7/7] growth in-process over RocksDB ...")
+    out["growth"] = phases.growth(opts["growth"], opts["growth_events"], tmp, say)
+
+    real: Path = opts["real"]
+    if real.exists() and not opts["skip_real"]:
+        from traffic.datasets import read_events
+
+        say(f"[+] real data: replaying {real} through a fresh worker ...")
+        renv = run_env(uid, bootstrap, "real")
+        rs = settings_of(renv)
+        ensure_topics(rs, bootstrap)
+        rn = phases.preload(read_events(real, "taobao"), rs, bootstrap, 0)
+        rw, rrate = pipeline(renv, tmp, rn, "real-worker")
+        rw.stop()
+        out["real"] = {"file": str(real), "events": rn, "events_per_s": rrate}
+    else:
+        say(f"[+] real data: {real} absent (or skipped): skipped")
+    if opts["profile"] is not None and opts["profile"].exists():
+        out["profile_top"] = profile_top(opts["profile"].read_text())
+    if not opts["keep"]:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def rows(r: dict[str, Any]) -> list[tuple[str, str, object]]:
+    out: list[tuple[str, str, object]] = [
+        ("raw consumer (aiokafka + JSON decode)", "events/s", r["raw_events_per_s"]),
+        ("full pipeline, one worker", "events/s", r["events_per_s"]),
+        ("naive Faust baseline, one worker", "events/s", r["naive_events_per_s"]),
+        ("pipeline / raw consumer", "ratio", r["vs_raw"]),
+        ("pipeline / naive", "ratio", r["vs_naive"]),
+        (f"e2e produce->change p50 @ {r['offered_events_per_s']:,.0f}/s", "ms", r["e2e_p50_ms"]),
+        ("e2e produce->change p95", "ms", r["e2e_p95_ms"]),
+        ("e2e produce->change p99", "ms", r["e2e_p99_ms"]),
+        ("change events measured", "count", r["changes"]),
+        ("feature lookup p50 (HTTP, under load)", "ms", r["lookup_p50_ms"]),
+        ("feature lookup p99 (HTTP, under load)", "ms", r["lookup_p99_ms"]),
+        ("worker RSS after catch-up", "MiB", r["worker_rss_mb"]),
+        ("recovery from changelogs", "s", r["recovery_s"]),
+        ("recovery per 100k users", "s", r["recovery_s_per_100k_users"]),
+    ]
+    for g in r["growth"]:
+        u = f"{g['users']:,} users"
+        out += [
+            (f"growth {u}: per-event cost", "us/event", g["us_per_event"]),
+            (f"growth {u}: peak RSS", "MiB", g["peak_rss_mb"]),
+            (f"growth {u}: RocksDB bytes per user", "B/user", g["rocksdb_bytes_per_user"]),
+        ]
+    if "real" in r:
+        out.append((f"Taobao replay ({r['real']['events']:,} events)", "events/s", r["real"]["events_per_s"]))
+    return out
+
+
+def _sizes(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        msg = f"expected comma-separated user counts, not {value!r}"
+        raise click.BadParameter(msg) from None
+
+
+def opt(*names: str, **kw: Any) -> Any:
+    """A click option with its ``PROPSTREAM_BENCH_*`` environment fallback shown in ``--help``."""
+    env = "PROPSTREAM_BENCH_" + names[0][2:].upper().replace("-", "_")
+    return click.option(*names, envvar=env, show_envvar=True, show_default=True, **kw)
+
+
+@click.command("bench")
+@opt("--events", type=int, default=200_000, help="Simulated events preloaded for the throughput phases.")
+@opt("--rate", type=int, default=5_000, help="Offered load of the latency phase, events/s.")
+@opt("--seconds", type=float, default=20.0, help="Duration of the latency phase.")
+@opt("--naive-events", type=int, default=50_000, help="Events the naive baseline is timed over.")
+@opt("--growth", type=str, default="10000,100000", callback=_sizes, help="User counts of the growth phase.")
+@opt("--growth-events", type=int, default=50_000, help="Events timed at each growth size.")
+@opt(
+    "--real",
+    type=click.Path(path_type=Path),
+    default=REAL,
+    help="Taobao time-slice CSV to replay (skipped when absent).",
+)
+@opt("--skip-real", is_flag=True, default=False, help="Skip the real-data replay.")
+@opt(
+    "--json",
+    "json_out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Also write every figure as JSON here.",
+)
+@opt(
+    "--profile",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Sample the pipeline worker with py-spy during catch-up (raw stacks to this file).",
+)
+@opt("--keep", is_flag=True, default=False, help="Keep the state folders and worker logs.")
+def bench_cmd(json_out: Path | None, **opts: Any) -> None:
+    """Throughput, latency, memory and growth against the raw consumer and a naive baseline, in one run."""
+    t0 = time.monotonic()
+    result = bench(opts)
+    result["duration_s"] = time.monotonic() - t0
+    m = result["machine"]
+    click.echo(f"\nmachine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Python {m['python']}")
+    click.echo(
+        f"{result['events']:,} simulated events of {result['users']:,} users; {result['duration_s']:.0f}s\n"
+    )
+    click.echo(table(rows(result)))
+    if result.get("profile_top"):
+        click.echo("\nprofile of the pipeline worker during catch-up (self %, inclusive %, function):")
+        for own, incl, name in result["profile_top"]:
+            click.echo(f"  {own:5.1f} {incl:5.1f}  {name}")
+    if json_out is not None:
+        json_out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        click.echo(f"\nwrote {json_out}", err=True)

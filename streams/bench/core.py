@@ -1,0 +1,110 @@
+"""The hot path in-process (no Kafka): the ingest handler plus the score stage over in-memory stores.
+
+Used by the growth phase and for profiling (``python -m streams.bench.core [EVENTS]``): it isolates
+our per-event cost from Faust's and the broker's.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import zlib
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import msgspec
+
+from features.state import FeatureParams
+from models.online import OnlineModel
+from models.scoring import ScoringCore, TargetModel, input_names
+from streams.ingest import IngestHandler, MemoryStore, Record, StateStore
+from streams.metrics import Metrics
+from streams.model_metrics import ModelMetrics
+from streams.producer import topic_for
+from streams.score_stage import KV, MemoryKV, ScoreStage
+from streams.settings import Settings
+from traffic.simulator import SimConfig, simulate
+
+
+def trained_models(settings: Settings, n: int = 400, seed: int = 3) -> dict[str, TargetModel]:
+    """Models with non-trivial weights and no warm-up, so scoring and change detection do real work."""
+    import random
+
+    rng = random.Random(seed)
+    names = input_names()
+    out = {}
+    for t in settings.target_list():
+        m = OnlineModel(settings.learner_config())
+        for _ in range(n):
+            x = {k: rng.random() * 3 for k in names}
+            m.learn(x, int(x[names[0]] + rng.random() > 2.0))
+        out[t.name] = TargetModel(m, 1, 0, 0)
+    return out
+
+
+def records_of(events: Iterable[Mapping[str, Any]], settings: Settings) -> list[Record]:
+    enc = msgspec.json.Encoder()
+    out = []
+    for i, e in enumerate(events):
+        key = str(e["user_id"]).encode()
+        out.append(
+            Record(
+                topic_for(e["type"], settings), zlib.crc32(key) % settings.partitions, i, key, enc.encode(e)
+            )
+        )
+    return out
+
+
+def build(
+    settings: Settings,
+    store: StateStore | None = None,
+    scores: KV | None = None,
+    ledgers: KV | None = None,
+    changes: list[bytes] | None = None,
+) -> IngestHandler:
+    """Handler and stage as the worker wires them, over the given (default: in-memory) stores."""
+    metrics = Metrics()
+    core = ScoringCore(
+        settings.target_list(),
+        FeatureParams(
+            settings.session_gap_s * 1000, settings.abandon_after_s * 1000, settings.dedup_capacity
+        ),
+        settings.change_rules(),
+        trained_models(settings),
+        top_k=settings.top_factors,
+    )
+    sink = changes if changes is not None else []
+    stage = ScoreStage(
+        core,
+        scores if scores is not None else MemoryKV(),
+        ledgers if ledgers is not None else MemoryKV(),
+        lambda user, value: sink.append(value),
+        lambda target, value: None,
+        ModelMetrics(metrics.registry),
+    )
+    return IngestHandler(settings, store or MemoryStore(), lambda dl: None, metrics, stage=stage)
+
+
+def run(handler: IngestHandler, records: list[Record], batch: int) -> float:
+    """Seconds to push ``records`` through ``handler`` in batches of ``batch``."""
+    t0 = time.perf_counter()
+    for i in range(0, len(records), batch):
+        handler.process(records[i : i + batch])
+    return time.perf_counter() - t0
+
+
+def main(n_events: int = 100_000) -> None:
+    settings = Settings()
+    records = records_of(
+        simulate(SimConfig(users=max(1000, n_events // 50), seed=1, max_events=n_events)), settings
+    )
+    handler = build(settings)
+    dt = run(handler, records, settings.batch_size)
+    print(
+        f"{len(records):,} events in-process: {len(records) / dt:,.0f} events/s "
+        f"({dt / len(records) * 1e6:.1f} us/event)"
+    )
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 100_000)

@@ -1,0 +1,218 @@
+"""The measured phases of ``propstream bench``, each returning plain figures (see ``command.py``)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from kafka import KafkaConsumer
+
+from streams.bench.proc import Proc, wait_until
+from streams.bench.stats import percentile
+from streams.producer import Progress, make_producer, publish, topic_for
+from streams.settings import Settings
+
+Say = Callable[[str], None]
+
+
+def preload(events: Iterable[Mapping[str, object]], settings: Settings, bootstrap: str, total: int) -> int:
+    return publish(events, settings, bootstrap=bootstrap, progress=Progress("  preload", total, every_s=5.0))
+
+
+def raw_consume(settings: Settings, bootstrap: str, expect: int) -> float:
+    """Events/s of a bare aiokafka consumer that only decodes each value's JSON: Python's ceiling here."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    async def run() -> float:
+        c = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap, enable_auto_commit=False, max_partition_fetch_bytes=8 * 1024 * 1024
+        )
+        await c.start()
+        try:
+            tps = [TopicPartition(t, p) for t in settings.source_topics for p in range(settings.partitions)]
+            c.assign(tps)
+            await c.seek_to_beginning(*tps)
+            dec = msgspec.json.Decoder()
+            n = 0
+            t0 = time.perf_counter()
+            while n < expect:
+                for records in (await c.getmany(timeout_ms=500, max_records=10_000)).values():
+                    for r in records:
+                        dec.decode(r.value)
+                    n += len(records)
+            return n / (time.perf_counter() - t0)
+        finally:
+            await c.stop()
+
+    return asyncio.run(run())
+
+
+def catch_up(
+    proc: Proc, expect: int, count: Callable[[], float], say: Say, what: str, profile: Path | None = None
+) -> float:
+    """Start ``proc``, wait for its first consumed event, then time it to ``expect``; events/s.
+
+    ``profile``: sample the process with py-spy meanwhile (raw collapsed stacks to that file).
+    """
+    proc.start()
+    proc.wait_ready("/readyz" if "streams.cli" in proc.argv else "/count")
+    wait_until(lambda: count() > 0, 300, every_s=0.05, what=f"{what}: first events")
+    spy = None
+    if profile is not None and proc.proc is not None:
+        cmd = [str(Path(sys.executable).with_name("py-spy")), "record", "-p", str(proc.proc.pid)]
+        cmd += ["-r", "100", "-f", "raw", "-o", str(profile)]
+        spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0, first = time.perf_counter(), count()
+    last = time.monotonic()
+    while (n := count()) < expect:
+        if time.monotonic() - last > 5:
+            last = time.monotonic()
+            rate = (n - first) / (time.perf_counter() - t0)
+            say(f"  {what}: {n:,.0f}/{expect:,} events ({100 * n / expect:.0f}%), {rate:,.0f}/s")
+        time.sleep(0.5)  # /metrics costs the worker a little: a few polls per second only
+    rate = (expect - first) / (time.perf_counter() - t0)
+    if spy is not None:
+        spy.send_signal(signal.SIGINT)  # py-spy writes its output on interrupt
+        spy.wait(30)
+    return rate
+
+
+def live_events(users: list[str], n: int, seed: int) -> list[dict[str, object]]:
+    """Events of known users for the latency phase (times are set when each is sent)."""
+    rng = random.Random(seed)
+    kinds = ["page_view"] * 40 + ["product_view"] * 30 + ["add_to_cart"] * 20 + ["checkout_start"] * 6
+    kinds += ["purchase"] * 4
+    out: list[dict[str, object]] = []
+    for i in range(n):
+        etype = rng.choice(kinds)
+        ev: dict[str, object] = {"event_id": f"live{seed}-{i}", "user_id": rng.choice(users), "type": etype}
+        if etype in ("product_view", "add_to_cart", "purchase"):
+            ev["product_id"] = f"p{rng.randrange(500):05d}"
+            ev["price"] = round(rng.uniform(5, 200), 2)
+        if etype == "purchase":
+            ev["order_id"] = f"lo{seed}-{i}"
+        out.append(ev)
+    return out
+
+
+def latency(
+    proc: Proc, settings: Settings, bootstrap: str, users: list[str], rate: float, seconds: float, say: Say
+) -> dict[str, Any]:
+    """Offer ``rate`` events/s for ``seconds``: produce -> change event consumed, and lookups meanwhile."""
+    sent: dict[str, float] = {}
+    seen: list[float] = []
+    stop = threading.Event()
+    consumer = KafkaConsumer(
+        settings.topic_changes,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="latest",
+        enable_auto_commit=False,
+    )
+    consumer.poll(timeout_ms=1000)  # join before producing, so no change is missed
+
+    def read_changes() -> None:
+        while not stop.is_set():
+            for records in consumer.poll(timeout_ms=200).values():
+                now = time.time()
+                for r in records:
+                    t = sent.get(json.loads(r.value).get("event_id", ""))
+                    if t is not None:
+                        seen.append((now - t) * 1000)
+
+    lookups: list[float] = []
+
+    def lookup() -> None:
+        rng = random.Random(7)
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                with urllib.request.urlopen(
+                    f"{proc.url}/users/{rng.choice(users)}/features", timeout=10
+                ) as r:
+                    r.read()
+            except urllib.error.HTTPError as exc:  # 404: a simulated user without events yet, still an answer
+                exc.read()
+            lookups.append((time.perf_counter() - t0) * 1000)
+            time.sleep(0.005)
+
+    threads = [
+        threading.Thread(target=read_changes, daemon=True),
+        threading.Thread(target=lookup, daemon=True),
+    ]
+    for th in threads:
+        th.start()
+    producer = make_producer(bootstrap)
+    enc = msgspec.json.Encoder()
+    events = live_events(users, int(rate * seconds), seed=11)
+    t_start = time.monotonic()
+    last = t_start
+    for i, ev in enumerate(events):
+        ahead = i / rate - (time.monotonic() - t_start)
+        if ahead > 0:
+            time.sleep(ahead)
+        now = time.time()
+        ev["ts"] = int(now * 1000)
+        sent[str(ev["event_id"])] = now
+        producer.send(topic_for(ev["type"], settings), key=str(ev["user_id"]).encode(), value=enc.encode(ev))
+        if time.monotonic() - last > 5:
+            last = time.monotonic()
+            say(
+                f"  latency: {i:,}/{len(events):,} events offered, {len(seen):,} change events, "
+                f"{len(lookups):,} lookups"
+            )
+    producer.flush()
+    offered = len(events) / (time.monotonic() - t_start)
+    time.sleep(3)  # the last batches' change events
+    stop.set()
+    for th in threads:
+        th.join(5)
+    producer.close()
+    consumer.close()
+    return {
+        "offered_events_per_s": offered,
+        "changes": len(seen),
+        "e2e_p50_ms": percentile(seen, 50),
+        "e2e_p95_ms": percentile(seen, 95),
+        "e2e_p99_ms": percentile(seen, 99),
+        "lookups": len(lookups),
+        "lookup_p50_ms": percentile(lookups, 50),
+        "lookup_p99_ms": percentile(lookups, 99),
+    }
+
+
+def growth(sizes: list[int], events: int, folder: Path, say: Say) -> list[dict[str, float]]:
+    out = []
+    for users in sizes:
+        say(f"  growth: {users:,} users (fill, then {events:,} timed events) ...")
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "streams.bench.growth",
+                str(users),
+                str(events),
+                str(folder / f"g{users}"),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        row = json.loads(res.stdout.strip().splitlines()[-1])
+        say(
+            f"  growth: {users:,} users: {row['us_per_event']:.0f} us/event, "
+            f"peak RSS {row['peak_rss_mb']:.0f} MiB, {row['rocksdb_bytes_per_user']:.0f} B/user"
+        )
+        out.append(row)
+    return out

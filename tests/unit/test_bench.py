@@ -1,0 +1,80 @@
+"""Pure helpers of ``propstream bench``: percentiles, the table, the profile summary, option parsing."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import click
+import numpy as np
+import pytest
+
+from streams.bench.command import _sizes, rows
+from streams.bench.stats import fmt, percentile, profile_top, table
+
+
+@pytest.mark.parametrize("q", [0, 1, 50, 95, 99, 100])
+def test_percentile_matches_numpy(q: float) -> None:
+    rng = random.Random(q)
+    values = [rng.expovariate(1.0) for _ in range(rng.randrange(1, 500))]
+    assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)), rel=1e-12)
+
+
+def test_percentile_of_nothing_is_nan() -> None:
+    assert math.isnan(percentile([], 50))
+
+
+def test_table_aligns_and_formats() -> None:
+    text = table([("a", "events/s", 12345.6), ("longer name", "ms", 0.01234), ("missing", "ms", math.nan)])
+    lines = text.splitlines()
+    assert lines[0].split() == ["figure", "unit", "value"]
+    assert lines[2].endswith("12,346") and lines[3].endswith("0.0123") and lines[4].endswith("-")
+    assert len({len(line) for line in lines[1:]}) == 1  # value column right-aligned to one width
+    assert fmt(3) == "3" and fmt(None) == "-"
+
+
+def test_profile_top_counts_self_and_inclusive_time() -> None:
+    raw = "\n".join(
+        [
+            "run (x.py:1);process (streams/ingest.py:10);compute (features/user.py:5) 6",
+            "run (x.py:1);process (streams/ingest.py:11) 2",
+            "run (x.py:1);select (/v/lib/python3.11/site-packages/sel.py:3) 2",
+        ]
+    )
+    top = profile_top(raw, 3)
+    assert top[0] == (60.0, 60.0, "compute (features/user.py)")
+    assert (20.0, 80.0, "process (streams/ingest.py)") in top
+    assert (20.0, 20.0, "select (sel.py)") in top
+
+
+def test_growth_sizes_option() -> None:
+    assert _sizes(None, None, "10000, 100000,1000000") == [10_000, 100_000, 1_000_000]  # type: ignore[arg-type]
+    with pytest.raises(click.BadParameter):
+        _sizes(None, None, "10k")  # type: ignore[arg-type]
+
+
+def test_rows_hold_the_ratios_and_one_line_per_growth_figure() -> None:
+    result = {
+        "raw_events_per_s": 100.0,
+        "events_per_s": 30.0,
+        "naive_events_per_s": 6.0,
+        "vs_raw": 0.3,
+        "vs_naive": 5.0,
+        "offered_events_per_s": 5000.0,
+        "e2e_p50_ms": 1.0,
+        "e2e_p95_ms": 2.0,
+        "e2e_p99_ms": 3.0,
+        "changes": 10,
+        "lookup_p50_ms": 0.5,
+        "lookup_p99_ms": 0.9,
+        "worker_rss_mb": 200.0,
+        "recovery_s": 4.0,
+        "recovery_s_per_100k_users": 40.0,
+        "growth": [
+            {"users": 10, "us_per_event": 1.0, "peak_rss_mb": 2.0, "rocksdb_bytes_per_user": 3.0},
+            {"users": 100, "us_per_event": 1.0, "peak_rss_mb": 2.0, "rocksdb_bytes_per_user": 3.0},
+        ],
+    }
+    names = [r[0] for r in rows(result)]
+    assert "pipeline / naive" in names and "pipeline / raw consumer" in names
+    assert sum(n.startswith("growth") for n in names) == 6
