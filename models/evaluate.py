@@ -38,6 +38,7 @@ class Outcome:
     label: int
     x: list[float]
     oracle: float | None = None
+    warm: bool = False  # scored by a model past warm-up: the scores that drive change events
 
 
 @dataclass
@@ -73,12 +74,14 @@ def run(
     clock_now = now_ms if now_ms is not None else 0
     params = FeatureParams()
     online = model or OnlineModel(model_config)
-    core = ScoringCore((target,), params, ChangeRules(), {target.name: TargetModel(online, 0)})
+    live = TargetModel(online, 0)  # default warm-up: 200 positive and 200 negative matured labels
+    core = ScoringCore((target,), params, ChangeRules(), {target.name: live})
     states: dict[str, UserState] = {}
     scores: dict[str, ScoreState] = {}
     ledgers: dict[str, LazyLedger] = {}
     deadlines: list[tuple[int, str]] = []  # (horizon, user): may hold stale entries, checked on pop
     oracle_at: dict[tuple[str, int], float] = {}
+    warm_at: set[tuple[str, int]] = set()
     out = EvalRun(target, input_names=list(input_names()))
 
     def mature(user: str, clock_ms: int) -> None:
@@ -93,8 +96,10 @@ def run(
                     m.label,
                     snap.features,
                     oracle_at.pop((user, snap.ts_ms), None),
+                    (user, snap.ts_ms) in warm_at,
                 )
             )
+            warm_at.discard((user, snap.ts_ms))
             if learn:
                 online.learn(dict(zip(out.input_names, snap.features, strict=True)), m.label)
         if ss.deadline_ms:
@@ -131,6 +136,8 @@ def run(
             ss = scores[user]
             before = ss.deadline_ms
             for _, snap in core.on_event(ss, ledgers[user], st, ev):
+                if not live.warming_up:
+                    warm_at.add((user, snap.ts_ms))
                 if oracle is not None:
                     p = oracle(user, snap.ts_ms)
                     if p is not None:
@@ -162,6 +169,18 @@ def summary(result: EvalRun, *, baseline: bool = False, bootstrap: int = 0) -> d
         rep["oracle_ece"] = quality.ece([x.oracle for x in with_oracle], ys)  # type: ignore[misc]
         rep["online_roc_auc_same_snapshots"] = quality.roc_auc([x.score for x in with_oracle], ys)
         rep["ratio_to_oracle"] = rep["online_roc_auc_same_snapshots"] / rep["oracle_roc_auc"]
+    warm = [x for x in o if x.warm]
+    if warm:
+        ys = [x.label for x in warm]
+        after: dict[str, Any] = quality.report([x.score for x in warm], ys)
+        warm_oracle = [x for x in warm if x.oracle is not None]
+        if warm_oracle:
+            yo = [x.label for x in warm_oracle]
+            after["oracle_roc_auc"] = quality.roc_auc([x.oracle for x in warm_oracle], yo)  # type: ignore[misc]
+            after["ratio_to_oracle"] = (
+                quality.roc_auc([x.score for x in warm_oracle], yo) / after["oracle_roc_auc"]
+            )
+        rep["after_warmup"] = after
     if baseline:
         rep["baselines"] = baselines(result, bootstrap=bootstrap)
     return rep
@@ -240,6 +259,13 @@ def format_report(rep: Mapping[str, Any]) -> str:
     ):
         if k in rep:
             lines.append(f"  {k:<30} {fmt(rep[k])}")
+    w = rep.get("after_warmup")
+    if w:
+        extra = f"  ratio_to_oracle {fmt(w['ratio_to_oracle'])}" if "ratio_to_oracle" in w else ""
+        lines.append(
+            f"  after warm-up ({w['matured']:,} matured): roc_auc {fmt(w['roc_auc'])}  "
+            f"pr_auc {fmt(w['pr_auc'])}  ece {fmt(w['ece'])}{extra}"
+        )
     if rep.get("rejected"):
         lines.append(f"  rejected by reason             {rep['rejected']}")
     b = rep.get("baselines")
