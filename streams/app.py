@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from features.catalogue import NAMES
 from features.contract import parse_time_ms
-from features.state import decode
+from features.state import UserState, decode
 from features.user import compute
 from models.scoring import ScoringCore
 from streams.ingest import DeadLetter, IngestHandler, Record, params_from
@@ -158,12 +158,16 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
     app.agent(source, name="ingest")(ingest)
     params = params_from(settings)
 
-    def lookup_error(web: Any, request: Request) -> Response | None:
+    def load_user(web: Any, request: Request, user_id: str) -> UserState | Response:
+        """The user's feature state, or the JSON error to answer (bad token, unknown user)."""
         if settings.api_token is not None:
             auth = request.headers.get("Authorization", "")
             if auth != f"Bearer {settings.api_token.get_secret_value()}":
                 return error(web, 401, "unauthorized", "missing or wrong bearer token")
-        return None
+        raw = table.get(user_id)
+        if raw is None:
+            return error(web, 404, "unknown_user", f"no features for user {user_id!r} on this cluster")
+        return decode(raw)
 
     def as_of_of(request: Request) -> int | None:
         arg = request.query.get("as_of")
@@ -177,13 +181,9 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
 
         @app.table_route(table=table, match_info="user_id")  # type: ignore[arg-type]
         async def get(self, request: Request, user_id: str) -> Response:
-            denied = lookup_error(self, request)
-            if denied is not None:
-                return denied
-            raw = table.get(user_id)
-            if raw is None:
-                return error(self, 404, "unknown_user", f"no features for user {user_id!r} on this cluster")
-            state = decode(raw)
+            state = load_user(self, request, user_id)
+            if isinstance(state, Response):
+                return state
             return self.json(
                 {
                     "user_id": user_id,
@@ -225,13 +225,9 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
 
         @app.table_route(table=table, match_info="user_id")  # type: ignore[arg-type]
         async def get(self, request: Request, user_id: str) -> Response:
-            denied = lookup_error(self, request)
-            if denied is not None:
-                return denied
-            raw = table.get(user_id)
-            if raw is None:
-                return error(self, 404, "unknown_user", f"no features for user {user_id!r} on this cluster")
-            state = decode(raw)
+            state = load_user(self, request, user_id)
+            if isinstance(state, Response):
+                return state
             as_of = as_of_of(request)
             if as_of is None:
                 return error(self, 400, "bad_as_of", "as_of must be epoch ms or ISO-8601 with offset")
