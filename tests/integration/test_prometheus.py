@@ -241,13 +241,19 @@ def test_prometheus_scrapes_worker_metrics(
         (r["name"], r.get("lastError")) for r in rules
     ]
 
-    # Model metrics come with the score stage: assert on them once the worker exports them.
-    # TODO(models): tighten to hard assertions on propstream_scores_total, propstream_score_bucket,
-    # propstream_model_version and propstream_change_events_total once every worker scores.
-    scored = prom.value("sum(propstream_scores_total)")
-    if scored is not None:
-        assert scored > 0
-        assert (prom.value("sum(propstream_score_count)") or 0) == scored
+    # Model metrics. Every user with accepted events is scored for each target at least once and at
+    # most once per accepted event (one score per user per batch). The traffic spans ten minutes, far
+    # less than any horizon, so no label matures: each target's live model is the untrained version 0,
+    # warming up, and nothing is announced.
+    for target in ("purchase", "churn"):
+        n = prom.value(f'propstream_scores_total{{target="{target}"}}')
+        assert n is not None and users <= n <= len(valid), (target, n)
+        assert prom.value(f'propstream_score_count{{target="{target}"}}') == n
+        assert prom.value(f'propstream_score_bucket{{target="{target}",le="+Inf"}}') == n
+        assert prom.value(f'propstream_model_version{{target="{target}"}}') == 0
+        assert prom.value(f'propstream_model_warming_up{{target="{target}"}}') == 1
+    assert prom.value("sum(propstream_labels_matured_total)") is None
+    assert prom.value("sum(propstream_change_events_total)") is None
 
     # promtool accepts the live exposition of a running worker.
     if PROMTOOL is not None:
