@@ -39,7 +39,7 @@ def sigmoid(z: float) -> float:
 
 
 def arrays(model: OnlineModel, names: Sequence[str]) -> tuple[list[float], list[float], list[float], float]:
-    """Per input in ``names`` order: scaler mean, scale (``inf`` while the variance is 0), weight; intercept."""
+    """Per input in ``names`` order: scaler mean, scale (``inf`` while variance is 0), weight; intercept."""
     scaler, lr = model.pipeline.steps.values()
     weights = lr.weights
     means: list[float] = []

@@ -274,7 +274,7 @@ class ScoringCore:
         self, user_id: str, ss: ScoreState, st: UserState, trigger: Event
     ) -> tuple[dict[str, float], list[dict[str, Any]]]:
         """Score every target now (updating ``ss``); returns the scores and the change events to publish."""
-        feats, x, vec = self._features(st, st.last_ms)
+        feats, x, _ = self._features(st, st.last_ms)
         self.last_inputs = x
         scores: dict[str, float] = {}
         out: list[dict[str, Any]] = []

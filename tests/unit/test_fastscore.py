@@ -15,7 +15,9 @@ NAMES = input_names()
 
 def random_x(rng: random.Random, scale: float = 3.0) -> dict[str, float]:
     # a few inputs stay constant (variance 0: River scales them to 0) and some are often 0
-    return {k: (1.0 if i % 11 == 0 else rng.random() * scale * (rng.random() < 0.7)) for i, k in enumerate(NAMES)}
+    return {
+        k: (1.0 if i % 11 == 0 else rng.random() * scale * (rng.random() < 0.7)) for i, k in enumerate(NAMES)
+    }
 
 
 def trained(config: ModelConfig, n: int, seed: int, skip: int = 0) -> OnlineModel:
