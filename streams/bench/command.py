@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,8 +88,15 @@ def bench(opts: dict[str, Any]) -> dict[str, Any]:
     say(f"bench: broker {bootstrap}, state in {tmp}")
     say(f"[1/7] preloading {n:,} simulated events of {users:,} users ...")
     active: set[object] = set()
-    events = (active.add(e["user_id"]) or e for e in simulate(SimConfig(users=users, seed=1, max_events=n)))
-    n = phases.preload(events, settings, bootstrap, n)
+
+    def noting_users(events: Iterable[dict[str, object]]) -> Iterator[dict[str, object]]:
+        for e in events:
+            active.add(e["user_id"])
+            yield e
+
+    n = phases.preload(
+        noting_users(simulate(SimConfig(users=users, seed=1, max_events=n))), settings, bootstrap, n
+    )
     out.update(events=n, users=users, active_users=len(active))
 
     say("[2/7] raw consumer: aiokafka, JSON decode only ...")
