@@ -18,6 +18,7 @@ from features.contract import REASONS, Event, Rejected, Rules, parse
 from features.state import FeatureParams
 from features.user import apply, finalize
 from streams.metrics import Metrics
+from streams.privacy import Pseudonymizer
 from streams.settings import Settings
 
 if TYPE_CHECKING:
@@ -165,6 +166,7 @@ class IngestHandler:
         self.watermarks = Watermarks(settings.source_topics)
         self.loaded: set[int] = set()
         self.stage = stage  # scoring, labels and change events; None: features only
+        self.pseudonym = Pseudonymizer(settings.pseudonymize_key)
 
     def process(self, batch: Sequence[Record]) -> dict[str, list[Event]]:
         """Process one batch; returns the accepted events per user (for scoring downstream)."""
@@ -180,9 +182,13 @@ class IngestHandler:
         floors: dict[int, int] = {}
         newest_ts = 0
 
+        pseudonym = self.pseudonym
+
         def reject(rec: Record, reason: str, detail: str) -> None:
             key = (rec.topic, reason)
             rejected[key] = rejected.get(key, 0) + 1
+            if pseudonym.enabled:  # no raw id may leave: pseudonymous key, payload withheld
+                rec, detail = self._withhold(rec), REASONS.get(reason, reason)
             self.dead_letter(DeadLetter(rec, reason, detail))
 
         for rec in batch:
@@ -204,6 +210,8 @@ class IngestHandler:
                 if not ev.personalization:
                     no_consent[rec.topic] = no_consent.get(rec.topic, 0) + 1
                     continue
+                if pseudonym.enabled:
+                    ev.user_id = pseudonym(ev.user_id)  # before anything is stored or published
                 users = groups.get(p)
                 if users is None:
                     users = groups[p] = {}
@@ -261,6 +269,12 @@ class IngestHandler:
         if newest_ts:
             m.lag_seconds.observe(max(0.0, now_ms - newest_ts) / 1000.0)
         return out
+
+    def _withhold(self, rec: Record) -> Record:
+        """The dead-letter form of ``rec`` under pseudonymisation: its source coordinates tell an
+        operator where the original is; the payload, which holds the raw id, is not copied."""
+        key = self.pseudonym(rec.key.decode("utf-8", "replace")).encode() if rec.key else None
+        return Record(rec.topic, rec.partition, rec.offset, key, b"", rec.ctx)
 
     def _load_marks(self, rec: Record) -> None:
         p = rec.partition

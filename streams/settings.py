@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     topic_models: str = Field(
         "propstream.models", description="Published model versions (compacted; every version kept)."
     )
+    topic_erasure: str = Field(
+        "users.erasure", description="Erasure requests, keyed by user id (propstream forget sends them)."
+    )
+    topic_erasure_done: str = Field("users.erasure.done", description="Erasure confirmations.")
 
     # --- Worker ------------------------------------------------------------------------------
     app_id: str = Field("propstream", description="Faust app id: consumer group and changelog prefix.")
@@ -80,6 +84,13 @@ class Settings(BaseSettings):
     batch_size: int = Field(2000, ge=1, description="Events taken per batch on the hot path.")
     batch_within_s: float = Field(0.05, gt=0, description="Max wait to fill a batch, seconds.")
     api_token: SecretStr | None = Field(None, description="Bearer token required for lookups, if set.")
+
+    # --- Privacy -----------------------------------------------------------------------------
+    pseudonymize_key: SecretStr | None = Field(
+        None,
+        description="If set, user ids are replaced at ingestion by HMAC-SHA256(key, id): raw ids are "
+        "kept nowhere (state, changelogs, outbound topics, logs, metrics).",
+    )
 
     # --- Ingestion rules ---------------------------------------------------------------------
     max_event_bytes: int = Field(65536, ge=256, description="Larger payloads are rejected as oversize.")

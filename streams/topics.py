@@ -27,7 +27,9 @@ def topic_specs(settings: Settings) -> dict[str, tuple[int, dict[str, str]]]:
     n = settings.partitions
     specs: dict[str, tuple[int, dict[str, str]]] = {t: (n, {}) for t in settings.source_topics}
     specs[settings.topic_deadletter] = (n, {})
-    specs[settings.topic_changes] = (n, {})
+    specs[settings.topic_changes] = (n, {"cleanup.policy": "compact,delete"})  # erasure tombstones
+    specs[settings.topic_erasure] = (n, {})  # keyed by user id: lands on the partition's owner
+    specs[settings.topic_erasure_done] = (1, {})
     specs[settings.topic_training] = (1, {})
     specs[settings.topic_models] = (1, {"cleanup.policy": "compact"})
     return specs
