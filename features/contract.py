@@ -356,6 +356,8 @@ def parse(payload: bytes, rules: Rules, now_ms: int) -> list[Event]:
         except UnicodeDecodeError:
             raise Rejected("not_utf8", str(exc)[:200]) from None
         raise Rejected("not_json", str(exc)[:200]) from None
+    except RecursionError:  # msgspec's decoder has no depth limit of its own for nested arrays
+        raise Rejected("not_json", "nested deeper than the decoder's recursion limit") from None
     if type(raw) is not dict:
         raise Rejected("not_object", f"top-level JSON is {type(raw).__name__}")
     etype = raw.get("type")
