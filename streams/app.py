@@ -6,21 +6,27 @@ can run several differently configured apps in one interpreter.
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import logging
 import math
 import time
+import unicodedata
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import aiohttp
 import faust
 from aiohttp.web import Response as AioResponse
 from faust.streams import _current_event
 from faust.web import Request, Response, View
+from faust.web.exceptions import WebError
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from features.catalogue import NAMES
-from features.contract import parse_time_ms
+from features.contract import MAX_ID_LEN, parse_time_ms
 from features.state import UserState, decode
 from features.user import compute
 from models.scoring import ScoringCore
@@ -33,6 +39,8 @@ from streams.settings import Settings
 from streams.trainer import attach_trainer
 
 FEATURE_TABLE = "features"
+
+log = logging.getLogger(__name__)
 
 
 class FaustTableStore:
@@ -158,16 +166,51 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
     app.agent(source, name="ingest")(ingest)
     params = params_from(settings)
 
-    def load_user(web: Any, request: Request, user_id: str) -> UserState | Response:
-        """The user's feature state, or the JSON error to answer (bad token, unknown user)."""
+    def unauthorized(web: Any, request: Request) -> Response | None:
+        """The 401 to answer when a token is configured and the request lacks it."""
         if settings.api_token is not None:
             auth = request.headers.get("Authorization", "")
             if auth != f"Bearer {settings.api_token.get_secret_value()}":
                 return error(web, 401, "unauthorized", "missing or wrong bearer token")
+        return None
+
+    def load_user(web: Any, request: Request, user_id: str) -> UserState | Any:
+        """The user's feature state, or the JSON error to answer (bad token, unknown user)."""
+        denied = unauthorized(web, request)
+        if denied is not None:
+            return denied
         raw = table.get(user_id)
         if raw is None:
             return error(web, 404, "unknown_user", f"no features for user {user_id!r} on this cluster")
         return decode(raw)
+
+    def checked(fun: Any) -> Any:
+        """Token and user id checked *before* routing (the router hashes the id as UTF-8), JSON errors.
+
+        A bad id is a 400; an owner that does not answer (it died, the group is rebalancing) a 503;
+        anything unexpected a 500, logged here. The owner re-checks the token of a forwarded request.
+        """
+
+        @functools.wraps(fun)
+        async def get(view: View, request: Request, user_id: str) -> Response:
+            denied = unauthorized(view, request)
+            if denied is not None:
+                return denied
+            problem = user_id_problem(user_id)
+            if problem is not None:
+                return error(view, 400, "bad_user_id", problem)
+            try:
+                return await fun(view, request, user_id=user_id)
+            except WebError:
+                raise  # Faust answers these as JSON itself (e.g. 503 while no owner is known)
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                detail = f"the worker owning this user did not answer ({type(exc).__name__}); retry"
+                return error(view, 503, "owner_unavailable", detail)
+            except Exception:
+                log.exception("lookup of user %r failed", user_id)
+                return error(view, 500, "internal", "lookup failed; see the worker's log")
+
+        return get
 
     def as_of_of(request: Request) -> int | None:
         arg = request.query.get("as_of")
@@ -179,10 +222,11 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
     class UserView(View):
         """Features plus, per target, the current score, tier, model version and top factors."""
 
+        @checked
         @app.table_route(table=table, match_info="user_id")  # type: ignore[arg-type]
         async def get(self, request: Request, user_id: str) -> Response:
             state = load_user(self, request, user_id)
-            if isinstance(state, Response):
+            if not isinstance(state, UserState):  # faust's Response is no base of aiohttp's
                 return state
             return self.json(
                 {
@@ -223,10 +267,11 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
     class UserFeatures(View):
         """Current features of one user, answered by the worker owning the user's partition."""
 
+        @checked
         @app.table_route(table=table, match_info="user_id")  # type: ignore[arg-type]
         async def get(self, request: Request, user_id: str) -> Response:
             state = load_user(self, request, user_id)
-            if isinstance(state, Response):
+            if not isinstance(state, UserState):  # faust's Response is no base of aiohttp's
                 return state
             as_of = as_of_of(request)
             if as_of is None:
@@ -272,6 +317,23 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
             return AioResponse(body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     return app
+
+
+def user_id_problem(user_id: str) -> str | None:
+    """Why a user id in a URL cannot name a user, or None.
+
+    >>> user_id_problem("u-1842"), user_id_problem("a\\nb")
+    (None, 'user id contains control characters')
+    """
+    if not 1 <= len(user_id) <= MAX_ID_LEN:
+        return f"user id must have 1..{MAX_ID_LEN} characters"
+    try:
+        user_id.encode()
+    except UnicodeEncodeError:
+        return "user id is not valid UTF-8"
+    if any(unicodedata.category(c) == "Cc" for c in user_id):
+        return "user id contains control characters"
+    return None
 
 
 def _finite(values: dict[str, float]) -> dict[str, float | None]:

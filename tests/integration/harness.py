@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from streams.broker import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
+
+# Faust's own settings, read from the environment: a SIGKILLed member leaves the consumer group after
+# the session timeout (Faust's default: 60 s), so kill tests shorten it to keep CI time reasonable.
+FAST_FAILOVER = {"BROKER_SESSION_TIMEOUT": "10", "BROKER_HEARTBEAT_INTERVAL": "1"}
 
 
 def wait_until(
@@ -61,6 +67,12 @@ class WorkerProc:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout_s: float = 90.0) -> WorkerProc:
+        self.launch()
+        wait_until(self.ready, timeout_s, what=f"worker on {self.url} to be ready (log {self.log})")
+        return self
+
+    def launch(self) -> WorkerProc:
+        """Start the process without waiting for it to be ready (a kill may come at any point)."""
         self.proc = subprocess.Popen(
             [sys.executable, *self.argv],
             env=self.env,
@@ -69,7 +81,6 @@ class WorkerProc:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        wait_until(self.ready, timeout_s, what=f"worker on {self.url} to be ready (log {self.log})")
         return self
 
     def ready(self) -> bool:
@@ -97,15 +108,48 @@ class WorkerProc:
             self.proc.kill()
             self.proc.wait()
 
-    def get(self, path: str) -> tuple[int, Any]:
+    def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
         try:
-            with urllib.request.urlopen(self.url + path, timeout=10) as r:
+            req = urllib.request.Request(self.url + path, headers=headers or {})
+            with urllib.request.urlopen(req, timeout=10) as r:
                 body = r.read()
                 return r.status, json.loads(
                     body
                 ) if r.headers.get_content_type() == "application/json" else body
         except urllib.error.HTTPError as exc:
             return exc.code, json.loads(exc.read() or b"null")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "worker not started"
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def rss_kib(self) -> int:
+        """Resident set size of the worker process now (VmRSS in /proc), KiB."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise AssertionError(f"no VmRSS for pid {self.pid}")
+
+    def listening_addresses(self) -> set[str]:
+        """IPv4 addresses the worker listens on at its web port (from /proc/<pid>/net/tcp)."""
+        out = set()
+        for table in ("tcp", "tcp6"):
+            path = Path(f"/proc/{self.pid}/net/{table}")
+            if not path.exists():
+                continue
+            for line in path.read_text().splitlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                addr, port = local.split(":")
+                if state == "0A" and int(port, 16) == self.port:  # 0A: LISTEN
+                    if len(addr) == 8:
+                        out.add(".".join(str(b) for b in reversed(bytes.fromhex(addr))))
+                    else:
+                        out.add("::" if int(addr, 16) == 0 else addr)
+        return out
 
     def features(self, user: str, as_of: int | None = None) -> dict[str, Any] | None:
         status, body = self.get(f"/users/{user}/features" + (f"?as_of={as_of}" if as_of else ""))
@@ -152,4 +196,116 @@ def consume_all(bootstrap: str, topic: str, expect: int, timeout_s: float = 30.0
             out.extend(c)
     finally:
         c.close()
+    return out
+
+
+def read_topic(bootstrap: str, topic: str, timeout_s: float = 30.0) -> list[Any]:
+    """Every message of ``topic`` up to its end offsets now (all partitions), in partition order."""
+    from kafka import TopicPartition
+
+    c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, consumer_timeout_ms=1000)
+    try:
+        parts = c.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        c.assign(tps)
+        c.seek_to_beginning(*tps)
+        ends = c.end_offsets(tps)
+        out: list[Any] = []
+        deadline = time.monotonic() + timeout_s
+        while any(c.position(tp) < ends[tp] for tp in tps):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"could not read {topic} to its end within {timeout_s:.0f}s")
+            for batch in c.poll(timeout_ms=500).values():
+                out.extend(batch)
+        return out
+    finally:
+        c.close()
+
+
+class Traffic(threading.Thread):
+    """An outside producer publishing ``events`` in order at about ``rate`` events/s, in the background.
+
+    ``sent`` counts events handed to the producer so far; the test kills and restarts processes
+    while this runs, and ``join()`` returns once every event is acknowledged by the broker.
+    """
+
+    def __init__(
+        self,
+        bootstrap: str,
+        topic_of: Callable[[dict[str, Any]], str],
+        events: Sequence[dict[str, Any]],
+        rate: float,
+    ) -> None:
+        super().__init__(daemon=True)
+        self.bootstrap = bootstrap
+        self.topic_of = topic_of
+        self.events = events
+        self.rate = rate
+        self.sent = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            # retries: the broker restart test takes the broker away while this runs
+            p = KafkaProducer(
+                bootstrap_servers=self.bootstrap,
+                acks="all",
+                linger_ms=5,
+                retries=1_000_000,
+                retry_backoff_ms=200,
+                max_in_flight_requests_per_connection=1,  # retries must not reorder a user's events
+                request_timeout_ms=10_000,
+                max_block_ms=120_000,
+            )
+            t0 = time.monotonic()
+            for ev in self.events:
+                p.send(self.topic_of(ev), key=str(ev["user_id"]).encode(), value=json.dumps(ev).encode())
+                self.sent += 1
+                ahead = self.sent / self.rate - (time.monotonic() - t0)
+                if ahead > 0:
+                    time.sleep(ahead)
+            p.flush(timeout=180)
+            p.close()
+        except BaseException as exc:  # surfaced by finish()
+            self.error = exc
+
+    def finish(self, timeout_s: float = 240.0) -> None:
+        self.join(timeout_s)
+        assert not self.is_alive(), "traffic did not finish"
+        if self.error is not None:
+            raise self.error
+
+    @property
+    def done(self) -> bool:
+        return self.sent >= len(self.events)
+
+
+def random_pause(rng: random.Random, low_s: float, high_s: float) -> float:
+    """Sleep a random time in [low_s, high_s) (a random point of the stream); returns it."""
+    pause = rng.uniform(low_s, high_s)
+    time.sleep(pause)
+    return pause
+
+
+def user_router(source_topics: Sequence[str]) -> Callable[[dict[str, Any]], str]:
+    """Each user's events all go to one source topic (chosen by a stable hash of the user id).
+
+    The worker accepts any type on any source topic. One topic per user makes each user's arrival
+    order the produced order, so two runs over the same events sample the same label snapshots;
+    spread over all three topics, every partition's watermark (minimum over topics) still moves.
+    """
+    import zlib
+
+    def topic_of(ev: dict[str, Any]) -> str:
+        return source_topics[zlib.crc32(str(ev["user_id"]).encode()) % len(source_topics)]
+
+    return topic_of
+
+
+def consented_by_user(events: Iterable[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Events per user that features count (those without personalisation consent are set aside)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for ev in events:
+        if (ev.get("consent") or {}).get("personalization", True) is not False:
+            out.setdefault(str(ev["user_id"]), []).append(ev)
     return out
