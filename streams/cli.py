@@ -21,6 +21,7 @@ import click
 from streams import cli_models
 from streams.bench.command import bench_cmd
 from streams.cli_common import _ensure, build_settings, fail, setting_option
+from streams.cli_privacy import forget
 from streams.demo import demo
 from streams.settings import Settings
 
@@ -545,6 +546,7 @@ main.add_command(demo)
 main.add_command(bench_cmd)
 main.add_command(cli_models.tail)
 main.add_command(cli_models.model)
+main.add_command(forget)
 
 if __name__ == "__main__":
     main()

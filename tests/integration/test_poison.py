@@ -162,13 +162,6 @@ def test_poison_is_dead_lettered_and_memory_stays_bounded(
     assert peak_kib < RSS_BOUND_MIB * 1024
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG features/contract.py parse(): a 2 KB message nested 1,000 levels deep makes msgspec raise "
-    "RecursionError, which parse() does not catch (only msgspec.DecodeError); the exception escapes "
-    "IngestHandler.process and the ingest agent, so the message is never dead-lettered and the valid "
-    "event behind it on the same partition is not counted.",
-)
 def test_deeply_nested_message_does_not_stop_the_worker(
     settings: Settings, make_worker: Any, kafka: str
 ) -> None:

@@ -206,14 +206,6 @@ def test_nested_json_is_rejected_not_raised(shape: str) -> None:
     assert outcome(payload) in {"not_object", "missing_field"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RecursionError,
-    reason="BUG features/contract.py parse(): msgspec.json.Decoder raises RecursionError (not "
-    "DecodeError) for JSON nested deeper than about 1,000 levels, and parse() only catches "
-    "msgspec.DecodeError; a 2 KB message of '[' * 1000 escapes as an exception instead of a "
-    "'not_json' dead letter, so IngestHandler.process raises and the ingest agent's batch fails.",
-)
 def test_a_2kb_deeply_nested_message_is_dead_lettered() -> None:
     h, _, dead = make_handler()
     payload = b"[" * 1000 + b"]" * 1000
@@ -269,7 +261,7 @@ def test_handler_never_raises_and_accounts_for_every_event(
 
 
 def _too_deep(value: bytes) -> bool:
-    """Hypothesis' JSON is shallow; the known deep-nesting bug has its own xfail test."""
+    """Hypothesis' JSON is shallow; deep nesting has its own test."""
     return value.count(b"[") + value.count(b"{") > 800
 
 
