@@ -30,10 +30,12 @@ from features.contract import MAX_ID_LEN, parse_time_ms
 from features.state import UserState, decode
 from features.user import compute
 from models.scoring import ScoringCore
+from streams.erasure import attach_erasure
 from streams.ingest import DeadLetter, IngestHandler, Record, params_from
 from streams.metrics import Metrics
 from streams.model_feed import LiveModels
 from streams.model_metrics import ModelMetrics
+from streams.privacy import Pseudonymizer
 from streams.score_stage import ScoreStage
 from streams.settings import Settings
 from streams.trainer import attach_trainer
@@ -150,6 +152,13 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
         deadletter.send_soon(key=dl.record.key, value=dl.record.value, headers=dl.headers())
 
     stage, live = _scoring(app, settings, metrics)
+    pseudonym = Pseudonymizer(settings.pseudonymize_key)  # lookups and erasure take raw ids
+    attach_erasure(
+        app,
+        settings,
+        {"features": table, "scores": stage.scores.table, "ledger": stage.ledgers.table},  # type: ignore[attr-defined]
+        pseudonym,
+    )
     handler = IngestHandler(settings, FaustTableStore(table, marks), send_dead_letter, metrics, stage=stage)
     app.propstream_handler = handler  # type: ignore[attr-defined]
 
@@ -179,7 +188,7 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
         denied = unauthorized(web, request)
         if denied is not None:
             return denied
-        raw = table.get(user_id)
+        raw = table.get(pseudonym(user_id))
         if raw is None:
             return error(web, 404, "unknown_user", f"no features for user {user_id!r} on this cluster")
         return decode(raw)
@@ -207,7 +216,7 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
                 detail = f"the worker owning this user did not answer ({type(exc).__name__}); retry"
                 return error(view, 503, "owner_unavailable", detail)
             except Exception:
-                log.exception("lookup of user %r failed", user_id)
+                log.exception("lookup of user %r failed", pseudonym(user_id))
                 return error(view, 500, "internal", "lookup failed; see the worker's log")
 
         return get
@@ -236,7 +245,7 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
                     "last_event_ms": state.last_ms,
                     "events": state.events,
                     "features": {k: v for k, v in compute(state, state.last_ms, params).items()},
-                    "scores": stage.current(user_id, state),
+                    "scores": stage.current(pseudonym(user_id), state),
                 }
             )
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import faust
@@ -27,7 +27,6 @@ def attach_erasure(
     settings: Settings,
     tables: Mapping[str, Any],
     pseudonym: Pseudonymizer,
-    on_erased: Callable[[str], None],
 ) -> None:
     """Add the erasure agent: ``tables`` by name, each with ``get``/``pop`` (Faust tables)."""
     requests = app.topic(settings.topic_erasure, key_serializer="raw", value_serializer="raw")
@@ -49,7 +48,6 @@ def attach_erasure(
                     table.pop(user, None)  # a tombstone on the table's changelog
                     removed.append(name)
             changes.send_soon(key=user.encode(), value=None)  # tombstone on the compacted outbound topic
-            on_erased(user)
             confirmation = {
                 "request_id": request_id,
                 "user_id": user,  # the pseudonym when pseudonymisation is on: never the raw id

@@ -38,6 +38,8 @@ def env(kafka: str) -> dict[str, str]:
         "PROPSTREAM_TOPIC_CHANGES": f"{uid}.changes",
         "PROPSTREAM_TOPIC_TRAINING": f"{uid}.training",
         "PROPSTREAM_TOPIC_MODELS": f"{uid}.models",
+        "PROPSTREAM_TOPIC_ERASURE": f"{uid}.erasure",
+        "PROPSTREAM_TOPIC_ERASURE_DONE": f"{uid}.erasure.done",
         "PROPSTREAM_LOG_LEVEL": "warning",
     }
 

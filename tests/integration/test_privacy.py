@@ -1,0 +1,186 @@
+"""Privacy on the real broker: pseudonymised ids appear nowhere, erasure leaves no trace in state.
+
+Both tests look for the user where it could hide, independently of the code that put it there:
+every message of every topic the system writes (keys, values, headers), the worker's metrics and
+log, and the RocksDB files on disk, opened directly.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kafka import KafkaAdminClient, KafkaProducer
+from rocksdict import AccessType, Options, Rdict
+
+from streams.privacy import Pseudonymizer
+from streams.settings import Settings
+from tests.conftest import ROOT
+from tests.integration.harness import read_topic, wait_until
+from tests.integration.test_pipeline import router
+from tests.reference import DAY, HOUR, random_events
+
+pytestmark = pytest.mark.integration
+
+LEARNING = {
+    "PROPSTREAM_TARGETS": "purchase:1h,churn:2h",
+    "PROPSTREAM_SAMPLE_EVERY_S": "600",
+    "PROPSTREAM_MIN_POSITIVES": "0",
+    "PROPSTREAM_MIN_NEGATIVES": "0",
+    "PROPSTREAM_PUBLISH_EVERY": "20",
+    "PROPSTREAM_COOLDOWN_S": "0",
+}
+MARKER = "RawId"
+
+
+def traffic(users: int, name: Any) -> list[dict[str, Any]]:
+    now = int(time.time() * 1000)
+    events = random_events(5, users=users, per_user=80, start_ms=now - 2 * DAY, span_ms=2 * DAY - HOUR)
+    for e in events:
+        e["user_id"] = name(int(e["user_id"].split("-")[1]))
+    return events
+
+
+def publish(
+    kafka: str, settings: Settings, events: list[dict[str, Any]], extra: list[tuple[bytes, bytes]]
+) -> None:
+    topic_of = router(settings)
+    p = KafkaProducer(bootstrap_servers=kafka, acks="all", linger_ms=5)
+    for e in events:
+        p.send(topic_of(e), key=e["user_id"].encode(), value=json.dumps(e).encode())
+    for key, value in extra:
+        p.send(settings.topic_clickstream, key=key, value=value)
+    p.flush()
+    p.close()
+
+
+def counted(worker: Any, events: list[dict[str, Any]]) -> bool:
+    per_user: dict[str, int] = {}
+    for e in events:
+        per_user[e["user_id"]] = per_user.get(e["user_id"], 0) + 1
+    for user, n in per_user.items():
+        f = worker.features(user)
+        if f is None or f["events"] != n:
+            return False
+    return True
+
+
+def table_files(data_dir: Path, table: str) -> list[Path]:
+    return sorted((data_dir / "v1" / "tables").glob(f"{table}-*.db"))
+
+
+def keys_on_disk(data_dir: Path, table: str) -> set[bytes]:
+    """Every key of a table's RocksDB partitions, read straight from the files (worker stopped)."""
+    keys: set[bytes] = set()
+    for path in table_files(data_dir, table):
+        db = Rdict(str(path), options=Options(raw_mode=True), access_type=AccessType.read_only())
+        try:
+            keys.update(k for k in db.keys() if not k.startswith(b"__faust"))  # noqa: SIM118 (Rdict)
+        finally:
+            db.close()
+    return keys
+
+
+def test_pseudonymised_ids_appear_nowhere(
+    settings: Settings, make_worker: Any, kafka: str, tmp_path: Path
+) -> None:
+    worker = make_worker(
+        PROPSTREAM_PSEUDONYMIZE_KEY="s3cret", PROPSTREAM_LOG_LEVEL="info", **LEARNING
+    ).start()
+    events = traffic(12, lambda u: f"{MARKER}{u}x")
+    bad = [
+        (f"{MARKER}99x".encode(), f'{{"user_id": "{MARKER}99x", oops'.encode()),  # not JSON
+        (f"{MARKER}98x".encode(), json.dumps({**events[0], "user_id": f"{MARKER}97x"}).encode()),  # wrong key
+    ]
+    publish(kafka, settings, events, bad)
+    wait_until(lambda: counted(worker, events), 120, what="every user's events, looked up by raw id")
+    wait_until(lambda: worker.metric("propstream_labels_matured_total") > 0, 60, what="labels to mature")
+    wait_until(lambda: worker.metric("propstream_events_rejected_total") >= 2, 30, what="the dead letters")
+    time.sleep(3)  # let changelog messages, examples and published models land
+
+    secret = Pseudonymizer(Settings(pseudonymize_key="s3cret").pseudonymize_key)
+    admin = KafkaAdminClient(bootstrap_servers=kafka)
+    ours = [
+        t for t in admin.list_topics() if t.startswith(settings.app_id) or t.split(".")[0] == settings.app_id
+    ]
+    ours += [
+        settings.topic_deadletter,
+        settings.topic_changes,
+        settings.topic_training,
+        settings.topic_models,
+    ]
+    admin.close()
+    seen_pseudonym = False
+    searched = 0
+    for topic in sorted(set(ours)):
+        for m in read_topic(kafka, topic):
+            searched += 1
+            blob = b"".join([m.key or b"", m.value or b"", *(v for _, v in m.headers)])
+            assert MARKER.encode() not in blob, (topic, m.offset, blob[:200])
+            seen_pseudonym |= secret(f"{MARKER}0x").encode() in blob
+    assert searched > 100 and seen_pseudonym, "the search found neither messages nor the pseudonyms"
+    dead = read_topic(kafka, settings.topic_deadletter)
+    assert sorted(dict(m.headers)["propstream.reason"] for m in dead) == [b"not_json", b"wrong_key"]
+
+    _, metrics = worker.get("/metrics")
+    assert MARKER.encode() not in metrics
+    worker.stop()
+    assert MARKER not in worker.log.read_text(errors="replace")
+    files = [p for p in Path(worker.env["PROPSTREAM_DATA_DIR"]).rglob("*") if p.is_file()]
+    on_disk = b"".join(p.read_bytes() for p in files)
+    assert MARKER.encode() not in on_disk
+    assert secret(f"{MARKER}0x").encode() in on_disk  # the state is there, under the pseudonym
+
+
+def test_erasure_leaves_no_trace(settings: Settings, make_worker: Any, kafka: str) -> None:
+    worker = make_worker("w1", **LEARNING).start()
+    events = traffic(8, lambda u: f"user-{u}")
+    publish(kafka, settings, events, [])
+    wait_until(lambda: counted(worker, events), 120, what="every user's events")
+    wait_until(lambda: worker.metric("propstream_labels_matured_total") > 0, 60, what="labels to mature")
+    victim, other = "user-3", "user-4"
+    status, body = worker.get(f"/users/{victim}")
+    assert status == 200 and sum(s["pending_snapshots"] for s in body["scores"].values()) > 0
+
+    out = subprocess.run(
+        [sys.executable, "-m", "streams.cli", "forget", victim],
+        env=worker.env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "features" in out.stdout and "scores" in out.stdout and "ledger" in out.stdout, out.stdout
+    assert worker.get(f"/users/{victim}")[0] == 404
+    assert worker.get(f"/users/{victim}/features")[0] == 404
+    assert worker.get(f"/users/{other}")[0] == 200
+
+    # every changelog ends with a tombstone for the user; so does the compacted outbound topic
+    for table in ("features", "scores", "ledger"):
+        msgs = [
+            m for m in read_topic(kafka, f"{settings.app_id}-{table}-changelog") if m.key == victim.encode()
+        ]
+        assert msgs and msgs[-1].value is None, table
+    changes = [m for m in read_topic(kafka, settings.topic_changes) if m.key == victim.encode()]
+    assert changes and changes[-1].value is None
+    [done] = [json.loads(m.value) for m in read_topic(kafka, settings.topic_erasure_done)]
+    assert done["user_id"] == victim and set(done["removed"]) == {"features", "scores", "ledger"}
+
+    # on disk: the user's key is in no table's RocksDB files, the others' are
+    worker.stop()
+    data_dir = Path(worker.env["PROPSTREAM_DATA_DIR"])
+    for table in ("features", "scores", "ledger"):
+        keys = keys_on_disk(data_dir, table)
+        assert victim.encode() not in keys, table
+    assert other.encode() in keys_on_disk(data_dir, "features")
+
+    # a worker restoring from the changelogs alone does not bring the user back
+    fresh = make_worker("w2", **LEARNING).start(timeout_s=180)
+    wait_until(lambda: fresh.features(other) is not None, 60, what="the other users restored")
+    assert fresh.get(f"/users/{victim}")[0] == 404
