@@ -78,6 +78,22 @@ class FaustTableStore:
     def set_mark(self, topic: str, partition: int, ts_ms: int) -> None:
         self.marks[f"{topic}|{partition}"] = str(ts_ms).encode()
 
+    def scan_users(self, partition: int, after: str | None, limit: int) -> list[tuple[str, bytes]]:
+        store = self.table.data  # faust's RocksDB store: one database per partition
+        db = store._db_for_partition(partition)
+        out: list[tuple[str, bytes]] = []
+        start = after.encode() if after is not None else None
+        for key, value in db.items(from_key=start):
+            if key == start or key == store.offset_key:
+                continue
+            out.append((key.decode(), value))
+            if len(out) >= limit:
+                break
+        return out
+
+    def delete(self, user_id: str) -> None:
+        self.table.pop(user_id, None)
+
 
 class FaustKV:
     """:class:`streams.score_stage.KV` over a Faust table (writes need the partition context)."""

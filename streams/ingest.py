@@ -68,6 +68,11 @@ class StateStore(Protocol):
 
     def set_mark(self, topic: str, partition: int, ts_ms: int) -> None: ...
 
+    def scan_users(self, partition: int, after: str | None, limit: int) -> list[tuple[str, bytes]]:
+        """Up to ``limit`` users of ``partition`` in key order, after ``after`` (retention sweep)."""
+
+    def delete(self, user_id: str) -> None: ...
+
 
 class MemoryStore:
     """An in-process :class:`StateStore` (benchmarks, unit tests): a dict, no partitions."""
@@ -93,6 +98,13 @@ class MemoryStore:
 
     def set_mark(self, topic: str, partition: int, ts_ms: int) -> None:
         self.marks[(topic, partition)] = ts_ms
+
+    def scan_users(self, partition: int, after: str | None, limit: int) -> list[tuple[str, bytes]]:
+        keys = sorted(k for k in self.data if after is None or k > after)[:limit]
+        return [(k, self.data[k]) for k in keys]
+
+    def delete(self, user_id: str) -> None:
+        self.data.pop(user_id, None)
 
 
 def rules_from(settings: Settings) -> Rules:
@@ -167,6 +179,9 @@ class IngestHandler:
         self.loaded: set[int] = set()
         self.stage = stage  # scoring, labels and change events; None: features only
         self.pseudonym = Pseudonymizer(settings.pseudonymize_key)
+        self.ttl_ms = int(settings.user_ttl_days * 86_400_000)
+        self.sweep_batch = settings.retention_sweep_batch
+        self.sweep_after: dict[int, str | None] = {}  # per partition: the last user looked at
 
     def process(self, batch: Sequence[Record]) -> dict[str, list[Event]]:
         """Process one batch; returns the accepted events per user (for scoring downstream)."""
@@ -224,6 +239,7 @@ class IngestHandler:
         out: dict[str, list[Event]] = {}
         advanced: dict[tuple[str, int], Record] = {}
         writes = 0
+        evicted = 0
         params = self.params
         store = self.store
         stage = self.stage
@@ -259,16 +275,41 @@ class IngestHandler:
                 if stage is not None:
                     # labels can be final only below the lateness floor: no accepted event is older
                     stage.expire_partition(p, marks.of(p) - self.lateness_ms)
+                if self.ttl_ms:
+                    evicted += self._sweep(p)
         for (topic, p), rec in advanced.items():
             with store.partition(rec):
                 store.set_mark(topic, p, marks.newest[(topic, p)])
         if stage is not None:
             stage.end_batch(t0)
+        if evicted:
+            self.metrics.evicted.inc(evicted)
         m = self.metrics
         m.record_batch(consumed, accepted, rejected, no_consent, writes, time.perf_counter() - t0)
         if newest_ts:
             m.lag_seconds.observe(max(0.0, now_ms - newest_ts) / 1000.0)
         return out
+
+    def _sweep(self, p: int) -> int:
+        """Evict a few users of partition ``p`` inactive for longer than the TTL, in event time.
+
+        A bounded slice per batch (``retention_sweep_batch`` users, resuming where the last one
+        stopped, wrapping around), so retention costs the same whatever the number of users. The
+        caller holds the partition context: deletes write tombstones to the partition's changelogs.
+        """
+        cutoff = self.watermarks.clock(p) - self.ttl_ms
+        if cutoff <= 0:
+            return 0
+        users = self.store.scan_users(p, self.sweep_after.get(p), self.sweep_batch)
+        self.sweep_after[p] = users[-1][0] if len(users) == self.sweep_batch else None
+        evicted = 0
+        for user_id, raw in users:
+            if codec.decode(raw).last_ms < cutoff:
+                self.store.delete(user_id)
+                if self.stage is not None:
+                    self.stage.forget_user(user_id)
+                evicted += 1
+        return evicted
 
     def _withhold(self, rec: Record) -> Record:
         """The dead-letter form of ``rec`` under pseudonymisation: its source coordinates tell an

@@ -69,6 +69,11 @@ class Metrics:
             "Coalesced per-user state writes (one per user per batch).",
             registry=r,
         )
+        self.evicted = Counter(
+            "propstream_users_evicted_total",
+            "Users removed from state after user_ttl_days without events (retention).",
+            registry=r,
+        )
         self.watermark = Gauge(
             "propstream_watermark_seconds",
             "Event-time watermark per partition, epoch seconds.",

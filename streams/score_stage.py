@@ -182,6 +182,11 @@ class ScoreStage:
         heapq.heapify(heap)
         return heap
 
+    def forget_user(self, user_id: str) -> None:
+        """Drop a user's score state and pending labels (retention; tombstones on the changelogs)."""
+        self.scores.delete(user_id)
+        self.ledgers.delete(user_id)
+
     def forget(self, partitions: set[int]) -> None:
         """Partitions moved to another worker: their horizons are that worker's now."""
         for p in partitions:

@@ -108,6 +108,16 @@ class Settings(BaseSettings):
     )
     default_currency: str = Field("USD", min_length=3, max_length=3, description="Currency when absent.")
 
+    user_ttl_days: float = Field(
+        400.0,
+        ge=0,
+        description="Users with no event for this long (event time) are evicted from state and "
+        "changelogs. 0: never. Longer than every feature window (90 days), so no feature changes.",
+    )
+    retention_sweep_batch: int = Field(
+        200, ge=1, description="Users looked at per partition and batch by the retention sweep."
+    )
+
     # --- Features ----------------------------------------------------------------------------
     session_gap_s: int = Field(1800, ge=60, description="Inactivity that starts a new derived session.")
     abandon_after_s: int = Field(1800, ge=60, description="Cart untouched and unbought this long: abandoned.")

@@ -50,6 +50,16 @@ class RocksStore:
         for k, v in self.db.items():
             yield str(k, "utf-8") if isinstance(k, bytes) else str(k), v
 
+    def scan_users(self, partition: int, after: str | None, limit: int) -> list[tuple[str, bytes]]:
+        start = after.encode() if after is not None else None
+        out = []
+        for key, value in self.db.items(from_key=start):
+            if isinstance(key, bytes) and key != start:
+                out.append((key.decode(), value))
+                if len(out) >= limit:
+                    break
+        return out
+
     def get_mark(self, topic: str, partition: int) -> int | None:
         raw = self.db.get(f"|{topic}|{partition}".encode())
         return int(raw) if raw is not None else None

@@ -184,3 +184,29 @@ def test_erasure_leaves_no_trace(settings: Settings, make_worker: Any, kafka: st
     fresh = make_worker("w2", **LEARNING).start(timeout_s=180)
     wait_until(lambda: fresh.features(other) is not None, 60, what="the other users restored")
     assert fresh.get(f"/users/{victim}")[0] == 404
+
+
+def test_retention_evicts_idle_users_from_state_and_changelogs(
+    settings: Settings, make_worker: Any, kafka: str
+) -> None:
+    worker = make_worker(PROPSTREAM_USER_TTL_DAYS="1", **LEARNING).start()
+    now = int(time.time() * 1000)
+    idle = random_events(8, users=3, per_user=20, start_ms=now - 6 * DAY, span_ms=DAY)
+    for e in idle:
+        e["user_id"] = "idle-" + e["user_id"]
+    publish(kafka, settings, idle, [])
+    wait_until(lambda: counted(worker, idle), 60, what="the idle users' events")
+    active = random_events(9, users=10, per_user=30, start_ms=now - 2 * HOUR, span_ms=HOUR)
+    publish(kafka, settings, active, [])
+    wait_until(lambda: counted(worker, active), 60, what="the active users' events")
+    idle_users = sorted({e["user_id"] for e in idle})
+    wait_until(
+        lambda: all(worker.get(f"/users/{u}")[0] == 404 for u in idle_users),
+        60,
+        what="the idle users evicted",
+    )
+    assert worker.metric("propstream_users_evicted_total") == len(idle_users)
+    for table in ("features", "scores"):
+        last = {m.key: m.value for m in read_topic(kafka, f"{settings.app_id}-{table}-changelog")}
+        assert all(last[u.encode()] is None for u in idle_users), table  # tombstones: gone from Kafka too
+    assert all(worker.features(e["user_id"]) is not None for e in active[:10])

@@ -103,3 +103,25 @@ def test_watermark_survives_a_restart_through_the_store() -> None:
     restarted = IngestHandler(Settings(allowed_lateness_s=3600), store, dead.append, clock=lambda: NOW_S)
     restarted.process([rec("events.clickstream", pv(9, T - 2 * 3_600_000))])
     assert [d.reason for d in dead] == ["late"]
+
+
+def test_retention_evicts_inactive_users_a_slice_at_a_time() -> None:
+    day = 86_400_000
+    h, store, dead = handler(user_ttl_days=1, retention_sweep_batch=2)
+    idle = [f"idle{i}" for i in range(5)]
+    h.process([rec("events.clickstream", pv(i, T - 3 * day + i, user=u)) for i, u in enumerate(idle)])
+    assert sorted(store.data) == idle  # the clock is the users' own time: nobody is idle yet
+    sizes = [len(store.data)]
+    for i in range(6):  # an active user moves the partition's event-time clock three days on
+        h.process([rec("events.clickstream", pv(100 + i, T + i, user="active"))])
+        sizes.append(len(store.data))
+    assert sorted(store.data) == ["active"]  # every user idle past the TTL is gone, the active one stays
+    assert all(a - b <= 2 for a, b in zip(sizes, sizes[1:]))  # at most one slice of 2 per batch
+    assert h.metrics.evicted._value.get() == 5 and not dead
+
+
+def test_retention_off_keeps_everyone() -> None:
+    h, store, _ = handler(user_ttl_days=0)
+    h.process([rec("events.clickstream", pv(1, T - 500 * 86_400_000, user="a"))])
+    h.process([rec("events.clickstream", pv(2, T, user="b"))])
+    assert sorted(store.data) == ["a", "b"]
