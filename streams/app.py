@@ -29,6 +29,7 @@ from streams.ingest import DeadLetter, IngestHandler, Record, params_from
 from streams.metrics import Metrics
 from streams.model_feed import LiveModels
 from streams.model_metrics import ModelMetrics
+from streams.rows import FEATURES, LEDGER, SCORES, PartKV, RowStore, UserRows
 from streams.score_stage import ScoreStage
 from streams.settings import Settings
 from streams.trainer import attach_trainer
@@ -165,7 +166,8 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
         key_type=bytes,
         value_type=bytes,
         options={"driver": "rocksdict"},
-        help="Per-user feature state (msgpack UserState), one changelog message per user per batch.",
+        help="Per user: feature state, score state and pending-label ledger in one value "
+        "(streams/rows.py), one changelog message per user per batch.",
     )
     marks = app.Table(
         "watermarks",
@@ -181,8 +183,10 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
     def send_dead_letter(dl: DeadLetter) -> None:
         deadletter.send_soon(key=dl.record.key, value=dl.record.value, headers=dl.headers())
 
-    stage, live = _scoring(app, settings, metrics)
-    handler = IngestHandler(settings, FaustTableStore(table, marks), send_dead_letter, metrics, stage=stage)
+    rows = UserRows(FaustKV(table))
+    stage, live = _scoring(app, settings, metrics, rows)
+    store = RowStore(rows, FaustTableStore(table, marks))
+    handler = IngestHandler(settings, store, send_dead_letter, metrics, stage=stage)
     app.propstream_handler = handler  # type: ignore[attr-defined]
 
     async def ingest(stream: Any) -> None:  # faust's StreamT stub lacks take_events
@@ -204,7 +208,7 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
             auth = request.headers.get("Authorization", "")
             if auth != f"Bearer {settings.api_token.get_secret_value()}":
                 return error(web, 401, "unauthorized", "missing or wrong bearer token")
-        raw = table.get(user_id)
+        raw = rows.get(user_id, FEATURES)
         if raw is None:
             return error(web, 404, "unknown_user", f"no features for user {user_id!r} on this cluster")
         return decode(raw)
@@ -319,27 +323,17 @@ def _finite(values: dict[str, float]) -> dict[str, float | None]:
     return {k: (v if math.isfinite(v) else None) for k, v in values.items()}
 
 
-def _scoring(app: faust.App, settings: Settings, metrics: Metrics) -> tuple[ScoreStage, LiveModels]:
+def _scoring(
+    app: faust.App, settings: Settings, metrics: Metrics, rows: UserRows
+) -> tuple[ScoreStage, LiveModels]:
     """Tables, topics, live models, trainer and the score stage the ingest handler calls."""
     model_metrics = ModelMetrics(metrics.registry)
     live = LiveModels(settings, lambda name, m, snap: model_metrics.record_model(name, m, snap.quality))
     for name, m in live.models.items():
         model_metrics.record_model(name, m, {})
 
-    def kv(name: str, help: str) -> FaustKV:
-        return FaustKV(
-            app.Table(
-                name,
-                partitions=settings.partitions,
-                key_type=bytes,
-                value_type=bytes,
-                options={"driver": "rocksdict"},
-                help=help,
-            )
-        )
-
-    scores = kv("scores", "Per user: last announced score and tier per target, sampling and horizon index.")
-    ledgers = kv("ledger", "Per user: scored snapshots waiting for their label (pending-label ledger).")
+    # the score state and the ledger are parts of the user's row in the features table
+    scores, ledgers = PartKV(rows, SCORES), PartKV(rows, LEDGER)
     changes = app.topic(settings.topic_changes, key_serializer="raw", value_serializer="raw")
     training = app.topic(settings.topic_training, key_serializer="raw", value_serializer="raw")
 
