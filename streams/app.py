@@ -226,7 +226,7 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
         @app.table_route(table=table, match_info="user_id")  # type: ignore[arg-type]
         async def get(self, request: Request, user_id: str) -> Response:
             state = load_user(self, request, user_id)
-            if isinstance(state, Response):
+            if not isinstance(state, UserState):  # faust's Response is no base of aiohttp's
                 return state
             return self.json(
                 {
@@ -270,7 +270,7 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
         @app.table_route(table=table, match_info="user_id")  # type: ignore[arg-type]
         async def get(self, request: Request, user_id: str) -> Response:
             state = load_user(self, request, user_id)
-            if isinstance(state, Response):
+            if not isinstance(state, UserState):  # faust's Response is no base of aiohttp's
                 return state
             as_of = as_of_of(request)
             if as_of is None:
