@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 import faust
 from aiohttp.web import Response as AioResponse
+from faust.sensors.monitor import Monitor
 from faust.streams import _current_event
 from faust.web import Request, Response, View
 from faust.web.exceptions import WebError
@@ -36,6 +37,7 @@ from streams.metrics import Metrics
 from streams.model_feed import LiveModels
 from streams.model_metrics import ModelMetrics
 from streams.privacy import Pseudonymizer
+from streams.rows import FEATURES, LEDGER, SCORES, PartKV, RowStore, UserRows
 from streams.score_stage import ScoreStage
 from streams.settings import Settings
 from streams.trainer import attach_trainer
@@ -117,6 +119,41 @@ class FaustKV:
             yield key.decode(), value
 
 
+class QuietMonitor(Monitor):
+    """Faust's monitor without its per-message, per-event and per-table-access bookkeeping.
+
+    Nothing reads those statistics (``/metrics`` is our own registry), yet Faust's ``Monitor``
+    records them for every event; the hooks the consumer needs for commits and offsets stay.
+    """
+
+    def on_message_in(self, tp: Any, offset: int, message: Any) -> None:
+        pass
+
+    def on_stream_event_in(self, tp: Any, offset: int, stream: Any, event: Any) -> None:
+        return None
+
+    def on_stream_event_out(self, tp: Any, offset: int, stream: Any, event: Any, state: Any = None) -> None:
+        pass
+
+    def on_message_out(self, tp: Any, offset: int, message: Any) -> None:
+        pass
+
+    def on_table_get(self, table: Any, key: Any) -> None:
+        pass
+
+    def on_table_set(self, table: Any, key: Any, value: Any) -> None:
+        pass
+
+    def on_table_del(self, table: Any, key: Any) -> None:
+        pass
+
+    def on_send_initiated(self, producer: Any, topic: str, message: Any, keysize: int, valsize: int) -> None:
+        return None
+
+    def on_send_completed(self, producer: Any, state: Any, metadata: Any) -> None:
+        pass
+
+
 def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
     """A configured Faust app with its agent, table and views attached."""
     servers = bootstrap or settings.broker_url
@@ -138,6 +175,10 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
         canonical_url=f"http://{settings.web_advertise or settings.web_host}:{settings.web_port}",
         web_in_thread=False,
         producer_linger_ms=5,
+        # One changelog message per user and table per batch: fill large produce requests (Faust's
+        # default is 16 KiB) so the broker sees a few big requests per batch, not hundreds.
+        producer_max_batch_size=1024 * 1024,
+        Monitor=QuietMonitor,
         # Deep per-partition buffers and large fetches keep the batched agent fed during catch-up.
         stream_buffer_maxsize=max(16384, settings.batch_size * 4),
         consumer_max_fetch_size=8 * 1024 * 1024,
@@ -151,7 +192,8 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
         key_type=bytes,
         value_type=bytes,
         options={"driver": "rocksdict"},
-        help="Per-user feature state (msgpack UserState), one changelog message per user per batch.",
+        help="Per user: feature state, score state and pending-label ledger in one value "
+        "(streams/rows.py), one changelog message per user per batch.",
     )
     marks = app.Table(
         "watermarks",
@@ -167,15 +209,12 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
     def send_dead_letter(dl: DeadLetter) -> None:
         deadletter.send_soon(key=dl.record.key, value=dl.record.value, headers=dl.headers())
 
-    stage, live = _scoring(app, settings, metrics)
+    rows = UserRows(FaustKV(table))
+    stage, live = _scoring(app, settings, metrics, rows)
+    store = RowStore(rows, FaustTableStore(table, marks))
     pseudonym = Pseudonymizer(settings.pseudonymize_key)  # lookups and erasure take raw ids
-    attach_erasure(
-        app,
-        settings,
-        {"features": table, "scores": stage.scores.table, "ledger": stage.ledgers.table},  # type: ignore[attr-defined]
-        pseudonym,
-    )
-    handler = IngestHandler(settings, FaustTableStore(table, marks), send_dead_letter, metrics, stage=stage)
+    attach_erasure(app, settings, table, pseudonym)
+    handler = IngestHandler(settings, store, send_dead_letter, metrics, stage=stage)
     app.propstream_handler = handler  # type: ignore[attr-defined]
 
     async def ingest(stream: Any) -> None:  # faust's StreamT stub lacks take_events
@@ -204,7 +243,7 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
         denied = unauthorized(web, request)
         if denied is not None:
             return denied
-        raw = table.get(pseudonym(user_id))
+        raw = rows.get(pseudonym(user_id), FEATURES)
         if raw is None:
             return error(web, 404, "unknown_user", f"no features for user {user_id!r} on this cluster")
         return decode(raw)
@@ -366,27 +405,17 @@ def _finite(values: dict[str, float]) -> dict[str, float | None]:
     return {k: (v if math.isfinite(v) else None) for k, v in values.items()}
 
 
-def _scoring(app: faust.App, settings: Settings, metrics: Metrics) -> tuple[ScoreStage, LiveModels]:
+def _scoring(
+    app: faust.App, settings: Settings, metrics: Metrics, rows: UserRows
+) -> tuple[ScoreStage, LiveModels]:
     """Tables, topics, live models, trainer and the score stage the ingest handler calls."""
     model_metrics = ModelMetrics(metrics.registry)
     live = LiveModels(settings, lambda name, m, snap: model_metrics.record_model(name, m, snap.quality))
     for name, m in live.models.items():
         model_metrics.record_model(name, m, {})
 
-    def kv(name: str, help: str) -> FaustKV:
-        return FaustKV(
-            app.Table(
-                name,
-                partitions=settings.partitions,
-                key_type=bytes,
-                value_type=bytes,
-                options={"driver": "rocksdict"},
-                help=help,
-            )
-        )
-
-    scores = kv("scores", "Per user: last announced score and tier per target, sampling and horizon index.")
-    ledgers = kv("ledger", "Per user: scored snapshots waiting for their label (pending-label ledger).")
+    # the score state and the ledger are parts of the user's row in the features table
+    scores, ledgers = PartKV(rows, SCORES), PartKV(rows, LEDGER)
     changes = app.topic(settings.topic_changes, key_serializer="raw", value_serializer="raw")
     training = app.topic(settings.topic_training, key_serializer="raw", value_serializer="raw")
 

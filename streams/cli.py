@@ -117,7 +117,11 @@ def worker(**opts: Any) -> None:
         f"lookups on http://{settings.web_host}:{settings.web_port}",
         err=True,
     )
-    Worker(app, loglevel=settings.log_level, quiet=True).execute_from_commandline()
+    w = Worker(app, loglevel=settings.log_level, quiet=True)
+    # Faust's start-up spinner sets the root logger to DEBUG so that every log record spins it:
+    # aiokafka's and Faust's per-message debug calls then build a LogRecord for every message sent.
+    w.spinner = None
+    w.execute_from_commandline()
 
 
 # --- traffic --------------------------------------------------------------------------------

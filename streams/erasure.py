@@ -1,9 +1,10 @@
 """The erasure agent: one request on ``users.erasure`` removes a user from state and outbound topics.
 
 Runs on the worker owning the user's partition (the request topic is keyed by user id with the
-event topics' partition count), so the deletes go to the right RocksDB partition and changelog
-partition. Deleting a table key writes a tombstone to its changelog; compaction then removes the
-old values from Kafka too. See :mod:`streams.privacy` and ``docs/guarantees.md``.
+event topics' partition count), so the delete goes to the right RocksDB partition and changelog
+partition. A user's features, score state and pending labels are one row (``streams/rows.py``):
+deleting it writes one tombstone to the changelog; compaction then removes the old values from
+Kafka too. See :mod:`streams.privacy` and ``docs/guarantees.md``.
 """
 
 from __future__ import annotations
@@ -11,24 +12,20 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping
 from typing import Any
 
 import faust
 
 from streams.privacy import Pseudonymizer, parse_request
+from streams.rows import decode_row
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
+PARTS = ("features", "scores", "ledger")  # the parts of a user's row, in order
 
 
-def attach_erasure(
-    app: faust.App,
-    settings: Settings,
-    tables: Mapping[str, Any],
-    pseudonym: Pseudonymizer,
-) -> None:
-    """Add the erasure agent: ``tables`` by name, each with ``get``/``pop`` (Faust tables)."""
+def attach_erasure(app: faust.App, settings: Settings, table: Any, pseudonym: Pseudonymizer) -> None:
+    """Add the erasure agent over the per-user rows ``table`` (features, scores and ledger in one value)."""
     requests = app.topic(settings.topic_erasure, key_serializer="raw", value_serializer="raw")
     changes = app.topic(settings.topic_changes, key_serializer="raw", value_serializer="raw")
     done = app.topic(settings.topic_erasure_done, key_serializer="raw", value_serializer="raw")
@@ -42,11 +39,10 @@ def attach_erasure(
                 continue
             raw_id, request_id = parsed
             user = pseudonym(raw_id)
-            removed = []
-            for name, table in tables.items():
-                if table.get(user) is not None:
-                    table.pop(user, None)  # a tombstone on the table's changelog
-                    removed.append(name)
+            raw = table.get(user)
+            removed = [name for name, part in zip(PARTS, decode_row(raw), strict=True) if part] if raw else []
+            if raw is not None:
+                table.pop(user, None)  # one tombstone on the changelog: all three parts at once
             changes.send_soon(key=user.encode(), value=None)  # tombstone on the compacted outbound topic
             confirmation = {
                 "request_id": request_id,
