@@ -309,3 +309,14 @@ def consented_by_user(events: Iterable[dict[str, Any]]) -> dict[str, list[dict[s
         if (ev.get("consent") or {}).get("personalization", True) is not False:
             out.setdefault(str(ev["user_id"]), []).append(ev)
     return out
+
+
+def pending_snapshots(worker: WorkerProc, users: list[str]) -> dict[tuple[str, str], int]:
+    """Per (user, target): snapshots waiting for their label, as the worker's lookup reports them."""
+    out = {}
+    for u in users:
+        status, body = worker.get(f"/users/{u}")
+        assert status == 200, (u, body)
+        for target, s in body["scores"].items():
+            out[(u, target)] = s["pending_snapshots"]
+    return out

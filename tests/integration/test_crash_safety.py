@@ -34,6 +34,7 @@ from tests.integration.harness import (
     Traffic,
     WorkerProc,
     consented_by_user,
+    pending_snapshots,
     read_topic,
     user_router,
     wait_until,
@@ -77,16 +78,6 @@ def check_features(worker: WorkerProc, users: dict[str, list[dict[str, Any]]], a
         assert got is not None, (u, worker.url)
         assert got["events"] == len(unique(evs)), u
         assert_features_equal(got["features"], reference_features(evs, as_of), f"user {u} on {worker.url}")
-
-
-def pending(worker: WorkerProc, users: list[str]) -> dict[tuple[str, str], int]:
-    out = {}
-    for u in users:
-        status, body = worker.get(f"/users/{u}")
-        assert status == 200, (u, body)
-        for target, s in body["scores"].items():
-            out[(u, target)] = s["pending_snapshots"]
-    return out
 
 
 def examples(bootstrap: str, topic: str) -> Counter[tuple[Any, ...]]:
@@ -161,7 +152,7 @@ def test_repeated_sigkill_loses_nothing_and_counts_nothing_twice(
     # labels: the training logs settle once both runs have expired what their watermarks allow
     names = sorted(users)
     wait_until(
-        lambda: pending(worker, names) == pending(control, names),
+        lambda: pending_snapshots(worker, names) == pending_snapshots(control, names),
         60,
         every_s=2.0,
         what="the killed run's pending ledger to equal the uninterrupted run's",
@@ -202,4 +193,4 @@ def test_repeated_sigkill_loses_nothing_and_counts_nothing_twice(
     fresh = make_worker("fresh", **LEARNING).start(timeout_s=120)
     wait_for_counts(fresh, users, 120)
     check_features(fresh, users, as_of)
-    assert pending(fresh, names) == pending(control, names)
+    assert pending_snapshots(fresh, names) == pending_snapshots(control, names)

@@ -28,7 +28,7 @@ from models.online import OnlineModel, inputs
 from models.persist import dump, model_of, snapshot_of
 from streams.settings import Settings
 from tests.conftest import ROOT
-from tests.integration.harness import consume_all, produce, wait_until
+from tests.integration.harness import consume_all, pending_snapshots, produce, wait_until
 from tests.integration.test_pipeline import router
 from traffic.simulator import SimConfig, simulate
 
@@ -126,16 +126,6 @@ def test_change_events_validate_and_follow_the_rules(
     assert len(lines) == min(3, n_metric) and all("→" in line for line in lines), out.stdout
 
 
-def pending_of(worker: Any, users: list[str]) -> dict[tuple[str, str], int]:
-    out = {}
-    for u in users:
-        status, body = worker.get(f"/users/{u}")
-        assert status == 200, (u, body)
-        for target, s in body["scores"].items():
-            out[(u, target)] = s["pending_snapshots"]
-    return out
-
-
 def test_model_version_and_ledger_survive_losing_the_disk(
     settings: Settings, make_worker: Any, kafka: str
 ) -> None:
@@ -151,7 +141,7 @@ def test_model_version_and_ledger_survive_losing_the_disk(
     time.sleep(3)  # let the last publications and changelog writes land
     before = models_of(first)
     users = sorted({str(e["user_id"]) for e in events})[:40]
-    pending = pending_of(first, users)
+    pending = pending_snapshots(first, users)
     assert sum(pending.values()) > 0, "nothing pending: the test would prove nothing"
     first.kill()  # SIGKILL: no clean shutdown
 
@@ -161,7 +151,7 @@ def test_model_version_and_ledger_survive_losing_the_disk(
         60,
         what="the published versions to be swapped in again",
     )
-    assert pending_of(second, users) == pending
+    assert pending_snapshots(second, users) == pending
     # learning goes on from the trainer's restored state: more labels, a newer version, counts not reset
     later = sim(users=200, days=1, seed=13)
     produce(kafka, router(settings), later)
