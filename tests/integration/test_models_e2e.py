@@ -37,10 +37,13 @@ pytestmark = pytest.mark.integration
 SCHEMA = json.loads((ROOT / "streams" / "schemas" / "change.schema.json").read_text())
 LOW, HIGH, HYST, DELTA = 0.2, 0.5, 0.03, 0.15  # the documented defaults the worker runs with here
 
+# Warm-up at 10 labels of each class: the simulated month ends "now", so the count of labels that
+# mature varies from run to run (purchase positives seen between 26 and 46 for the disk test's
+# traffic); 10 leaves a margin the test does not depend on.
 LEARNING = {
     "PROPSTREAM_TARGETS": "purchase:2d,churn:3d",
-    "PROPSTREAM_MIN_POSITIVES": "30",
-    "PROPSTREAM_MIN_NEGATIVES": "30",
+    "PROPSTREAM_MIN_POSITIVES": "10",
+    "PROPSTREAM_MIN_NEGATIVES": "10",
     "PROPSTREAM_PUBLISH_EVERY": "100",
     "PROPSTREAM_SAMPLE_EVERY_S": "1800",
     "PROPSTREAM_COOLDOWN_S": "0",
