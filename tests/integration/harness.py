@@ -108,6 +108,17 @@ class WorkerProc:
             self.proc.kill()
             self.proc.wait()
 
+    def cli(self, *args: str, timeout_s: float = 90) -> subprocess.CompletedProcess[str]:
+        """Run ``propstream ARGS`` with this worker's environment (its topics, broker, settings)."""
+        return subprocess.run(
+            [sys.executable, "-m", "streams.cli", *args],
+            env=self.env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
+
     def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
         try:
             req = urllib.request.Request(self.url + path, headers=headers or {})

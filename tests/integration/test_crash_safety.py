@@ -39,6 +39,7 @@ from tests.integration.harness import (
     user_router,
     wait_until,
 )
+from tests.integration.test_pipeline import wait_for_counts
 from tests.reference import HOUR, assert_features_equal, reference_features, unique
 from traffic.simulator import SimConfig, simulate
 
@@ -59,17 +60,6 @@ def sim_events(users: int, days: float, seed: int) -> list[dict[str, Any]]:
     events = list(simulate(SimConfig(users=users, days=days, seed=seed)))
     events.sort(key=lambda e: e["ts"] if isinstance(e["ts"], int) else 0)
     return events
-
-
-def wait_for_counts(worker: WorkerProc, users: dict[str, list[dict[str, Any]]], timeout_s: float) -> None:
-    def done() -> bool:
-        for u, evs in users.items():
-            f = worker.features(u)
-            if f is None or f["events"] != len(unique(evs)):
-                return False
-        return True
-
-    wait_until(done, timeout_s, every_s=1.0, what=f"every user's event count on {worker.url}")
 
 
 def check_features(worker: WorkerProc, users: dict[str, list[dict[str, Any]]], as_of: int) -> None:

@@ -10,8 +10,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from typing import Any
 
@@ -116,14 +114,7 @@ def test_change_events_validate_and_follow_the_rules(
         assert 0.0 <= s["score"] <= 1.0 and s["model_version"] >= 1 and not s["warming_up"], target
     assert worker.get("/users/nobody-here")[0] == 404
 
-    out = subprocess.run(
-        [sys.executable, "-m", "streams.cli", "tail", "-n", "3"],
-        env=worker.env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = worker.cli("tail", "-n", "3")
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
     assert len(lines) == min(3, n_metric) and all("→" in line for line in lines), out.stdout

@@ -8,8 +8,6 @@ log, and the RocksDB files on disk, opened directly.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,6 @@ from rocksdict import AccessType, Options, Rdict
 
 from streams.privacy import Pseudonymizer
 from streams.settings import Settings
-from tests.conftest import ROOT
 from tests.integration.harness import read_topic, wait_until
 from tests.integration.test_pipeline import router
 from tests.reference import DAY, HOUR, random_events
@@ -147,14 +144,7 @@ def test_erasure_leaves_no_trace(settings: Settings, make_worker: Any, kafka: st
     status, body = worker.get(f"/users/{victim}")
     assert status == 200 and sum(s["pending_snapshots"] for s in body["scores"].values()) > 0
 
-    out = subprocess.run(
-        [sys.executable, "-m", "streams.cli", "forget", victim],
-        env=worker.env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=90,
-    )
+    out = worker.cli("forget", victim)
     assert out.returncode == 0, out.stderr
     assert "features" in out.stdout and "scores" in out.stdout and "ledger" in out.stdout, out.stdout
     assert worker.get(f"/users/{victim}")[0] == 404
