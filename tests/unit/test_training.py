@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 from typing import Any
 
 import msgspec
@@ -163,7 +166,43 @@ def test_examples_with_another_input_layout_are_refused() -> None:
     assert tr.handle(2, msgspec.structs.replace(c, x=c.x[:-1])) == "refused"
     assert model_state(tr.model) == before and tr.st.since_publish == 1
     assert tr.handle(2, c) == "skipped"  # the refused offset is consumed all the same
-    assert inputs_hash() == inputs_hash() and isinstance(inputs_hash(), int)
+
+
+def test_inputs_hash_is_the_crc32_of_the_layout_and_moves_with_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    names = ("n_events_1h", "cart_value", "tenure_days")
+    monkeypatch.setattr("models.training.input_names", lambda: names)
+    # CRC-32 (IEEE 802.3, as in zlib) of b"n_events_1h,cart_value,tenure_days", computed bit by bit
+    crc = 0xFFFFFFFF
+    for byte in b"n_events_1h,cart_value,tenure_days":
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0xEDB88320 if crc & 1 else 0)
+    assert inputs_hash() == crc ^ 0xFFFFFFFF
+    # every change of the layout a sender could make is seen: order, a dropped, an added, a renamed input
+    for other in (
+        ("cart_value", "n_events_1h", "tenure_days"),
+        ("n_events_1h", "cart_value"),
+        (*names, "cart_items"),
+        ("n_events_1h", "cart_value", "tenure_day"),
+    ):
+        monkeypatch.setattr("models.training.input_names", lambda other=other: other)
+        assert inputs_hash() != crc ^ 0xFFFFFFFF, other
+
+
+def test_inputs_hash_is_the_same_in_every_process() -> None:
+    """Workers and the trainer are separate processes: the fingerprint must not depend on hash()."""
+    code = "from models.training import inputs_hash; print(inputs_hash())"
+    seen = set()
+    for seed in ("0", "1", "12345"):
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        seen.add(int(out.stdout))
+    assert seen == {inputs_hash()}
 
 
 def test_garbage_on_the_training_log_is_a_value_error() -> None:
