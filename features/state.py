@@ -1,8 +1,8 @@
 """Per-user feature state: one plain, msgpack-serialisable struct, bounded in size.
 
 Every feature family (``counts``, ``activity``, ``commerce``) reads and writes its own fields.
-The stored bytes start with a version tag: state written by an older definition is discarded
-rather than misread (see ``docs/features.md``).
+The stored bytes start with a version tag: state written by another definition is refused
+(:class:`Corrupt`, which the worker counts) rather than misread (see ``docs/features.md``).
 """
 
 from __future__ import annotations
@@ -57,12 +57,36 @@ def encode(state: UserState) -> bytes:
     return _encoder.encode(state)
 
 
+class Corrupt(ValueError):
+    """Stored or consumed bytes that are not the expected value: garbage, or another layout version.
+
+    Pure code raises it; the worker counts it (``propstream_decode_errors_total{what}``), logs it
+    and carries on with a fresh value, so one bad value never stops a batch.
+    """
+
+    def __init__(self, what: str, detail: str) -> None:
+        super().__init__(f"unreadable {what}: {detail}")
+        self.what = what
+        self.detail = detail
+
+
 def decode(raw: bytes | None) -> UserState:
-    """The stored state, or a fresh one when absent or written by another version."""
+    """The stored state (a fresh one when absent); :class:`Corrupt` for garbage or another version.
+
+    >>> decode(encode(UserState(events=3))).events
+    3
+    >>> try:
+    ...     decode(b"\\xc1")
+    ... except Corrupt as exc:
+    ...     exc.what
+    'features'
+    """
     if not raw:
         return UserState()
     try:
         state = _decoder.decode(raw)
-    except msgspec.DecodeError:
-        return UserState()
-    return state if state.v == STATE_VERSION else UserState()
+    except msgspec.DecodeError as exc:
+        raise Corrupt(what="features", detail=str(exc)) from None
+    if state.v != STATE_VERSION:
+        raise Corrupt(what="features", detail=f"layout version {state.v}, this version reads {STATE_VERSION}")
+    return state

@@ -92,10 +92,17 @@ class Matured(msgspec.Struct, array_like=True):
     resolved_ms: int
 
 
+LEDGER_VERSION = 1
+
+
 class UserLedger(msgspec.Struct, array_like=True):
-    """Per user: pending snapshots per target name, oldest first."""
+    """Per user: pending snapshots per target name, oldest first.
+
+    ``v`` is the layout version, last so that ledgers written before it existed read as version 1.
+    """
 
     pending: dict[str, list[Snapshot]] = msgspec.field(default_factory=dict)
+    v: int = LEDGER_VERSION
 
 
 def due(last_sampled_ms: int | None, target: Target, ts_ms: int) -> bool:

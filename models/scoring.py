@@ -20,11 +20,12 @@ import msgspec
 
 from features.catalogue import NAMES
 from features.contract import Event
-from features.state import FeatureParams, UserState
+from features.state import Corrupt, FeatureParams, UserState
 from features.user import FeatureValue, compute, finalize
 from models.changes import Announced, ChangeRules, detect
 from models.fastscore import FastScorer
 from models.ledger import (
+    LEDGER_VERSION,
     Matured,
     Snapshot,
     Target,
@@ -87,29 +88,61 @@ def encode(obj: ScoreState | UserLedger) -> bytes:
 
 
 def decode_state(raw: bytes | None) -> ScoreState:
+    """The stored score state (a fresh one when absent); :class:`Corrupt` for garbage or another version."""
     if not raw:
         return ScoreState()
     try:
         st = _ss_dec.decode(raw)
-    except msgspec.DecodeError:
-        return ScoreState()
-    return st if st.v == SCORE_STATE_VERSION else ScoreState()
+    except msgspec.DecodeError as exc:
+        raise Corrupt(what="scores", detail=str(exc)) from None
+    if st.v != SCORE_STATE_VERSION:
+        raise Corrupt(
+            what="scores", detail=f"layout version {st.v}, this version reads {SCORE_STATE_VERSION}"
+        )
+    return st
+
+
+def decode_ledger(raw: bytes | None) -> UserLedger:
+    """The stored ledger (an empty one when absent); :class:`Corrupt` for garbage or another version."""
+    if not raw:
+        return UserLedger()
+    try:
+        led = _led_dec.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise Corrupt(what="ledger", detail=str(exc)) from None
+    if led.v != LEDGER_VERSION:
+        raise Corrupt(what="ledger", detail=f"layout version {led.v}, this version reads {LEDGER_VERSION}")
+    return led
 
 
 class LazyLedger:
-    """A user's ledger, loaded on first use only; ``dirty`` once changed."""
+    """A user's ledger, loaded on first use only; ``dirty`` once changed.
 
-    __slots__ = ("_ledger", "_load", "dirty")
+    An unreadable stored ledger raises :class:`Corrupt`, or, given ``on_corrupt`` (the worker),
+    is reported there and replaced by an empty one that is written back (``dirty``): its pending
+    snapshots are lost, the user's stream is not.
+    """
 
-    def __init__(self, load: Callable[[], bytes | None]) -> None:
+    __slots__ = ("_ledger", "_load", "_on_corrupt", "dirty")
+
+    def __init__(
+        self, load: Callable[[], bytes | None], on_corrupt: Callable[[Corrupt], None] | None = None
+    ) -> None:
         self._load = load
+        self._on_corrupt = on_corrupt
         self._ledger: UserLedger | None = None
         self.dirty = False
 
     def get(self) -> UserLedger:
         if self._ledger is None:
-            raw = self._load()
-            self._ledger = _led_dec.decode(raw) if raw else UserLedger()
+            try:
+                self._ledger = decode_ledger(self._load())
+            except Corrupt as exc:
+                if self._on_corrupt is None:
+                    raise
+                self._on_corrupt(exc)
+                self._ledger = UserLedger()
+                self.dirty = True
         return self._ledger
 
     @property

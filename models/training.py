@@ -15,6 +15,7 @@ from typing import Any
 
 import msgspec
 
+from features.state import Corrupt
 from models import quality
 from models.online import ModelConfig, OnlineModel
 from models.persist import ModelSnapshot, load, model_of, model_state, restore, snapshot_of
@@ -69,6 +70,25 @@ class TrainerState(msgspec.Struct):
     model: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
+_state_dec = msgspec.msgpack.Decoder(TrainerState)
+
+
+def decode_trainer_state(raw: bytes | None) -> TrainerState | None:
+    """The stored trainer state (None when absent); :class:`Corrupt` when unreadable.
+
+    The model inside is checked too, so a state that decodes but cannot be restored is refused
+    here rather than failing later in the trainer.
+    """
+    if not raw:
+        return None
+    try:
+        state = _state_dec.decode(raw)
+        restore(state.config, state.model)
+    except (msgspec.DecodeError, KeyError, TypeError, ValueError) as exc:
+        raise Corrupt(what="trainer_state", detail=f"{type(exc).__name__}: {exc}") from None
+    return state
+
+
 class Trainer:
     def __init__(
         self,
@@ -90,6 +110,7 @@ class Trainer:
         self.names = input_names()
         self.hash = inputs_hash()
         self.window: deque[tuple[float, int]] = deque(maxlen=window)
+        self.refusal = ""  # why the last message was refused
         if state is not None:
             self.st = state
             self.model = restore(state.config, state.model)
@@ -116,15 +137,22 @@ class Trainer:
             return "skipped"  # redelivered after a crash: already in the model
         self.st.offset = offset
         if isinstance(msg, Rollback):
-            snap = load(msg.snapshot)
-            if snap.target != self.target or snap.version != msg.to_version:
+            try:
+                snap = load(msg.snapshot)
+                model = model_of(snap)
+            except (ValueError, KeyError, TypeError) as exc:
+                self.refusal = f"rollback to {msg.to_version}: the snapshot is unreadable ({exc})"
                 return "refused"
-            self.model = model_of(snap)
+            if snap.target != self.target or snap.version != msg.to_version:
+                self.refusal = f"rollback to {msg.to_version}: the snapshot is {snap.target} v{snap.version}"
+                return "refused"
+            self.model = model
             self.st.trained_to_ms = snap.trained_to_ms  # the weights know nothing newer
             self.st.note = f"rollback to {msg.to_version}"
             self.st.force = True
             return "rollback"
         if msg.inputs != self.hash or len(msg.x) != len(self.names):
+            self.refusal = "training example with another input layout"
             return "refused"
         was_warm = self.warm
         self.model.learn(dict(zip(self.names, msg.x, strict=True)), msg.label)

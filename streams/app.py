@@ -10,12 +10,13 @@ import asyncio
 import functools
 import logging
 import math
+import os
 import time
 import unicodedata
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NoReturn
 
 import aiohttp
 import faust
@@ -28,11 +29,12 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from features.catalogue import NAMES
 from features.contract import MAX_ID_LEN, parse_time_ms
-from features.state import UserState, decode
+from features.state import Corrupt, UserState, decode
 from features.user import compute
 from models.scoring import ScoringCore
 from streams.erasure import attach_erasure
-from streams.ingest import DeadLetter, IngestHandler, Record, params_from
+from streams.faults import Faults
+from streams.ingest import DeadLetter, IngestHandler, Record, decode_mark, encode_mark, params_from
 from streams.metrics import Metrics
 from streams.model_feed import LiveModels
 from streams.model_metrics import ModelMetrics
@@ -43,19 +45,19 @@ from streams.settings import Settings
 from streams.trainer import attach_trainer
 
 FEATURE_TABLE = "features"
+EXIT_BATCH_FAILED = 70  # EX_SOFTWARE: the supervisor restarts the worker; its events are redelivered
 
 log = logging.getLogger(__name__)
 
 
-class FaustTableStore:
-    """:class:`streams.ingest.StateStore` over a Faust table.
+class FaustMarks:
+    """The partition context and the persisted watermarks for :class:`streams.rows.RowStore`.
 
     Faust picks the changelog partition and the RocksDB file from the *current event*; a batch
     mixes partitions, so each partition's writes run with one of its own events made current.
     """
 
-    def __init__(self, table: Any, marks: Any) -> None:
-        self.table = table
+    def __init__(self, marks: Any) -> None:
         self.marks = marks
 
     @contextmanager
@@ -66,39 +68,16 @@ class FaustTableStore:
         finally:
             _current_event.reset(token)
 
-    def get(self, user_id: str) -> bytes | None:
-        value: bytes | None = self.table.get(user_id)
-        return value
-
-    def set(self, user_id: str, value: bytes) -> None:
-        self.table[user_id] = value
-
     def get_mark(self, topic: str, partition: int) -> int | None:
         raw = self.marks.get(f"{topic}|{partition}")
-        return int(raw) if raw is not None else None
+        return decode_mark(raw) if raw is not None else None
 
     def set_mark(self, topic: str, partition: int, ts_ms: int) -> None:
-        self.marks[f"{topic}|{partition}"] = str(ts_ms).encode()
-
-    def scan_users(self, partition: int, after: str | None, limit: int) -> list[tuple[str, bytes]]:
-        store = self.table.data  # faust's RocksDB store: one database per partition
-        db = store._db_for_partition(partition)
-        out: list[tuple[str, bytes]] = []
-        start = after.encode() if after is not None else None
-        for key, value in db.items(from_key=start):
-            if key == start or key == store.offset_key:
-                continue
-            out.append((key.decode(), value))
-            if len(out) >= limit:
-                break
-        return out
-
-    def delete(self, user_id: str) -> None:
-        self.table.pop(user_id, None)
+        self.marks[f"{topic}|{partition}"] = encode_mark(ts_ms)
 
 
 class FaustKV:
-    """:class:`streams.score_stage.KV` over a Faust table (writes need the partition context)."""
+    """:class:`streams.rows.Backend` over a Faust table (writes need the partition context)."""
 
     def __init__(self, table: Any) -> None:
         self.table = table
@@ -113,10 +92,13 @@ class FaustKV:
     def delete(self, key: str) -> None:
         self.table.pop(key, None)
 
-    def scan(self, partition: int) -> Iterator[tuple[str, bytes]]:
+    def scan(self, partition: int, after: str | None = None) -> Iterator[tuple[str, bytes]]:
         store = self.table.data  # faust's RocksDB store: one database per partition
-        for key, value in store._visible_items(store._db_for_partition(partition)):
-            yield key.decode(), value
+        db = store._db_for_partition(partition)
+        start = after.encode() if after is not None else None
+        for key, value in db.items(from_key=start):
+            if key != start and key != store.offset_key:
+                yield key.decode(), value
 
 
 class QuietMonitor(Monitor):
@@ -184,6 +166,7 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
         consumer_max_fetch_size=8 * 1024 * 1024,
     )
     metrics = Metrics()
+    faults = Faults(metrics)
     app.propstream_metrics = metrics  # type: ignore[attr-defined]
     metrics.watch_app(app)
     table = app.Table(
@@ -210,22 +193,28 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
         deadletter.send_soon(key=dl.record.key, value=dl.record.value, headers=dl.headers())
 
     rows = UserRows(FaustKV(table))
-    stage, live = _scoring(app, settings, metrics, rows)
-    store = RowStore(rows, FaustTableStore(table, marks))
+    stage, live = _scoring(app, settings, metrics, faults, rows)
+    store = RowStore(rows, FaustMarks(marks))
     pseudonym = Pseudonymizer(settings.pseudonymize_key)  # lookups and erasure take raw ids
-    attach_erasure(app, settings, table, pseudonym)
-    handler = IngestHandler(settings, store, send_dead_letter, metrics, stage=stage)
+    attach_erasure(app, settings, table, pseudonym, faults)
+    handler = IngestHandler(settings, store, send_dead_letter, metrics, stage=stage, faults=faults)
     app.propstream_handler = handler  # type: ignore[attr-defined]
 
     async def ingest(stream: Any) -> None:  # faust's StreamT stub lacks take_events
         async for batch in stream.take_events(settings.batch_size, within=settings.batch_within_s):
-            handler.process(
-                [
-                    Record(m.topic, m.partition, m.offset, m.key, m.value, ev)
-                    for ev in batch
-                    for m in (ev.message,)
-                ]
-            )
+            records = [
+                Record(m.topic, m.partition, m.offset, m.key, m.value, ev)
+                for ev in batch
+                for m in (ev.message,)
+            ]
+            try:
+                handler.process(records)
+            except BaseException as exc:
+                stop_unacked(exc, records)
+
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]
+    async def on_revoked_ingest(app: Any, revoked: set[Any], **kwargs: Any) -> None:
+        handler.forget_partitions({tp.partition for tp in revoked if tp.topic in settings.source_topics})
 
     app.agent(source, name="ingest")(ingest)
     params = params_from(settings)
@@ -246,7 +235,12 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
         raw = rows.get(pseudonym(user_id), FEATURES)
         if raw is None:
             return error(web, 404, "unknown_user", f"no features for user {user_id!r} on this cluster")
-        return decode(raw)
+        try:
+            return decode(raw)
+        except Corrupt as exc:
+            faults.corrupt(exc, pseudonym(user_id))
+            detail = "this user's stored features are unreadable; their next event starts them afresh"
+            return error(web, 500, "corrupt_state", detail)
 
     def checked(fun: Any) -> Any:
         """Token and user id checked *before* routing (the router hashes the id as UTF-8), JSON errors.
@@ -280,7 +274,7 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
         arg = request.query.get("as_of")
         if arg is None:
             return max(handler.watermarks.clock(p) for p in range(settings.partitions))
-        return parse_time_ms(int(arg) if arg.isdigit() else arg)
+        return parse_as_of(arg)
 
     @app.page("/users/{user_id}")
     class UserView(View):
@@ -334,12 +328,12 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
         @checked
         @app.table_route(table=table, match_info="user_id")  # type: ignore[arg-type]
         async def get(self, request: Request, user_id: str) -> Response:
+            as_of = as_of_of(request)  # before the user is read: a bad query is a 400 whoever asks
+            if as_of is None:
+                return error(self, 400, "bad_as_of", "as_of must be epoch ms or ISO-8601 with offset")
             state = load_user(self, request, user_id)
             if not isinstance(state, UserState):  # faust's Response is no base of aiohttp's
                 return state
-            as_of = as_of_of(request)
-            if as_of is None:
-                return error(self, 400, "bad_as_of", "as_of must be epoch ms or ISO-8601 with offset")
             as_of = max(as_of, state.last_ms)
             feats = compute(state, as_of, params)
             return self.json(
@@ -383,6 +377,32 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
     return app
 
 
+def parse_as_of(arg: str) -> int | None:
+    """Epoch ms (ASCII digits only) or ISO-8601 with an offset; None for anything else.
+
+    >>> parse_as_of("1764547200000"), parse_as_of("2025-12-01T00:00:00Z"), parse_as_of("\u00b2")
+    (1764547200000, 1764547200000, None)
+    """
+    if arg.isascii() and arg.isdigit():
+        return parse_time_ms(int(arg))
+    return parse_time_ms(arg)
+
+
+def stop_unacked(exc: BaseException, records: list[Record]) -> NoReturn:
+    """A batch failed outside any one user (the store, the producer): stop the process now.
+
+    Faust acks a batch's events when its body ends, even by an exception, so carrying on would
+    commit offsets of events that were never written. Exiting at once, inside the body, leaves
+    them uncommitted: the next owner of the partitions (this worker restarted, or another) gets
+    them again, and per-user dedup makes the part already written harmless (docs/guarantees.md).
+    """
+    first = records[0] if records else None
+    where = f" (first {first.topic}[{first.partition}]@{first.offset})" if first else ""
+    log.critical("a batch of %d events failed%s; stopping unacknowledged", len(records), where, exc_info=exc)
+    logging.shutdown()
+    os._exit(EXIT_BATCH_FAILED)
+
+
 def user_id_problem(user_id: str) -> str | None:
     """Why a user id in a URL cannot name a user, or None.
 
@@ -406,11 +426,13 @@ def _finite(values: dict[str, float]) -> dict[str, float | None]:
 
 
 def _scoring(
-    app: faust.App, settings: Settings, metrics: Metrics, rows: UserRows
+    app: faust.App, settings: Settings, metrics: Metrics, faults: Faults, rows: UserRows
 ) -> tuple[ScoreStage, LiveModels]:
     """Tables, topics, live models, trainer and the score stage the ingest handler calls."""
     model_metrics = ModelMetrics(metrics.registry)
-    live = LiveModels(settings, lambda name, m, snap: model_metrics.record_model(name, m, snap.quality))
+    live = LiveModels(
+        settings, lambda name, m, snap: model_metrics.record_model(name, m, snap.quality), faults
+    )
     for name, m in live.models.items():
         model_metrics.record_model(name, m, {})
 
@@ -432,8 +454,8 @@ def _scoring(
         live.models,
         top_k=settings.top_factors,
     )
-    stage = ScoreStage(core, scores, ledgers, send_change, send_example, model_metrics)
-    trainers = attach_trainer(app, settings, live, model_metrics)
+    stage = ScoreStage(core, scores, ledgers, send_change, send_example, model_metrics, faults=faults)
+    trainers = attach_trainer(app, settings, live, model_metrics, faults)
     servers = app.conf.broker[0]
 
     @app.task

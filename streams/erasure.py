@@ -16,6 +16,7 @@ from typing import Any
 
 import faust
 
+from streams.faults import Faults
 from streams.privacy import Pseudonymizer, parse_request
 from streams.rows import decode_row
 from streams.settings import Settings
@@ -24,7 +25,9 @@ log = logging.getLogger(__name__)
 PARTS = ("features", "scores", "ledger")  # the parts of a user's row, in order
 
 
-def attach_erasure(app: faust.App, settings: Settings, table: Any, pseudonym: Pseudonymizer) -> None:
+def attach_erasure(
+    app: faust.App, settings: Settings, table: Any, pseudonym: Pseudonymizer, faults: Faults
+) -> None:
     """Add the erasure agent over the per-user rows ``table`` (features, scores and ledger in one value)."""
     requests = app.topic(settings.topic_erasure, key_serializer="raw", value_serializer="raw")
     changes = app.topic(settings.topic_changes, key_serializer="raw", value_serializer="raw")
@@ -35,7 +38,7 @@ def attach_erasure(app: faust.App, settings: Settings, table: Any, pseudonym: Ps
             msg = event.message
             parsed = parse_request(msg.key, msg.value)
             if parsed is None:
-                log.warning("erasure request at offset %d names no user: ignored", msg.offset)
+                faults.unreadable("erasure_request", "names no user: ignored", f"offset {msg.offset}")
                 continue
             raw_id, request_id = parsed
             user = pseudonym(raw_id)

@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from features import state as codec
 from features.contract import REASONS, Event, Rejected, Rules, parse
-from features.state import FeatureParams
+from features.state import Corrupt, FeatureParams, UserState
 from features.user import apply, finalize
+from streams.faults import Faults, describe
 from streams.metrics import Metrics
 from streams.privacy import Pseudonymizer
 from streams.settings import Settings
@@ -64,22 +65,47 @@ class StateStore(Protocol):
     def set(self, user_id: str, value: bytes) -> None: ...
 
     def get_mark(self, topic: str, partition: int) -> int | None:
-        """Persisted newest event time of ``topic`` in ``partition`` (survives restarts and moves)."""
+        """Persisted newest event time of ``topic`` in ``partition`` (survives restarts and moves);
+        :class:`~features.state.Corrupt` when the stored bytes are not one (:func:`decode_mark`)."""
 
     def set_mark(self, topic: str, partition: int, ts_ms: int) -> None: ...
 
     def scan_users(self, partition: int, after: str | None, limit: int) -> list[tuple[str, bytes]]:
-        """Up to ``limit`` users of ``partition`` in key order, after ``after`` (retention sweep)."""
+        """Up to ``limit`` users of ``partition`` in key order, after ``after`` (retention sweep),
+        each with its feature state as this batch left it so far (unflushed writes included)."""
 
     def delete(self, user_id: str) -> None: ...
 
+    def discard(self, user_id: str) -> None:
+        """Forget this batch's unwritten changes to ``user_id`` (its processing failed)."""
+
+
+def encode_mark(ts_ms: int) -> bytes:
+    return str(ts_ms).encode()
+
+
+def decode_mark(raw: bytes) -> int:
+    """A stored watermark; :class:`~features.state.Corrupt` for anything else.
+
+    >>> decode_mark(encode_mark(1764547200000))
+    1764547200000
+    """
+    try:
+        return int(raw)
+    except (TypeError, ValueError):
+        raise Corrupt(what="watermark", detail=f"{bytes(raw[:40])!r} is not an epoch-ms integer") from None
+
 
 class MemoryStore:
-    """An in-process :class:`StateStore` (benchmarks, unit tests): a dict, no partitions."""
+    """An in-process :class:`StateStore` (benchmarks, unit tests): a dict, no partitions.
+
+    It writes through, so it holds nothing a failed user could :meth:`discard`; the worker's
+    :class:`streams.rows.RowStore` holds a batch's writes until the partition is done.
+    """
 
     def __init__(self) -> None:
         self.data: dict[str, bytes] = {}
-        self.marks: dict[tuple[str, int], int] = {}
+        self.marks: dict[tuple[str, int], bytes] = {}
         self.writes = 0
 
     @contextmanager
@@ -94,10 +120,11 @@ class MemoryStore:
         self.data[user_id] = value
 
     def get_mark(self, topic: str, partition: int) -> int | None:
-        return self.marks.get((topic, partition))
+        raw = self.marks.get((topic, partition))
+        return None if raw is None else decode_mark(raw)
 
     def set_mark(self, topic: str, partition: int, ts_ms: int) -> None:
-        self.marks[(topic, partition)] = ts_ms
+        self.marks[(topic, partition)] = encode_mark(ts_ms)
 
     def scan_users(self, partition: int, after: str | None, limit: int) -> list[tuple[str, bytes]]:
         keys = sorted(k for k in self.data if after is None or k > after)[:limit]
@@ -105,6 +132,9 @@ class MemoryStore:
 
     def delete(self, user_id: str) -> None:
         self.data.pop(user_id, None)
+
+    def discard(self, user_id: str) -> None:
+        pass
 
 
 def rules_from(settings: Settings) -> Rules:
@@ -155,6 +185,11 @@ class Watermarks:
             return True
         return False
 
+    def forget(self, partition: int) -> None:
+        """The partition left this process: whoever owns it next moves its watermark on."""
+        for key in [k for k in self.newest if k[1] == partition]:
+            del self.newest[key]
+
 
 class IngestHandler:
     """Process batches; hands rejects to ``dead_letter`` and counts everything in ``metrics``."""
@@ -167,6 +202,7 @@ class IngestHandler:
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
         stage: ScoreStage | None = None,
+        faults: Faults | None = None,
     ) -> None:
         self.rules = rules_from(settings)
         self.params = params_from(settings)
@@ -174,6 +210,7 @@ class IngestHandler:
         self.store = store
         self.dead_letter = dead_letter
         self.metrics = metrics or Metrics()
+        self.faults = faults or Faults(self.metrics)
         self.clock = clock
         self.watermarks = Watermarks(settings.source_topics)
         self.loaded: set[int] = set()
@@ -237,7 +274,6 @@ class IngestHandler:
                     items.append((ev, rec))
 
         out: dict[str, list[Event]] = {}
-        advanced: dict[tuple[str, int], Record] = {}
         writes = 0
         evicted = 0
         params = self.params
@@ -246,40 +282,59 @@ class IngestHandler:
         for p, users in groups.items():
             floor = floors[p]
             first = next(iter(users.values()))[0][1]
+            moved: set[str] = set()  # topics whose watermark this partition's events advanced
             with store.partition(first):
                 for user_id, items in users.items():
-                    st = codec.decode(store.get(user_id))
-                    scoring = stage.begin_user(user_id) if stage is not None else None
-                    done: list[Event] = []
-                    for ev, rec in items:
-                        reason = apply(st, ev, params, min_ts_ms=floor)
-                        if reason is None:
-                            done.append(ev)
+                    # One user is one unit of work: nothing of it is published, counted or
+                    # written before all of it succeeded (the rule in docs/guarantees.md).
+                    done: list[tuple[Event, Record]] = []
+                    refused: list[tuple[Record, str, str]] = []
+                    try:
+                        try:
+                            st = codec.decode(store.get(user_id))
+                        except Corrupt as exc:
+                            self.faults.corrupt(exc, user_id)
+                            st = UserState()
+                        scoring = stage.begin_user(user_id) if stage is not None else None
+                        for ev, rec in items:
+                            reason = apply(st, ev, params, min_ts_ms=floor)
+                            if reason is None:
+                                done.append((ev, rec))
+                                if stage is not None and scoring is not None:
+                                    stage.on_event(scoring, st, ev)
+                            else:
+                                refused.append((rec, reason, _detail(reason, ev, floor)))
+                        if done:
+                            finalize(st)
+                            store.set(user_id, codec.encode(st))
                             if stage is not None and scoring is not None:
-                                stage.on_event(scoring, st, ev)
+                                stage.end_user(scoring, st, done[-1][0], p)
+                    except Exception as exc:  # a bug or a value no check foresaw: this user only
+                        store.discard(user_id)
+                        self.faults.failed("user", exc, user_id)
+                        detail = describe(exc)
+                        for rec in dict.fromkeys(r for _, r in items):
+                            reject(rec, "processing_error", detail)
+                        continue
+                    for rec, reason, detail in refused:
+                        reject(rec, reason, detail)
+                    if done:
+                        writes += 1
+                        out[user_id] = [ev for ev, _ in done]
+                        for ev, rec in done:
                             key = (rec.topic, ev.type)
                             accepted[key] = accepted.get(key, 0) + 1
                             if marks.advance(rec.topic, p, ev.ts_ms):
-                                advanced[(rec.topic, p)] = rec
+                                moved.add(rec.topic)
                             if ev.ts_ms > newest_ts:
                                 newest_ts = ev.ts_ms
-                        else:
-                            reject(rec, reason, _detail(reason, ev, floor))
-                    if done:
-                        finalize(st)
-                        store.set(user_id, codec.encode(st))
-                        writes += 1
-                        out[user_id] = done
-                        if stage is not None and scoring is not None:
-                            stage.end_user(scoring, st, done[-1], p)
                 if stage is not None:
                     # labels can be final only below the lateness floor: no accepted event is older
                     stage.expire_partition(p, marks.of(p) - self.lateness_ms)
                 if self.ttl_ms:
                     evicted += self._sweep(p)
-        for (topic, p), rec in advanced.items():
-            with store.partition(rec):
-                store.set_mark(topic, p, marks.newest[(topic, p)])
+                for topic in moved:
+                    self._save_mark(topic, p)
         if stage is not None:
             stage.end_batch(t0)
         if evicted:
@@ -289,6 +344,18 @@ class IngestHandler:
         if newest_ts:
             m.lag_seconds.observe(max(0.0, now_ms - newest_ts) / 1000.0)
         return out
+
+    def forget_partitions(self, partitions: set[int]) -> None:
+        """Partitions revoked from this process: drop their in-memory watermarks and sweep positions.
+
+        Whoever owns a partition next moves its watermark on; when it comes back, the persisted
+        marks are read again (:meth:`_load_marks`), so an older copy here can never make an event
+        that the other owner refused as late look on time.
+        """
+        for p in partitions:
+            self.loaded.discard(p)
+            self.watermarks.forget(p)
+            self.sweep_after.pop(p, None)
 
     def _sweep(self, p: int) -> int:
         """Evict a few users of partition ``p`` inactive for longer than the TTL, in event time.
@@ -304,7 +371,11 @@ class IngestHandler:
         self.sweep_after[p] = users[-1][0] if len(users) == self.sweep_batch else None
         evicted = 0
         for user_id, raw in users:
-            if codec.decode(raw).last_ms < cutoff:
+            try:
+                last_ms = codec.decode(raw).last_ms
+            except Corrupt:
+                continue  # counted when the user's next event reads it; retention judges readable state
+            if last_ms < cutoff:
                 self.store.delete(user_id)
                 if self.stage is not None:
                     self.stage.forget_user(user_id)
@@ -321,10 +392,27 @@ class IngestHandler:
         p = rec.partition
         with self.store.partition(rec):
             for topic in self.watermarks.topics:
-                ts = self.store.get_mark(topic, p)
+                ts = self._stored_mark(topic, p)
                 if ts is not None:
                     self.watermarks.advance(topic, p, ts)
         self.loaded.add(p)
+
+    def _stored_mark(self, topic: str, p: int) -> int | None:
+        try:
+            return self.store.get_mark(topic, p)
+        except Corrupt as exc:
+            self.faults.corrupt(exc, f"{topic}|{p}")
+            return None  # rewritten with the next event's time
+
+    def _save_mark(self, topic: str, p: int) -> None:
+        """Persist the partition's watermark of ``topic``, never lower than what is stored."""
+        ts = self.watermarks.newest[(topic, p)]
+        try:
+            stored = self.store.get_mark(topic, p)
+        except Corrupt:
+            stored = None  # counted when loaded; replaced now
+        if stored is None or ts > stored:
+            self.store.set_mark(topic, p, ts)
 
 
 def _detail(reason: str, ev: Event, floor: int) -> str:

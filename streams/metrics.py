@@ -74,6 +74,21 @@ class Metrics:
             "Users removed from state after user_ttl_days without events (retention).",
             registry=r,
         )
+        self.decode_errors = Counter(
+            "propstream_decode_errors_total",
+            "Stored or consumed bytes that could not be read, by what they should have been "
+            "(features, scores, ledger, watermark, trainer_state, training_message, model_snapshot, "
+            "erasure_request): state starts afresh, a message is skipped; the worker goes on.",
+            ["what"],
+            registry=r,
+        )
+        self.processing_errors = Counter(
+            "propstream_processing_errors_total",
+            "Unexpected exceptions isolated to one unit of work, by stage: user (its events of the "
+            "batch became processing_error dead letters), expire, sweep, trainer, models.",
+            ["stage"],
+            registry=r,
+        )
         self.watermark = Gauge(
             "propstream_watermark_seconds",
             "Event-time watermark per partition, epoch seconds.",

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from models.online import OnlineModel
 from models.persist import ModelSnapshot, load, model_of
 from models.scoring import TargetModel
+from streams.faults import Faults, describe
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -23,10 +24,14 @@ class LiveModels:
     """The model each target is scored with on this worker, and the snapshot it came from."""
 
     def __init__(
-        self, settings: Settings, on_swap: Callable[[str, TargetModel, ModelSnapshot], None]
+        self,
+        settings: Settings,
+        on_swap: Callable[[str, TargetModel, ModelSnapshot], None],
+        faults: Faults,
     ) -> None:
         self.settings = settings
         self.on_swap = on_swap
+        self.faults = faults
         config = settings.learner_config()
         self.models: dict[str, TargetModel] = {
             t.name: TargetModel(OnlineModel(config), 0, settings.min_positives, settings.min_negatives)
@@ -36,28 +41,47 @@ class LiveModels:
         self.caught_up = asyncio.Event()
         self.refused = 0
 
-    def apply(self, raw: bytes | None) -> bool:
-        """Take one message of the models topic; True if it swapped a model in."""
+    def apply(self, raw: bytes | None, where: str = "") -> bool:
+        """Take one message of the models topic; True if it swapped a model in.
+
+        A message that is no snapshot, or whose model cannot be rebuilt, is counted and skipped:
+        the live model stays, and following (and so the trainer's catch-up) goes on.
+        """
         if raw is None:
             return False
         try:
             snap = load(raw)
-        except ValueError as exc:
+            live = self.models.get(snap.target)
+            if live is None or snap.version <= live.version:
+                return False  # a target not configured here, or an older version replayed
+            model = model_of(snap)
+        except Exception as exc:  # ValueError from load; anything from a snapshot with a bad state
             self.refused += 1
-            log.warning("ignoring a message on the models topic: %s", exc)
+            self.faults.unreadable("model_snapshot", describe(exc), where)
             return False
-        live = self.models.get(snap.target)
-        if live is None or snap.version <= live.version:
-            return False  # a target not configured here, or an older version replayed
         s = self.settings
-        new = TargetModel(model_of(snap), snap.version, s.min_positives, s.min_negatives)
+        new = TargetModel(model, snap.version, s.min_positives, s.min_negatives)
         self.models[snap.target] = new
         self.snapshots[snap.target] = snap
         self.on_swap(snap.target, new, snap)
         return True
 
-    async def follow(self, bootstrap: str) -> None:
-        """Read the models topic from the start forever; ``caught_up`` is set once the backlog is read."""
+    async def follow(self, bootstrap: str, retry_s: float = 2.0) -> None:
+        """Read the models topic from the start forever; ``caught_up`` is set once the backlog is read.
+
+        Any failure (the broker went away, a client error) is counted and the feed starts again
+        from the beginning after ``retry_s``: newer versions win, so rereading is harmless.
+        """
+        while True:
+            try:
+                await self._follow(bootstrap)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.faults.failed("models", exc)
+                await asyncio.sleep(retry_s)
+
+    async def _follow(self, bootstrap: str) -> None:
         from aiokafka import AIOKafkaConsumer, TopicPartition
 
         topic = self.settings.topic_models
@@ -80,7 +104,7 @@ class LiveModels:
                 batch = await consumer.getmany(*tps, timeout_ms=500)
                 for messages in batch.values():
                     for msg in messages:
-                        self.apply(msg.value)
+                        self.apply(msg.value, f"{msg.topic}[{msg.partition}]@{msg.offset}")
                 if not self.caught_up.is_set():
                     positions = [await consumer.position(tp) for tp in tps]
                     if all(pos >= ends[tp] for pos, tp in zip(positions, tps, strict=True)):

@@ -52,7 +52,8 @@ class Backend(Protocol):
 
     def set(self, key: str, value: bytes) -> None: ...
 
-    def scan(self, partition: int) -> Iterator[tuple[str, bytes]]: ...
+    def scan(self, partition: int, after: str | None = None) -> Iterator[tuple[str, bytes]]:
+        """Keys and values of ``partition`` in key order, from the first key after ``after``."""
 
     def delete(self, key: str) -> None: ...
 
@@ -94,8 +95,21 @@ class UserRows:
         self._dirty.discard(user_id)
         self._deleted.add(user_id)
 
+    def drop(self, user_id: str) -> None:
+        """Forget this batch's unwritten changes to one user: its row stays as stored."""
+        self._rows.pop(user_id, None)
+        self._dirty.discard(user_id)
+        self._deleted.discard(user_id)
+
+    def held(self, user_id: str, part: int, stored: bytes) -> bytes:
+        """``part`` of the user's row as this batch left it so far, ``stored`` being the table's value."""
+        if user_id in self._deleted:
+            return b""
+        row = self._rows.get(user_id)
+        return (row if row is not None else decode_row(stored))[part]
+
     def discard(self) -> None:
-        """Forget unwritten changes (the batch failed: it will be redelivered)."""
+        """Forget unwritten changes (the partition's work failed: the worker stops, see app.py)."""
         self._dirty.clear()
         self._deleted.clear()
         self._rows.clear()
@@ -115,11 +129,11 @@ class UserRows:
         self.writes += n
         return n
 
-    def scan(self, partition: int, part: int) -> Iterator[tuple[str, bytes]]:
+    def scan(self, partition: int, part: int, after: str | None = None) -> Iterator[tuple[str, bytes]]:
         """Every user's ``part`` in ``partition``, unwritten changes included (the rows held are
         the current partition's: the handler works one partition at a time)."""
         held = self._rows
-        for user_id, raw in self.backend.scan(partition):
+        for user_id, raw in self.backend.scan(partition, after):
             row = held.get(user_id)
             value = (row if row is not None else decode_row(raw))[part]
             if value:
@@ -146,8 +160,8 @@ class PartKV:
         if self.rows.get(key, self.part) is not None:
             self.rows.set(key, self.part, b"")
 
-    def scan(self, partition: int) -> Iterator[tuple[str, bytes]]:
-        return self.rows.scan(partition, self.part)
+    def scan(self, partition: int, after: str | None = None) -> Iterator[tuple[str, bytes]]:
+        return self.rows.scan(partition, self.part, after)
 
 
 class RowStore:
@@ -187,13 +201,20 @@ class RowStore:
         self.marks.set_mark(topic, partition, ts_ms)
 
     def scan_users(self, partition: int, after: str | None, limit: int) -> list[tuple[str, bytes]]:
-        """Feature states for the retention sweep (rows without features are skipped)."""
+        """Feature states for the retention sweep, as this batch left them (rows without features
+        are skipped): a user who came back in this batch is judged by the events just applied."""
+        rows = self.rows
         out = []
-        for user_id, raw in self.marks.scan_users(partition, after, limit):
-            features = decode_row(raw)[FEATURES]
+        for user_id, raw in rows.backend.scan(partition, after):
+            features = rows.held(user_id, FEATURES, raw)
             if features:
                 out.append((user_id, features))
+            if len(out) >= limit:
+                break
         return out
 
     def delete(self, user_id: str) -> None:
         self.rows.delete(user_id)
+
+    def discard(self, user_id: str) -> None:
+        self.rows.drop(user_id)

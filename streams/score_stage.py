@@ -1,10 +1,12 @@
 """Scoring inside the ingest batch: snapshots and labels per event, scores and change events per user.
 
-Called by :class:`streams.ingest.IngestHandler` while it holds the partition context, so reads and
-writes of the ``scores`` and ``ledger`` tables land in the user's partition and changelog. Per user
-and batch: one read of the small score state, the ledger only when needed, at most one write of
-each. Per partition and batch: snapshots whose horizon passed the partition's lateness floor leave
-the ledger, labelled, for the trainer (no accepted event can still change their label).
+Called by :class:`streams.ingest.IngestHandler` while it holds the partition context. The score
+state and the ledger are two parts of the user's row (``streams/rows.py``), so their writes land in
+the user's partition and changelog with the features, in one message. Per user and batch: one
+read of the small score state, the ledger only when needed. Per partition and batch: snapshots
+whose horizon passed the partition's lateness floor leave the ledger, labelled, for the trainer
+(no accepted event can still change their label). Unreadable stored parts are reported to
+:class:`streams.faults.Faults` and start afresh; a failure inside one user's horizon is isolated.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ from typing import Any, Protocol
 import msgspec
 
 from features.contract import Event
-from features.state import UserState
+from features.state import Corrupt, UserState
 from models.drift import DriftMonitor, uniform_edges
 from models.ledger import Matured
-from models.scoring import LazyLedger, ScoringCore, decode_state, encode
+from models.scoring import LazyLedger, ScoreState, ScoringCore, decode_state, encode
 from models.training import Example, inputs_hash
+from streams.faults import Faults
+from streams.metrics import Metrics
 from streams.model_metrics import ModelMetrics
 
 CHANGE_SCHEMA = "propstream.change/1"
@@ -43,8 +47,8 @@ class KV(Protocol):
 
     def delete(self, key: str) -> None: ...
 
-    def scan(self, partition: int) -> Iterator[tuple[str, bytes]]:
-        """Every key and value stored for ``partition`` on this process."""
+    def scan(self, partition: int, after: str | None = None) -> Iterator[tuple[str, bytes]]:
+        """Every key and value stored for ``partition`` on this process, in key order after ``after``."""
 
 
 class MemoryKV:
@@ -62,8 +66,9 @@ class MemoryKV:
     def delete(self, key: str) -> None:
         self.data.pop(key, None)
 
-    def scan(self, partition: int) -> Iterator[tuple[str, bytes]]:
-        yield from list(self.data.items())
+    def scan(self, partition: int, after: str | None = None) -> Iterator[tuple[str, bytes]]:
+        for key in sorted(k for k in self.data if after is None or k > after):
+            yield key, self.data[key]
 
 
 def iso_ms(ts_ms: int) -> str:
@@ -75,11 +80,11 @@ def iso_ms(ts_ms: int) -> str:
 class UserScoring:
     __slots__ = ("deadline_ms", "ledger", "raw", "state", "user_id")
 
-    def __init__(self, user_id: str, raw: bytes | None, ledger: LazyLedger) -> None:
+    def __init__(self, user_id: str, raw: bytes | None, state: ScoreState, ledger: LazyLedger) -> None:
         self.user_id = user_id
         self.raw = raw
-        self.state = decode_state(raw)
-        self.deadline_ms = self.state.deadline_ms  # as read: a new one goes into the horizon heap
+        self.state = state
+        self.deadline_ms = state.deadline_ms  # as read: a new one goes into the horizon heap
         self.ledger = ledger
 
 
@@ -93,8 +98,10 @@ class ScoreStage:
         send_example: Callable[[str, bytes], None],
         metrics: ModelMetrics,
         wall_clock: Callable[[], float] = time.time,
+        faults: Faults | None = None,
     ) -> None:
         self.core = core
+        self.faults = faults or Faults(Metrics())
         self.scores = scores
         self.ledgers = ledgers
         self.send_change = send_change
@@ -113,18 +120,24 @@ class ScoreStage:
 
     # --- per user ----------------------------------------------------------------------------
     def begin_user(self, user_id: str) -> UserScoring:
-        return UserScoring(user_id, self.scores.get(user_id), LazyLedger(lambda: self.ledgers.get(user_id)))
+        raw = self.scores.get(user_id)
+        ledger = LazyLedger(lambda: self.ledgers.get(user_id), lambda exc: self.faults.corrupt(exc, user_id))
+        return UserScoring(user_id, raw, self._state(user_id, raw), ledger)
+
+    def _state(self, user_id: str, raw: bytes | None) -> ScoreState:
+        try:
+            return decode_state(raw)
+        except Corrupt as exc:
+            self.faults.corrupt(exc, user_id)
+            return ScoreState()  # what downstream was told is forgotten: the next change is a baseline
 
     def on_event(self, u: UserScoring, st: UserState, ev: Event) -> None:
         self.core.on_event(u.state, u.ledger, st, ev)
 
     def end_user(self, u: UserScoring, st: UserState, trigger: Event, partition: int) -> None:
+        """Rescore, then write and publish: what cannot be taken back (sends) comes last."""
         scores, changes = self.core.rescore(u.user_id, u.state, st, trigger)
-        for target, s in scores.items():
-            self._batch_scores.setdefault(target, []).append(s)
-        x = self.core.last_inputs
-        for name, monitor in self.input_drift.items():
-            monitor.observe(x.get(name, math.nan))
+        out: list[bytes] = []
         if changes:
             now_ms = int(self.wall_clock() * 1000)
             for ch in changes:
@@ -132,20 +145,29 @@ class ScoreStage:
                 ch["event_time"] = iso_ms(ch["event_ts_ms"])
                 ch["emit_ts_ms"] = now_ms
                 ch["emitted_at"] = iso_ms(now_ms)
-                self.send_change(u.user_id, self._json.encode(ch))
-                self.metrics.changes.labels(ch["target"], ch["reason"], ch["direction"]).inc()
-            self._changes += len(changes)
+                out.append(self._json.encode(ch))
         self._save(u, partition)
+        for target, s in scores.items():
+            self._batch_scores.setdefault(target, []).append(s)
+        x = self.core.last_inputs
+        for name, monitor in self.input_drift.items():
+            monitor.observe(x.get(name, math.nan))
+        for ch, value in zip(changes, out, strict=True):
+            self.send_change(u.user_id, value)
+            self.metrics.changes.labels(ch["target"], ch["reason"], ch["direction"]).inc()
+        self._changes += len(changes)
 
     def _save(self, u: UserScoring, partition: int) -> None:
+        """Write the user's score state and ledger (encoded first: a failure writes neither)."""
         raw = encode(u.state)
+        led = u.ledger.loaded
+        led_raw = encode(led) if u.ledger.dirty and led is not None and led.pending else None
         if raw != u.raw:
             self.scores.set(u.user_id, raw)
             u.raw = raw
-        led = u.ledger.loaded
         if u.ledger.dirty and led is not None:
-            if led.pending:
-                self.ledgers.set(u.user_id, encode(led))
+            if led_raw is not None:
+                self.ledgers.set(u.user_id, led_raw)
             else:
                 self.ledgers.delete(u.user_id)
             u.ledger.dirty = False
@@ -163,20 +185,25 @@ class ScoreStage:
         sent = 0
         while heap and heap[0][0] < clock_ms:
             end, user = heapq.heappop(heap)
-            u = self.begin_user(user)
-            if u.state.deadline_ms != end:
-                continue  # stale entry: the user's earliest horizon moved
-            for m in self.core.expire(user, u.state, u.ledger, end + 1):  # one horizon at a time: in order
+            try:
+                u = self.begin_user(user)
+                if u.state.deadline_ms != end:
+                    continue  # stale entry: the user's earliest horizon moved
+                matured = self.core.expire(user, u.state, u.ledger, end + 1)  # one horizon at a time
+                self._save(u, partition)
+            except Exception as exc:  # nothing of it was written; re-indexed when the partition moves
+                self.faults.failed("expire", exc, user)
+                continue
+            for m in matured:
                 self._send(m)
                 sent += 1
-            self._save(u, partition)
         return sent
 
     def _index(self, partition: int) -> list[tuple[int, str]]:
         """Pending horizons of a partition this process just got: read once from the table."""
         heap = []
         for user, raw in self.scores.scan(partition):
-            ss = decode_state(raw)
+            ss = self._state(user, raw)
             if ss.deadline_ms:
                 heap.append((ss.deadline_ms, user))
         heapq.heapify(heap)
@@ -224,8 +251,9 @@ class ScoreStage:
         from models.changes import TIERS, tier_of
         from models.scoring import top_factors
 
-        ss = decode_state(self.scores.get(user_id))
-        pending = LazyLedger(lambda: self.ledgers.get(user_id)).get().pending
+        ss = self._state(user_id, self.scores.get(user_id))
+        ledger = LazyLedger(lambda: self.ledgers.get(user_id), lambda exc: self.faults.corrupt(exc, user_id))
+        pending = ledger.get().pending
         feats, x = self.core.score_all(st, st.last_ms)
         out: dict[str, Any] = {}
         for t in self.core.targets:

@@ -17,8 +17,10 @@ import faust
 import msgspec
 from faust.streams import _current_event
 
+from features.state import Corrupt
 from models.persist import dump
-from models.training import Trainer, TrainerState, decode_message
+from models.training import Trainer, decode_message, decode_trainer_state
+from streams.faults import Faults
 from streams.model_feed import LiveModels
 from streams.model_metrics import ModelMetrics
 from streams.settings import Settings
@@ -26,11 +28,10 @@ from streams.settings import Settings
 log = logging.getLogger(__name__)
 
 _state_enc = msgspec.msgpack.Encoder()
-_state_dec = msgspec.msgpack.Decoder(TrainerState)
 
 
 def attach_trainer(
-    app: faust.App, settings: Settings, live: LiveModels, metrics: ModelMetrics
+    app: faust.App, settings: Settings, live: LiveModels, metrics: ModelMetrics, faults: Faults
 ) -> dict[str, Any]:
     """Add the trainer table and agent to ``app``; returns the in-memory trainers (dropped on rebalance)."""
     table = app.Table(
@@ -50,8 +51,11 @@ def attach_trainer(
     def trainer_for(target: str) -> Trainer:
         tr = trainers.get(target)
         if tr is None:
-            raw = table.get(target)
-            state = _state_dec.decode(raw) if raw else None
+            try:
+                state = decode_trainer_state(table.get(target))
+            except Corrupt as exc:  # continue from the newest published version, as a fresh trainer
+                faults.corrupt(exc, target)
+                state = None
             tr = trainers[target] = Trainer(
                 target,
                 config=config,
@@ -73,20 +77,24 @@ def attach_trainer(
             try:
                 touched: set[str] = set()
                 for ev in batch:
+                    offset = ev.message.offset
                     try:
                         msg = decode_message(ev.message.value)
                     except ValueError as exc:
-                        log.warning("training log offset %d: %s", ev.message.offset, exc)
+                        faults.unreadable("training_message", str(exc), f"offset {offset}")
                         continue
                     if msg.target not in targets:
                         continue
-                    outcome = trainer_for(msg.target).handle(ev.message.offset, msg)
+                    try:
+                        outcome = trainer_for(msg.target).handle(offset, msg)
+                    except Exception as exc:  # one message: the model and the log go on
+                        faults.failed("trainer", exc, f"{msg.target} offset {offset}")
+                        continue
                     if outcome == "learnt":
                         metrics.learning_steps.labels(msg.target).inc()
                     elif outcome == "refused":
                         log.warning(
-                            "training example with another input layout refused (offset %d)",
-                            ev.message.offset,
+                            "training message refused (offset %d): %s", offset, trainers[msg.target].refusal
                         )
                     touched.add(msg.target)
                 now_ms = int(time.time() * 1000)

@@ -17,6 +17,7 @@ import msgspec
 from features.state import FeatureParams
 from models.online import OnlineModel
 from models.scoring import ScoringCore, TargetModel, input_names
+from streams.faults import Faults
 from streams.ingest import IngestHandler, MemoryStore, Record, StateStore
 from streams.metrics import Metrics
 from streams.model_metrics import ModelMetrics
@@ -64,6 +65,7 @@ def build(
 ) -> IngestHandler:
     """Handler and stage as the worker wires them, over the given (default: in-memory) stores."""
     metrics = Metrics()
+    faults = Faults(metrics)
     core = ScoringCore(
         settings.target_list(),
         FeatureParams(
@@ -81,8 +83,11 @@ def build(
         lambda user, value: sink.append(value),
         lambda target, value: None,
         ModelMetrics(metrics.registry),
+        faults=faults,
     )
-    return IngestHandler(settings, store or MemoryStore(), lambda dl: None, metrics, stage=stage)
+    return IngestHandler(
+        settings, store or MemoryStore(), lambda dl: None, metrics, stage=stage, faults=faults
+    )
 
 
 def run(handler: IngestHandler, records: list[Record], batch: int) -> float:

@@ -20,7 +20,7 @@ from pathlib import Path
 from rocksdict import Rdict
 
 from streams.bench.core import build, records_of
-from streams.ingest import Record
+from streams.ingest import Record, decode_mark, encode_mark
 from streams.settings import Settings
 
 TYPES = (("page_view", 50), ("product_view", 30), ("search", 8), ("add_to_cart", 10), ("purchase", 2))
@@ -46,9 +46,14 @@ class RocksStore:
     def delete(self, key: str) -> None:
         del self.db[key.encode()]
 
-    def scan(self, partition: int) -> Iterator[tuple[str, bytes]]:
-        for k, v in self.db.items():
-            yield str(k, "utf-8") if isinstance(k, bytes) else str(k), v
+    def discard(self, user_id: str) -> None:
+        pass  # writes through, like MemoryStore
+
+    def scan(self, partition: int, after: str | None = None) -> Iterator[tuple[str, bytes]]:
+        start = after.encode() if after is not None else None
+        for k, v in self.db.items(from_key=start):
+            if isinstance(k, bytes) and k != start:
+                yield k.decode(), v
 
     def scan_users(self, partition: int, after: str | None, limit: int) -> list[tuple[str, bytes]]:
         start = after.encode() if after is not None else None
@@ -62,10 +67,10 @@ class RocksStore:
 
     def get_mark(self, topic: str, partition: int) -> int | None:
         raw = self.db.get(f"|{topic}|{partition}".encode())
-        return int(raw) if raw is not None else None
+        return decode_mark(raw) if raw is not None else None
 
     def set_mark(self, topic: str, partition: int, ts_ms: int) -> None:
-        self.db[f"|{topic}|{partition}".encode()] = str(ts_ms).encode()
+        self.db[f"|{topic}|{partition}".encode()] = encode_mark(ts_ms)
 
 
 def events(

@@ -96,10 +96,13 @@ def test_catalogue_matches_compute_and_docs() -> None:
     )
 
 
-def test_state_version_mismatch_starts_fresh() -> None:
+def test_state_of_another_version_is_refused_not_misread() -> None:
+    from features.state import Corrupt
+
     st_ = fold(events_of([ev(1, "page_view", T0)]), PARAMS)
     st_.v = 999
-    assert decode(encode(st_)).events == 0
+    with pytest.raises(Corrupt, match="layout version 999"):
+        decode(encode(st_))  # the worker counts it and starts afresh (tests/unit/test_worker_faults.py)
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -280,12 +280,17 @@ def test_lazy_ledger_is_read_only_when_an_event_can_change_it() -> None:
     assert reads == [T0, T0 + 2 * MIN]
 
 
-def test_score_state_round_trip_and_stale_versions_start_afresh() -> None:
+def test_score_state_round_trip_and_stale_versions_are_refused() -> None:
+    from features.state import Corrupt
+
     ss = ScoreState(targets={"purchase": TargetState(5, 6, None, b"\x00\x01")}, deadline_ms=9)
     assert decode_state(encode(ss)) == ss
-    assert decode_state(None) == ScoreState() and decode_state(b"\xc1garbage") == ScoreState()
+    assert decode_state(None) == ScoreState()
+    with pytest.raises(Corrupt, match="scores"):
+        decode_state(b"\xc1garbage")
     old = msgspec.msgpack.encode(ScoreState(v=0, deadline_ms=9))
-    assert decode_state(old) == ScoreState()
+    with pytest.raises(Corrupt, match="layout version 0"):
+        decode_state(old)
     led = UserLedger({"purchase": [Snapshot(1, [0.5], 0.25, 3)]})
     assert LazyLedger(lambda: encode(led)).get() == led
 
