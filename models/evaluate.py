@@ -11,7 +11,8 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -56,7 +57,12 @@ def run(
     events: Iterable[Mapping[str, Any]],
     target: Target,
     *,
+    rules: Rules | None = None,
+    params: FeatureParams | None = None,
+    change_rules: ChangeRules | None = None,
     model_config: ModelConfig | None = None,
+    min_positives: int = 200,
+    min_negatives: int = 200,
     model: OnlineModel | None = None,
     learn: bool = True,
     oracle: Callable[[str, int], float | None] | None = None,
@@ -67,15 +73,20 @@ def run(
 
     Each snapshot is scored when sampled (test-then-train) and learnt when its horizon passes, in
     horizon order, exactly as the worker publishes it to the trainer. ``model`` starts from a given
-    model (a published snapshot, say); ``learn=False`` keeps it fixed.
+    model (a published snapshot, say); ``learn=False`` keeps it fixed. ``rules``, ``params``,
+    ``change_rules``, ``model_config`` and the warm-up counts are the worker's settings (the CLI
+    builds them); the defaults are the settings' defaults. Without ``now_ms`` a log has no "now",
+    so the future-time check is off.
     """
     enc = msgspec.json.Encoder()
-    rules = Rules(max_future_ms=10**15) if now_ms is None else Rules()
+    rules = rules or Rules()
+    if now_ms is None:
+        rules = replace(rules, max_future_ms=10**15)
     clock_now = now_ms if now_ms is not None else 0
-    params = FeatureParams()
+    params = params or FeatureParams()
     online = model or OnlineModel(model_config)
-    live = TargetModel(online, 0)  # default warm-up: 200 positive and 200 negative matured labels
-    core = ScoringCore((target,), params, ChangeRules(), {target.name: live})
+    live = TargetModel(online, 0, min_positives=min_positives, min_negatives=min_negatives)
+    core = ScoringCore((target,), params, change_rules or ChangeRules(), {target.name: live})
     states: dict[str, UserState] = {}
     scores: dict[str, ScoreState] = {}
     ledgers: dict[str, LazyLedger] = {}
@@ -145,6 +156,47 @@ def run(
             if ss.deadline_ms != before:
                 heapq.heappush(deadlines, (ss.deadline_ms, user))
     return out
+
+
+def why_nothing_matured(result: EvalRun) -> str | None:
+    """Why no snapshot matured, in terms a data scientist can act on; ``None`` when some did.
+
+    A snapshot matures when an event later than its horizon arrives, so the accepted events must
+    span more than one horizon.
+    """
+    if result.outcomes:
+        return None
+    horizon_s = result.target.horizon_ms / 1000
+    rejected = sum(result.rejected.values())
+    if result.events and rejected == result.events:
+        reasons = ", ".join(f"{k} {v:,}" for k, v in sorted(result.rejected.items(), key=lambda kv: -kv[1]))
+        hints = [hint for reason, hint in _REJECT_HINTS.items() if reason in result.rejected]
+        return f"no snapshot matured: all {result.events:,} events were rejected ({reasons})" + "".join(
+            f"; {h}" for h in hints
+        )
+    if not result.last_ms:
+        return f"no snapshot matured: no event to evaluate ({result.events:,} read)"
+    span_s = (result.last_ms - result.first_ms) / 1000
+    return (
+        f"no snapshot matured: the accepted events span {_days(span_s)} ({_utc(result.first_ms)} to "
+        f"{_utc(result.last_ms)}), the horizon is {_days(horizon_s)}; labels mature one horizon after "
+        "their snapshot, so give data longer than the horizon or a shorter --horizon"
+    )
+
+
+_REJECT_HINTS = {
+    "too_old": "events before PROPSTREAM_EARLIEST_EVENT_TIME are refused: set it earlier for old logs",
+    "unknown_type": "PROPSTREAM_CUSTOM_EVENTS adds event types",
+    "oversize": "PROPSTREAM_MAX_EVENT_BYTES raises the size limit",
+}
+
+
+def _days(seconds: float) -> str:
+    return f"{round(seconds / 86400, 1):g} d" if seconds >= 86400 else f"{round(seconds / 3600, 1):g} h"
+
+
+def _utc(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%dT%H:%MZ")
 
 
 def summary(result: EvalRun, *, baseline: bool = False, bootstrap: int = 0) -> dict[str, Any]:
@@ -269,7 +321,9 @@ def format_report(rep: Mapping[str, Any]) -> str:
     if rep.get("rejected"):
         lines.append(f"  rejected by reason             {rep['rejected']}")
     b = rep.get("baselines")
-    if b:
+    if b and "train" not in b:
+        lines.append(f"  baselines: {b.get('error', 'not computed')}")
+    elif b:
         lines.append(
             f"  baselines: train {b['train']:,} snapshots closed before 70% of event time, test {b['test']:,}"
         )

@@ -16,25 +16,45 @@ UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 
 
+def _seconds(text: str, what: str, bare_unit: str) -> float:
+    text = text.strip().lower()
+    unit = text[-1:] if text[-1:] in UNITS_S else bare_unit
+    number = text[:-1] if text[-1:] in UNITS_S else text
+    try:
+        value = float(number) * UNITS_S[unit]
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        msg = f"{what} {text!r} is not a number with an optional unit s, m, h or d"
+        raise ValueError(msg)
+    return value
+
+
+def parse_duration(text: str, *, bare_unit: str = "s") -> float:
+    """Seconds in ``90s``, ``30m``, ``24h``, ``7d``, or a bare number in ``bare_unit``; zero allowed.
+
+    One syntax for every duration a user types (settings, CLI options, target horizons); the bare
+    unit keeps old plain-number values meaning what they meant (days for ``user_ttl_days``).
+
+    >>> parse_duration("2h"), parse_duration("0.05"), parse_duration("400", bare_unit="d")
+    (7200.0, 0.05, 34560000.0)
+    """
+    seconds = _seconds(text, "duration", bare_unit)
+    if seconds < 0:
+        msg = f"duration {text.strip().lower()!r} must not be negative"
+        raise ValueError(msg)
+    return seconds
+
+
 def parse_horizon(text: str) -> int:
-    """Seconds in ``90s``, ``30m``, ``24h``, ``7d`` or a bare number of seconds.
+    """Whole seconds above zero in ``90s``, ``30m``, ``24h``, ``7d`` or a bare number of seconds.
 
     >>> parse_horizon("7d"), parse_horizon("36h"), parse_horizon("600")
     (604800, 129600, 600)
     """
-    text = text.strip().lower()
-    unit = text[-1:] if text[-1:] in UNITS_S else "s"
-    number = text[:-1] if text[-1:] in UNITS_S else text
-    try:
-        value = float(number)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        msg = f"horizon {text!r} is not a number with an optional unit s, m, h or d"
-        raise ValueError(msg)
-    seconds = int(value * UNITS_S[unit])
+    seconds = int(_seconds(text, "horizon", "s"))
     if seconds <= 0:
-        msg = f"horizon {text!r} must be positive"
+        msg = f"horizon {text.strip().lower()!r} must be positive"
         raise ValueError(msg)
     return seconds
 

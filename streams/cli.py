@@ -8,6 +8,7 @@ can never disagree.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import urllib.error
@@ -20,22 +21,50 @@ import click
 
 from streams import cli_models
 from streams.bench.command import bench_cmd
-from streams.cli_common import _ensure, build_settings, fail, setting_option
+from streams.cli_common import (
+    DURATION_HELP,
+    Duration,
+    _ensure,
+    build_settings,
+    cli_env_names,
+    fail,
+    setting_option,
+)
 from streams.cli_privacy import forget
 from streams.demo import demo
-from streams.settings import Settings
+from streams.settings import Settings, unknown_env
+
+_HELP_ASKED = "propstream.help_asked"
+
+
+class _Main(click.Group):
+    """The root group; notes a help request, so that a bad environment never blocks ``--help``."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        # the group callback runs before the subcommand parses its own --help, so look now
+        ctx.meta[_HELP_ASKED] = any(a in ctx.help_option_names for a in args)
+        return super().parse_args(ctx, args)
 
 
 @click.group(
+    cls=_Main,
     context_settings={
         "help_option_names": ["-h", "--help"],
         "max_content_width": 110,
         # options without an explicit variable read PROPSTREAM_<COMMAND>_<OPTION>, shown in --help
         "auto_envvar_prefix": "PROPSTREAM",
-    }
+    },
 )
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """Real-time propensity scoring on Kafka: events in, rolling features, score changes out."""
+    if ctx.meta.get(_HELP_ASKED) or ctx.resilient_parsing:
+        return
+    # a misspelt variable would otherwise be ignored without a word (pydantic-settings and click
+    # both skip names they do not know), so refuse it before any command reaches a broker
+    problems = unknown_env(sorted(os.environ), cli_env_names(ctx.command))
+    if problems:
+        raise click.UsageError("\n".join(problems))
 
 
 # --- broker ---------------------------------------------------------------------------------
@@ -144,11 +173,12 @@ def worker(**opts: Any) -> None:
 )
 @click.option(
     "--days",
+    type=Duration("d"),
     default=30.0,
     show_default=True,
     envvar="PROPSTREAM_SIM_DAYS",
     show_envvar=True,
-    help="Event-time span simulated, ending now.",
+    help=f"Event-time span simulated, ending now: {DURATION_HELP} (plain number: days).",
 )
 @click.option(
     "--rate",
@@ -169,11 +199,11 @@ def worker(**opts: Any) -> None:
 )
 @click.option(
     "--duration",
-    type=float,
+    type=Duration(),
     default=None,
     envvar="PROPSTREAM_SIM_DURATION",
     show_envvar=True,
-    help="Stop after this many wall-clock seconds.",
+    help=f"Stop after this much wall-clock time: {DURATION_HELP} (plain number: seconds).",
 )
 @click.option(
     "--truth",
@@ -363,7 +393,14 @@ def deadletter(follow: bool, limit: int, bootstrap: str | None) -> None:
     help="Evaluate on simulated traffic (with the oracle's true probabilities) instead of FILE.",
 )
 @click.option("--users", default=2000, show_default=True, show_envvar=True, help="Simulated users.")
-@click.option("--days", default=60.0, show_default=True, show_envvar=True, help="Simulated event-time span.")
+@click.option(
+    "--days",
+    type=Duration("d"),
+    default=60.0,
+    show_default=True,
+    show_envvar=True,
+    help=f"Simulated event-time span: {DURATION_HELP} (plain number: days).",
+)
 @click.option("--seed", default=42, show_default=True, show_envvar=True, help="Simulation seed.")
 @click.option(
     "--target",
@@ -375,19 +412,20 @@ def deadletter(follow: bool, limit: int, bootstrap: str | None) -> None:
 @click.option(
     "--horizon",
     "horizon_s",
-    type=int,
+    type=Duration(horizon=True),
     default=None,
     show_envvar=True,
-    help="Label horizon in seconds (default: 7 days; churn 14 days).",
+    help=f"Label horizon: {DURATION_HELP} (plain number: seconds). Default: the target's horizon in "
+    "PROPSTREAM_TARGETS, else 7d (churn 14d).",
 )
 @click.option(
     "--sample-every",
     "sample_every_s",
-    type=int,
-    default=3600,
-    show_default=True,
+    type=Duration(),
+    default=None,
     show_envvar=True,
-    help="At most one snapshot per user and target per this many seconds of event time.",
+    help=f"At most one snapshot per user and target per this much event time: {DURATION_HELP} "
+    "(plain number: seconds). Default: PROPSTREAM_SAMPLE_EVERY_S.",
 )
 @click.option(
     "--baseline",
@@ -419,22 +457,30 @@ def evaluate_cmd(
     days: float,
     seed: int,
     target: str,
-    horizon_s: int | None,
-    sample_every_s: int,
+    horizon_s: float | None,
+    sample_every_s: float | None,
     baseline: bool,
     bootstrap: int,
     json_out: Path | None,
 ) -> None:
-    """Run features, labels and the online model in-process, in event-time order, and report quality."""
-    from models.evaluate import format_report, run, summary
+    """Run features, labels and the online model in-process, in event-time order, and report quality.
+
+    Ingestion rules, feature parameters, sampling, learner and warm-up come from the same
+    ``PROPSTREAM_*`` settings as the worker's, so the figures are those of the configured stream.
+    """
+    from models import evaluate
     from models.ledger import make_target
     from streams.producer import Progress
 
     if file is None and not use_sim:
         msg = "give a FILE or --simulate"
         raise click.UsageError(msg)
-    horizon = horizon_s or (14 * 86400 if target == "churn" else 7 * 86400)
-    tgt = make_target(target, horizon, sample_every_s)
+    settings = build_settings()
+    configured = {t.name: t.horizon_ms // 1000 for t in settings.target_list()}
+    default_horizon = configured.get(target, 14 * 86400 if target == "churn" else 7 * 86400)
+    horizon = int(horizon_s) if horizon_s is not None else default_horizon
+    every = int(sample_every_s) if sample_every_s is not None else settings.sample_every_s
+    tgt = make_target(target, horizon, every, settings.max_pending)
     progress = Progress("eval")
     oracle = None
     if use_sim:
@@ -466,13 +512,27 @@ def evaluate_cmd(
             events = list(read_events(file, fmt))
         except DatasetError as exc:
             fail(str(exc))
-    result = run(events, tgt, oracle=oracle, progress=lambda n: progress.tick(10_000))
+    result = evaluate.run(
+        events,
+        tgt,
+        rules=settings.ingest_rules(),
+        params=settings.feature_params(),
+        change_rules=settings.change_rules(),
+        model_config=settings.learner_config(),
+        min_positives=settings.min_positives,
+        min_negatives=settings.min_negatives,
+        oracle=oracle,
+        progress=lambda n: progress.tick(10_000),
+    )
     progress.done()
-    rep = summary(result, baseline=baseline, bootstrap=bootstrap)
-    click.echo(format_report(rep))
+    why_empty = evaluate.why_nothing_matured(result)
+    rep = evaluate.summary(result, baseline=baseline and why_empty is None, bootstrap=bootstrap)
+    click.echo(evaluate.format_report(rep))
     if json_out is not None:
         json_out.write_text(json.dumps(rep, indent=2, default=str))
         click.echo(f"report written to {json_out}", err=True)
+    if why_empty is not None:  # no figure above means anything: say what to change, exit non-zero
+        fail(why_empty)
 
 
 # --- lookups --------------------------------------------------------------------------------

@@ -8,13 +8,19 @@ import uuid
 
 import click
 
-from streams.cli_common import _ensure, build_settings, fail, setting_option
+from streams.cli_common import DURATION_HELP, Duration, _ensure, build_settings, fail, setting_option
 
 
 @click.command()
 @click.argument("user")
 @click.option(
-    "--timeout", "timeout_s", default=60.0, show_default=True, show_envvar=True, help="Seconds to wait."
+    "--timeout",
+    "timeout_s",
+    type=Duration(),
+    default=60.0,
+    show_default=True,
+    show_envvar=True,
+    help=f"How long to wait for the confirmation: {DURATION_HELP} (plain number: seconds).",
 )
 @setting_option("bootstrap", "--bootstrap")
 def forget(user: str, timeout_s: float, bootstrap: str | None) -> None:

@@ -16,12 +16,13 @@ import sys
 import threading
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import click
 
-from streams.cli_common import _ensure, build_settings, fail
+from streams.cli_common import DURATION_HELP, Duration, _ensure, build_settings, fail, stop_broker_after
 from streams.cli_models import format_change
 from streams.settings import Settings, env_name
 
@@ -37,11 +38,12 @@ from streams.settings import Settings, env_name
 )
 @click.option(
     "--days",
+    type=Duration("d"),
     default=30.0,
     show_default=True,
     envvar="PROPSTREAM_SIM_DAYS",
     show_envvar=True,
-    help="Event time simulated.",
+    help=f"Event time simulated: {DURATION_HELP} (plain number: days).",
 )
 @click.option(
     "--rate",
@@ -53,16 +55,24 @@ from streams.settings import Settings, env_name
 )
 @click.option(
     "--duration",
-    type=float,
+    type=Duration(),
     default=None,
     envvar="PROPSTREAM_DEMO_DURATION",
     show_envvar=True,
-    help="Stop after this many seconds (default: until Ctrl-C).",
+    help=f"Stop after this long: {DURATION_HELP} (plain number: seconds; default: until Ctrl-C).",
 )
 @click.option(
     "--show", "n_show", default=4, show_default=True, show_envvar=True, help="Change events shown per tick."
 )
-def demo(users: int, days: float, rate: float, duration: float | None, n_show: int) -> None:
+@click.option(
+    "--keep-broker",
+    is_flag=True,
+    show_envvar=True,
+    help="Leave running the local broker this demo starts (one already running is always left).",
+)
+def demo(
+    users: int, days: float, rate: float, duration: float | None, n_show: int, keep_broker: bool
+) -> None:
     """Start Kafka and a worker, stream simulated traffic, and show models learning and scores changing."""
     from streams.broker import BrokerError, LocalBroker
 
@@ -81,7 +91,7 @@ def demo(users: int, days: float, rate: float, duration: float | None, n_show: i
     own_broker = False
     if not settings.bootstrap:
         b = LocalBroker(settings)
-        own_broker = b.read_state() is None
+        own_broker = stop_broker_after(bootstrap="", was_running=b.read_state() is not None, keep=keep_broker)
         click.echo("1/3 starting Kafka (the first run downloads it, about a minute) ...")
         try:
             state = b.start()
@@ -106,7 +116,7 @@ def demo(users: int, days: float, rate: float, duration: float | None, n_show: i
         start_new_session=True,
     )
     stop = threading.Event()
-    finished = threading.Event()
+    published: list[int] = []  # the count, once traffic has ended
 
     def produce() -> None:
         from streams.producer import publish
@@ -118,8 +128,7 @@ def demo(users: int, days: float, rate: float, duration: float | None, n_show: i
                     return
                 yield ev
 
-        publish(events(), settings, bootstrap=servers, rate=rate)
-        finished.set()
+        published.append(publish(events(), settings, bootstrap=servers, rate=rate))
 
     changes = _ChangeFeed(servers, settings.topic_changes)
     try:
@@ -132,18 +141,16 @@ def demo(users: int, days: float, rate: float, duration: float | None, n_show: i
         )
         threading.Thread(target=produce, daemon=True).start()
         t_end = time.monotonic() + duration if duration else None
-        said_done = False
+        url = f"http://{settings.web_host}:{settings.web_port}"
+        log = StatusLog(f"curl -s {url}/models ; {url}/users/<id> for a user's features and scores")
         while t_end is None or time.monotonic() < t_end:
             time.sleep(3)
-            click.echo(f"{time.strftime('%H:%M:%S')} {_status(settings)}")
+            for line in log.tick(
+                time.strftime("%H:%M:%S"), _status(settings), published[0] if published else None
+            ):
+                click.echo(line)
             for ch in changes.poll()[-n_show:]:
                 click.echo("    " + format_change(ch))
-            if finished.is_set() and not said_done:
-                said_done = True
-                click.echo(
-                    f"\ntraffic done. The worker keeps serving: curl -s http://{settings.web_host}:"
-                    f"{settings.web_port}/models ; /users/<id> for a user's features and scores.\n"
-                )
     except KeyboardInterrupt:
         click.echo("\nstopping ...")
     finally:
@@ -157,7 +164,55 @@ def demo(users: int, days: float, rate: float, duration: float | None, n_show: i
         _drop_run(servers, run, settings.state_dir)
         if own_broker:
             LocalBroker(settings).stop()
+        elif not settings.bootstrap:
+            click.echo("the local broker keeps running (`propstream broker stop` stops it)")
         click.echo(f"stopped (worker log: {log_path})")
+
+
+@dataclass(frozen=True)
+class Status:
+    """What the worker reports on one tick: totals of its counters and each target's model."""
+
+    consumed: int
+    rejected: int
+    labels: int
+    changes: int
+    models: str
+
+    def line(self) -> str:
+        return (
+            f"{self.consumed:,} events, {self.rejected:,} rejected, {self.labels:,} labels matured, "
+            f"{self.changes:,} changes | {self.models}"
+        )
+
+
+class StatusLog:
+    """The lines one tick prints: a status line only when it changed, one summary when traffic is done.
+
+    Once traffic has ended nothing moves but the odd model version, so repeating the line every
+    tick would only bury the one change that matters. ``hint`` says how to keep exploring.
+    """
+
+    def __init__(self, hint: str) -> None:
+        self.hint = hint
+        self.last: str | None = None
+        self.summarised = False
+
+    def tick(self, clock: str, status: Status | None, published: int | None) -> list[str]:
+        """``status``: None when the worker does not answer; ``published``: the count once traffic ended."""
+        text = status.line() if status is not None else "worker: not answering yet"
+        lines = [] if text == self.last else [f"{clock} {text}"]
+        self.last = text
+        caught_up = status is not None and published is not None and status.consumed >= published
+        if caught_up and not self.summarised:
+            self.summarised = True
+            lines = [
+                f"{clock} {text}",
+                f"\ntraffic done: {published:,} events published, all consumed. The worker keeps serving:",
+                f"    {self.hint}",
+                "Only changes are printed from now on. Ctrl-C stops.\n",
+            ]
+        return lines
 
 
 class _ChangeFeed:
@@ -189,15 +244,15 @@ def _get(settings: Settings, path: str) -> Any:
         return json.loads(r.read()) if path != "/metrics" else r.read().decode()
 
 
-def _status(settings: Settings) -> str:
-    """One line: events in, rejects, labels, model versions (or warm-up progress), change events."""
+def _status(settings: Settings) -> Status | None:
+    """Events in, rejects, labels, model versions (or warm-up progress), change events; None: no answer."""
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
         text = _get(settings, "/metrics")
         models = _get(settings, "/models")["models"]
     except OSError:
-        return "worker: not answering yet"
+        return None
     sums: dict[str, float] = {}
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
@@ -214,9 +269,12 @@ def _status(settings: Settings) -> str:
         else:
             auc = m["quality"].get("roc_auc")
             shown.append(f"{name} v{m['version']}" + (f" auc {auc:.2f}" if auc is not None else ""))
-    return (
-        f"{get('events_consumed'):,} events, {get('events_rejected'):,} rejected, "
-        f"{get('labels_matured'):,} labels matured, {get('change_events'):,} changes | " + ", ".join(shown)
+    return Status(
+        get("events_consumed"),
+        get("events_rejected"),
+        get("labels_matured"),
+        get("change_events"),
+        ", ".join(shown),
     )
 
 

@@ -6,14 +6,18 @@ deployment and ``--help`` shows which variable feeds which option.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Callable, Iterable
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import BeforeValidator, Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
+    from features.contract import Rules
+    from features.state import FeatureParams
     from models.changes import ChangeRules
     from models.ledger import Target
     from models.online import ModelConfig
@@ -24,6 +28,36 @@ ENV_PREFIX = "PROPSTREAM_"
 def env_name(field: str) -> str:
     """The environment variable that overrides settings field ``field``."""
     return ENV_PREFIX + field.upper()
+
+
+def _duration(bare_unit: str, *, whole: bool = False) -> Callable[[Any, ValidationInfo], Any]:
+    """A validator reading ``2h`` or ``90s`` from text; numbers (keywords, plain values) pass as they are."""
+
+    def parse(value: Any, info: ValidationInfo) -> Any:
+        if not isinstance(value, str):
+            return value
+        from models.targets import UNITS_S, parse_duration
+
+        name = env_name(info.field_name or "")
+        try:
+            seconds = parse_duration(value, bare_unit=bare_unit)
+        except ValueError as exc:
+            msg = f"{name}: {exc} (e.g. 90s, 30m, 2h, 7d)"
+            raise ValueError(msg) from None
+        if whole and not seconds.is_integer():
+            msg = f"{name}: {value.strip()!r} is not a whole number of seconds"
+            raise ValueError(msg)
+        return int(seconds) if whole else seconds / UNITS_S[bare_unit]
+
+    return parse
+
+
+# Duration fields keep their names and types; only how the environment may spell them grows.
+Seconds = Annotated[int, BeforeValidator(_duration("s", whole=True))]
+FloatSeconds = Annotated[float, BeforeValidator(_duration("s"))]
+Days = Annotated[float, BeforeValidator(_duration("d"))]
+IN_SECONDS = " Duration: 90s, 30m, 2h, 7d (plain number: seconds)."
+IN_DAYS = " Duration: 90s, 30m, 2h, 7d (plain number: days)."
 
 
 class Settings(BaseSettings):
@@ -82,7 +116,7 @@ class Settings(BaseSettings):
         None, description="Worker state (RocksDB). Default: <home>/worker-<web_port>."
     )
     batch_size: int = Field(2000, ge=1, description="Events taken per batch on the hot path.")
-    batch_within_s: float = Field(0.05, gt=0, description="Max wait to fill a batch, seconds.")
+    batch_within_s: FloatSeconds = Field(0.05, gt=0, description="Max wait to fill a batch." + IN_SECONDS)
     api_token: SecretStr | None = Field(None, description="Bearer token required for lookups, if set.")
 
     # --- Privacy -----------------------------------------------------------------------------
@@ -94,12 +128,17 @@ class Settings(BaseSettings):
 
     # --- Ingestion rules ---------------------------------------------------------------------
     max_event_bytes: int = Field(65536, ge=256, description="Larger payloads are rejected as oversize.")
-    max_future_s: int = Field(300, ge=0, description="Reject events more than this ahead of wall-clock time.")
+    max_future_s: Seconds = Field(
+        300, ge=0, description="Reject events more than this ahead of wall-clock time." + IN_SECONDS
+    )
     earliest_event_time: str = Field(
         "2000-01-01T00:00:00Z", description="Reject events before this UTC time (ISO-8601)."
     )
-    allowed_lateness_s: int = Field(
-        3600, ge=0, description="Accept events at most this far behind the partition's event-time watermark."
+    allowed_lateness_s: Seconds = Field(
+        3600,
+        ge=0,
+        description="Accept events at most this far behind the partition's event-time watermark."
+        + IN_SECONDS,
     )
     dedup_capacity: int = Field(512, ge=16, description="Recent event ids remembered per user for dedup.")
     custom_events: str = Field(
@@ -108,19 +147,23 @@ class Settings(BaseSettings):
     )
     default_currency: str = Field("USD", min_length=3, max_length=3, description="Currency when absent.")
 
-    user_ttl_days: float = Field(
+    user_ttl_days: Days = Field(
         400.0,
         ge=0,
         description="Users with no event for this long (event time) are evicted from state and "
-        "changelogs. 0: never. Longer than every feature window (90 days), so no feature changes.",
+        "changelogs. 0: never. Longer than every feature window (90 days), so no feature changes." + IN_DAYS,
     )
     retention_sweep_batch: int = Field(
         200, ge=1, description="Users looked at per partition and batch by the retention sweep."
     )
 
     # --- Features ----------------------------------------------------------------------------
-    session_gap_s: int = Field(1800, ge=60, description="Inactivity that starts a new derived session.")
-    abandon_after_s: int = Field(1800, ge=60, description="Cart untouched and unbought this long: abandoned.")
+    session_gap_s: Seconds = Field(
+        1800, ge=60, description="Inactivity that starts a new derived session." + IN_SECONDS
+    )
+    abandon_after_s: Seconds = Field(
+        1800, ge=60, description="Cart untouched and unbought this long: abandoned." + IN_SECONDS
+    )
 
     # --- Targets, labels and models ----------------------------------------------------------
     targets: str = Field(
@@ -128,8 +171,11 @@ class Settings(BaseSettings):
         description="Targets, comma-separated NAME:HORIZON (horizon in s, m, h or d): purchase, churn, "
         "or any accepted event type (e.g. sign_up:30d).",
     )
-    sample_every_s: int = Field(
-        3600, ge=0, description="At most one labelled snapshot per user and target per this much event time."
+    sample_every_s: Seconds = Field(
+        3600,
+        ge=0,
+        description="At most one labelled snapshot per user and target per this much event time."
+        + IN_SECONDS,
     )
     max_pending: int = Field(64, ge=1, description="Pending snapshots kept per user and target.")
     model_optimizer: Literal["sgd", "adagrad", "adam"] | None = Field(
@@ -146,8 +192,8 @@ class Settings(BaseSettings):
     min_positives: int = Field(200, ge=0, description="Matured positives a model needs before it is trusted.")
     min_negatives: int = Field(200, ge=0, description="Matured negatives a model needs before it is trusted.")
     publish_every: int = Field(500, ge=1, description="Labels learnt between published model versions.")
-    publish_interval_s: float = Field(
-        30.0, gt=0, description="Publish what was learnt at least this often, seconds."
+    publish_interval_s: FloatSeconds = Field(
+        30.0, gt=0, description="Publish what was learnt at least this often." + IN_SECONDS
     )
     quality_window: int = Field(
         5000, ge=100, description="Matured labels in the rolling quality figures (ROC-AUC, ECE, ...)."
@@ -163,8 +209,8 @@ class Settings(BaseSettings):
     min_delta: float = Field(
         0.15, gt=0, le=1, description="A move this large is a change even within a tier."
     )
-    cooldown_s: int = Field(
-        900, ge=0, description="Event time between two change events per user and target."
+    cooldown_s: Seconds = Field(
+        900, ge=0, description="Event time between two change events per user and target." + IN_SECONDS
     )
     churn_drop: float = Field(
         0.25, gt=0, le=1, description="A purchase-score drop this large for an engaged user is a churn risk."
@@ -242,6 +288,28 @@ class Settings(BaseSettings):
         }
         return ModelConfig(**{k: v for k, v in given.items() if v is not None})
 
+    def ingest_rules(self) -> Rules:
+        """The contract's validation knobs, as the worker and ``propstream eval`` both apply them."""
+        from features.contract import DEFAULT_CUSTOM_TYPES, Rules
+
+        return Rules(
+            max_event_bytes=self.max_event_bytes,
+            max_future_ms=self.max_future_s * 1000,
+            earliest_ms=self.earliest_event_ms,
+            custom_types=DEFAULT_CUSTOM_TYPES | frozenset(t for t in self.custom_events.split(",") if t),
+            default_currency=self.default_currency,
+        )
+
+    def feature_params(self) -> FeatureParams:
+        """Feature definitions that are configuration: the worker's and ``propstream eval``'s alike."""
+        from features.state import FeatureParams
+
+        return FeatureParams(
+            session_gap_ms=self.session_gap_s * 1000,
+            abandon_after_ms=self.abandon_after_s * 1000,
+            dedup_capacity=self.dedup_capacity,
+        )
+
     def change_rules(self) -> ChangeRules:
         from models.changes import ChangeRules
 
@@ -270,6 +338,29 @@ class Settings(BaseSettings):
         from streams.broker import LocalBroker
 
         return LocalBroker(self).bootstrap()
+
+
+def unknown_env(names: Iterable[str], also_valid: Iterable[str] = ()) -> list[str]:
+    """One problem per ``PROPSTREAM_*`` name nothing reads, with the closest valid name when one is close.
+
+    Pydantic-settings ignores variables that match no field (``extra="forbid"`` covers keywords
+    only), so a misspelt one would change nothing without a word. ``also_valid``: the variables the
+    CLI's own options read. Case is ignored, as pydantic-settings ignores it.
+
+    >>> unknown_env(["PROPSTREAM_PARTITONS", "PATH", "PROPSTREAM_PARTITIONS"])
+    ['unknown setting PROPSTREAM_PARTITONS: did you mean PROPSTREAM_PARTITIONS?']
+    """
+    valid = {env_name(f) for f in Settings.model_fields} | {n.upper() for n in also_valid}
+    tails = sorted(v.removeprefix(ENV_PREFIX) for v in valid if v.startswith(ENV_PREFIX))
+    problems = []
+    for name in names:
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in valid:
+            continue
+        close = difflib.get_close_matches(upper.removeprefix(ENV_PREFIX), tails, n=1)
+        hint = f": did you mean {ENV_PREFIX}{close[0]}?" if close else ": no setting or option reads it"
+        problems.append(f"unknown setting {name}{hint}")
+    return problems
 
 
 @lru_cache(maxsize=1)

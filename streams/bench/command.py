@@ -24,6 +24,7 @@ import click
 from streams.bench import phases
 from streams.bench.proc import Proc
 from streams.bench.stats import machine, profile_top, table
+from streams.cli_common import DURATION_HELP, Duration, stop_broker_after
 from streams.settings import Settings
 
 REAL = Path("../shared/data/taobao_timeslice/user_behavior_timeslice.csv")
@@ -71,12 +72,27 @@ def pipeline(
 
 
 def bench(opts: dict[str, Any]) -> dict[str, Any]:
+    """Every phase, on the configured cluster or the local broker; one this run started is stopped after."""
     from streams.broker import LocalBroker
+
+    base = Settings()
+    local = LocalBroker(base)
+    stop_after = stop_broker_after(
+        bootstrap=base.bootstrap, was_running=local.read_state() is not None, keep=opts["keep_broker"]
+    )
+    bootstrap = base.bootstrap or local.start().bootstrap
+    try:
+        return measure(opts, bootstrap)
+    finally:
+        if stop_after:
+            say("bench: stopping the local broker it started (--keep-broker keeps it)")
+            local.stop()
+
+
+def measure(opts: dict[str, Any], bootstrap: str) -> dict[str, Any]:
     from streams.topics import ensure_topics
     from traffic.simulator import SimConfig, simulate
 
-    base = Settings()
-    bootstrap = base.bootstrap or LocalBroker(base).start().bootstrap
     uid = uuid.uuid4().hex[:6]
     tmp = Path(tempfile.mkdtemp(prefix="propstream-bench-"))
     out: dict[str, Any] = {"machine": machine(), "command": " ".join(["propstream", *sys.argv[1:]])}
@@ -210,7 +226,12 @@ def opt(*names: str, **kw: Any) -> Any:
 @click.command("bench")
 @opt("--events", type=int, default=200_000, help="Simulated events preloaded for the throughput phases.")
 @opt("--rate", type=int, default=5_000, help="Offered load of the latency phase, events/s.")
-@opt("--seconds", type=float, default=20.0, help="Duration of the latency phase.")
+@opt(
+    "--seconds",
+    type=Duration(),
+    default=20.0,
+    help=f"Duration of the latency phase: {DURATION_HELP} (plain number: seconds).",
+)
 @opt("--naive-events", type=int, default=50_000, help="Events the naive baseline is timed over.")
 @opt("--growth", type=str, default="10000,100000", callback=_sizes, help="User counts of the growth phase.")
 @opt("--growth-events", type=int, default=50_000, help="Events timed at each growth size.")
@@ -235,6 +256,12 @@ def opt(*names: str, **kw: Any) -> Any:
     help="Sample the pipeline worker with py-spy during catch-up (raw stacks to this file).",
 )
 @opt("--keep", is_flag=True, default=False, help="Keep the state folders and worker logs.")
+@opt(
+    "--keep-broker",
+    is_flag=True,
+    default=False,
+    help="Leave running the local broker this run starts (one already running is always left).",
+)
 def bench_cmd(json_out: Path | None, **opts: Any) -> None:
     """Throughput, latency, memory and growth against the raw consumer and a naive baseline, in one run."""
     t0 = time.monotonic()

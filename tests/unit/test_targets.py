@@ -5,7 +5,7 @@ from __future__ import annotations
 import pydantic
 import pytest
 
-from models.targets import parse_horizon, parse_targets
+from models.targets import parse_duration, parse_horizon, parse_targets
 from streams.settings import Settings
 
 DAY_MS = 86_400_000
@@ -91,3 +91,38 @@ def test_settings_refuse_a_bad_spec() -> None:
 def test_settings_refuse_an_infinite_horizon() -> None:
     with pytest.raises(pydantic.ValidationError, match="horizon"):
         Settings(targets="purchase:1e400d")
+
+
+@pytest.mark.parametrize(
+    ("text", "bare_unit", "seconds"),
+    [
+        ("90s", "s", 90.0),
+        ("30m", "s", 1800.0),
+        ("2h", "s", 7200.0),
+        ("7d", "s", 604800.0),
+        ("0", "s", 0.0),  # a duration may be zero (lateness 0, cooldown 0), a horizon may not
+        ("0.05", "s", 0.05),
+        ("0.05s", "s", 0.05),
+        ("400", "d", 400 * 86400.0),  # user_ttl_days: a bare number keeps meaning days
+        ("12h", "d", 43200.0),
+        (" 1.5H ", "s", 5400.0),
+    ],
+)
+def test_durations(text: str, bare_unit: str, seconds: float) -> None:
+    assert parse_duration(text, bare_unit=bare_unit) == seconds
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("-1s", "duration '-1s' must not be negative"),
+        ("2x", "duration '2x' is not a number with an optional unit s, m, h or d"),
+        ("", "duration '' is not a number"),
+        ("inf", "duration 'inf' is not a number"),
+        ("1e400h", "is not a number"),
+    ],
+)
+def test_bad_durations_say_why(text: str, reason: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_duration(text)
+    assert reason in str(info.value)
