@@ -132,7 +132,11 @@ class Trainer:
         return self.model.positives >= self.min[0] and self.model.negatives >= self.min[1]
 
     def handle(self, offset: int, msg: Example | Rollback) -> str:
-        """Learn one log entry; returns what happened (``learnt``, ``skipped``, ``rollback``, ``refused``)."""
+        """Learn one log entry; returns what happened (``learnt``, ``skipped``, ``rollback``, ``refused``).
+
+        A rollback whose snapshot cannot be read raises :class:`Corrupt` (after recording the
+        offset, so it is not retried).
+        """
         if offset <= self.st.offset:
             return "skipped"  # redelivered after a crash: already in the model
         self.st.offset = offset
@@ -140,9 +144,9 @@ class Trainer:
             try:
                 snap = load(msg.snapshot)
                 model = model_of(snap)
-            except (ValueError, KeyError, TypeError) as exc:
-                self.refusal = f"rollback to {msg.to_version}: the snapshot is unreadable ({exc})"
-                return "refused"
+            except (ValueError, KeyError, TypeError) as exc:  # skipped: the offset is recorded
+                detail = f"rollback to {msg.to_version}: the snapshot is unreadable ({exc})"
+                raise Corrupt(what="training_message", detail=detail) from None
             if snap.target != self.target or snap.version != msg.to_version:
                 self.refusal = f"rollback to {msg.to_version}: the snapshot is {snap.target} v{snap.version}"
                 return "refused"

@@ -34,7 +34,7 @@ from features.user import compute
 from models.scoring import ScoringCore
 from streams.erasure import attach_erasure
 from streams.faults import Faults
-from streams.ingest import DeadLetter, IngestHandler, Record, decode_mark, encode_mark, params_from
+from streams.ingest import DeadLetter, IngestHandler, Record, decode_mark, encode_mark
 from streams.metrics import Metrics
 from streams.model_feed import LiveModels
 from streams.model_metrics import ModelMetrics
@@ -217,7 +217,7 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
         handler.forget_partitions({tp.partition for tp in revoked if tp.topic in settings.source_topics})
 
     app.agent(source, name="ingest")(ingest)
-    params = params_from(settings)
+    params = settings.feature_params()
 
     def unauthorized(web: Any, request: Request) -> Response | None:
         """The 401 to answer when a token is configured and the request lacks it."""
@@ -449,7 +449,7 @@ def _scoring(
 
     core = ScoringCore(
         settings.target_list(),
-        params_from(settings),
+        settings.feature_params(),
         settings.change_rules(),
         live.models,
         top_k=settings.top_factors,

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from features import state as codec
-from features.contract import REASONS, Event, Rejected, Rules, parse
-from features.state import Corrupt, FeatureParams, UserState
+from features.contract import REASONS, Event, Rejected, parse
+from features.state import Corrupt, UserState
 from features.user import apply, finalize
 from streams.faults import Faults, describe
 from streams.metrics import Metrics
@@ -137,26 +137,6 @@ class MemoryStore:
         pass
 
 
-def rules_from(settings: Settings) -> Rules:
-    from features.contract import DEFAULT_CUSTOM_TYPES
-
-    return Rules(
-        max_event_bytes=settings.max_event_bytes,
-        max_future_ms=settings.max_future_s * 1000,
-        earliest_ms=settings.earliest_event_ms,
-        custom_types=DEFAULT_CUSTOM_TYPES | frozenset(t for t in settings.custom_events.split(",") if t),
-        default_currency=settings.default_currency,
-    )
-
-
-def params_from(settings: Settings) -> FeatureParams:
-    return FeatureParams(
-        session_gap_ms=settings.session_gap_s * 1000,
-        abandon_after_ms=settings.abandon_after_s * 1000,
-        dedup_capacity=settings.dedup_capacity,
-    )
-
-
 class Watermarks:
     """Per partition, the minimum over source topics of the newest event time seen on each.
 
@@ -204,8 +184,8 @@ class IngestHandler:
         stage: ScoreStage | None = None,
         faults: Faults | None = None,
     ) -> None:
-        self.rules = rules_from(settings)
-        self.params = params_from(settings)
+        self.rules = settings.ingest_rules()
+        self.params = settings.feature_params()
         self.lateness_ms = settings.allowed_lateness_s * 1000
         self.store = store
         self.dead_letter = dead_letter

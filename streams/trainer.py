@@ -87,6 +87,10 @@ def attach_trainer(
                         continue
                     try:
                         outcome = trainer_for(msg.target).handle(offset, msg)
+                    except Corrupt as exc:
+                        faults.corrupt(exc, f"{msg.target} offset {offset}")
+                        touched.add(msg.target)  # its offset is recorded: stored with the state
+                        continue
                     except Exception as exc:  # one message: the model and the log go on
                         faults.failed("trainer", exc, f"{msg.target} offset {offset}")
                         continue

@@ -14,7 +14,6 @@ from typing import Any
 
 import msgspec
 
-from features.state import FeatureParams
 from models.online import OnlineModel
 from models.scoring import ScoringCore, TargetModel, input_names
 from streams.faults import Faults
@@ -68,9 +67,7 @@ def build(
     faults = Faults(metrics)
     core = ScoringCore(
         settings.target_list(),
-        FeatureParams(
-            settings.session_gap_s * 1000, settings.abandon_after_s * 1000, settings.dedup_capacity
-        ),
+        settings.feature_params(),
         settings.change_rules(),
         trained_models(settings),
         top_k=settings.top_factors,

@@ -19,7 +19,6 @@ from features.contract import Event
 from features.state import decode, encode
 from features.user import apply, compute, finalize
 from models.online import OnlineModel, inputs
-from streams.ingest import params_from
 from streams.settings import Settings
 
 
@@ -54,7 +53,7 @@ def create_naive_app(settings: Settings) -> faust.App:
     )
     table = app.Table("naive-features", partitions=settings.partitions, key_type=bytes, value_type=bytes)
     source = app.topic(*settings.source_topics, key_serializer="raw", value_serializer="raw")
-    params = params_from(settings)
+    params = settings.feature_params()
     model = OnlineModel(settings.learner_config())
     count = [0]
 
