@@ -71,6 +71,8 @@ REASONS: dict[str, str] = {
     "wrong_key": "Kafka message key is not the event's user_id",
     "late": "event time is further behind the watermark than allowed_lateness_s",
     "duplicate": "event_id already seen for this user",
+    "processing_error": "the worker failed while processing this user's events of the batch (a bug or a "
+    "value no check foresaw); nothing of them was applied: replay them once it is fixed",
 }
 
 MAX_ID_LEN = 256

@@ -1,7 +1,9 @@
-"""The Faust application: topics, the RocksDB-backed feature table, the ingest agent and web views.
+"""The Faust application: topics, the RocksDB-backed tables, the ingest agent and web views.
 
-Built by :func:`create_app` from a :class:`Settings`, never at import time, so tests and the CLI
-can run several differently configured apps in one interpreter.
+One row per user in the ``features`` table holds feature state, score state and ledger
+(``streams/rows.py``); ``watermarks`` and ``trainer`` are the other tables. Built by
+:func:`create_app` from a :class:`Settings`, never at import time, so tests and the CLI can run
+several differently configured apps in one interpreter.
 """
 
 from __future__ import annotations
@@ -428,7 +430,8 @@ def _finite(values: dict[str, float]) -> dict[str, float | None]:
 def _scoring(
     app: faust.App, settings: Settings, metrics: Metrics, faults: Faults, rows: UserRows
 ) -> tuple[ScoreStage, LiveModels]:
-    """Tables, topics, live models, trainer and the score stage the ingest handler calls."""
+    """Topics, live models, the trainer and the score stage the ingest handler calls (the score
+    state and the ledger it keeps are parts of the user's row in ``rows``)."""
     model_metrics = ModelMetrics(metrics.registry)
     live = LiveModels(
         settings, lambda name, m, snap: model_metrics.record_model(name, m, snap.quality), faults
