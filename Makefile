@@ -8,7 +8,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint format typecheck alerts unit integration install system-deps clean
+.PHONY: demo test lint format typecheck alerts unit integration install lock system-deps clean
 
 demo: install
 	$(BIN)/propstream demo
@@ -40,11 +40,34 @@ alerts: system-deps
 
 install: system-deps $(STAMP)
 
-$(STAMP): pyproject.toml
+# setuptools notes on every editable install of a flat layout that folders named like the packages
+# in the working directory take precedence: here that is the point, so the notice is only noise.
+EDITABLE := PYTHONWARNINGS='ignore:Editable installation'
+
+# constraints.txt pins every package to the tested version (`make lock` moves them, see README.md).
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(EDITABLE) $(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	touch $(STAMP)
+
+# Every extra pyproject.toml defines, so the lock covers them all ("test" today).
+EXTRAS    = $(shell $(PYTHON) -c "import tomllib; print(','.join(tomllib.load(open('pyproject.toml', 'rb'))['project'].get('optional-dependencies', {})))")
+LOCK_FILE ?= constraints.txt
+
+# The newest versions pyproject.toml allows, resolved in a throwaway venv without constraints.
+# Written to a temporary file first: a failed resolve leaves the old lock in place.
+lock:
+	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	$(PYTHON) -m venv "$$tmp/venv"; \
+	"$$tmp/venv/bin/pip" install -q --upgrade pip; \
+	$(EDITABLE) PIP_CONSTRAINT= "$$tmp/venv/bin/pip" install -q -e '.[$(EXTRAS)]'; \
+	{ echo "# The tested versions of everything propstream and its extras install (Python 3.11): make and"; \
+	  echo "# deploy/Dockerfile install with \`pip install -c constraints.txt\`. Regenerate with \`make lock\`;"; \
+	  echo '# see README.md, "Dependencies and upgrades".'; \
+	  "$$tmp/venv/bin/pip" freeze --exclude-editable | grep -iv '^propstream=='; } > "$$tmp/lock.txt"; \
+	mv "$$tmp/lock.txt" $(LOCK_FILE); \
+	echo "wrote $(LOCK_FILE) ($$(grep -vc '^#' $(LOCK_FILE)) pins, extras: $(EXTRAS)); now run make test and commit both"
 
 system-deps:
 	@bash deploy/system-deps.sh

@@ -1,15 +1,19 @@
 """deploy/ without Docker: the compose file is valid and its references exist; the dashboard only
-queries metrics our code exports."""
+queries metrics our code exports; the image and `make install` install the pinned constraints."""
 
 from __future__ import annotations
 
 import json
 import re
+from itertools import chain
 from typing import Any
 
 import jsonschema
 import pytest
+import tomllib
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from streams.metrics import Metrics
 from tests.conftest import ROOT, SHARED_DATA
@@ -90,6 +94,42 @@ def test_dockerfile_copies_existing_paths() -> None:
         if line.startswith("COPY "):
             for src in line.split()[1:-1]:
                 assert (ROOT / src).exists(), src
+
+
+def test_dockerfile_and_make_install_with_the_pinned_constraints() -> None:
+    lines = (ROOT / "deploy" / "Dockerfile").read_text().splitlines()
+    copied = next(
+        (i for i, line in enumerate(lines) if line.startswith("COPY ") and "constraints.txt" in line), None
+    )
+    assert copied is not None, "the Dockerfile does not copy constraints.txt"
+    installs = [i for i, line in enumerate(lines) if "pip install" in line]
+    assert installs and all(copied < i and "-c constraints.txt" in lines[i] for i in installs), installs
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^\$\(STAMP\):.*\bconstraints\.txt\b", makefile, re.M), "stamp ignores constraints"
+    assert re.search(r"pip install .*-c constraints\.txt -e '\.\[test\]'", makefile)
+
+
+def pins() -> dict[str, str]:
+    out = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, sep, version = line.partition("==")
+            assert sep and version, f"not an exact pin: {line!r}"
+            out[canonicalize_name(name)] = version
+    return out
+
+
+def test_constraints_pin_every_declared_requirement_within_its_range() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = [*project["dependencies"], *chain(*project.get("optional-dependencies", {}).values())]
+    locked = pins()
+    assert not {"pip", "setuptools", "wheel", "propstream"} & set(locked)
+    for spec in map(Requirement, declared):
+        name = canonicalize_name(spec.name)
+        assert name in locked, f"{name} is not pinned: run `make lock`"
+        assert spec.specifier.contains(locked[name], prereleases=True), (
+            f"{name}=={locked[name]} is outside {spec.specifier}: run `make lock`"
+        )
 
 
 def test_compose_mounts_the_rules_and_the_dashboard() -> None:
