@@ -8,7 +8,6 @@ several differently configured apps in one interpreter.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import math
@@ -263,7 +262,7 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
                 return await fun(view, request, user_id=user_id)
             except WebError:
                 raise  # Faust answers these as JSON itself (e.g. 503 while no owner is known)
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 detail = f"the worker owning this user did not answer ({type(exc).__name__}); retry"
                 return error(view, 503, "owner_unavailable", detail)
             except Exception:

@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -593,9 +594,9 @@ def features(user: str | None, as_of: str | None, as_json: bool, catalogue: bool
 
 
 def format_features(data: dict[str, Any]) -> str:
-    from datetime import datetime, timezone
+    from datetime import datetime
 
-    as_of = datetime.fromtimestamp(data["as_of_ms"] / 1000, tz=timezone.utc).isoformat(timespec="seconds")
+    as_of = datetime.fromtimestamp(data["as_of_ms"] / 1000, tz=UTC).isoformat(timespec="seconds")
     lines = [f"user {data['user_id']}  ({data['events']} events, as of {as_of})"]
     feats = data["features"]
     width = max(len(k) for k in feats)

@@ -43,7 +43,7 @@ import csv
 import functools
 import math
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import msgspec
@@ -117,7 +117,7 @@ def _rees46_time(text: str) -> object:
     """``2019-10-01 00:00:00 UTC`` (or ISO-8601 with an offset) to epoch ms, else the text itself."""
     if text.endswith(" UTC"):
         try:
-            return int(datetime.fromisoformat(text[:-4]).replace(tzinfo=timezone.utc).timestamp() * 1000)
+            return int(datetime.fromisoformat(text[:-4]).replace(tzinfo=UTC).timestamp() * 1000)
         except ValueError:
             return text
     ms = parse_time_ms(text)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from datetime import UTC
 
 import click
 import pytest
@@ -93,7 +94,7 @@ JAN_1997_MS = 852_076_800_000  # 1997-01-01T00:00:00Z
 def order_log_1997(path: os.PathLike[str], days: int = 20, users: int = 6) -> int:
     """A small JSONL log of 1997: views every few hours, a purchase every third day per user."""
     import json
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     lines = []
     for d in range(days):
@@ -101,7 +102,7 @@ def order_log_1997(path: os.PathLike[str], days: int = 20, users: int = 6) -> in
             for h in (9, 13, 18):
                 ts = JAN_1997_MS + d * DAY_MS + h * 3_600_000 + u * 60_000
                 kind = "purchase" if h == 18 and (d + u) % 3 == 0 else "page_view"
-                iso = datetime.fromtimestamp(ts / 1000, tz=timezone.utc).isoformat().replace("+00:00", "Z")
+                iso = datetime.fromtimestamp(ts / 1000, tz=UTC).isoformat().replace("+00:00", "Z")
                 lines.append({"event_id": f"u{u}-{d}-{h}", "user_id": f"u{u}", "type": kind, "ts": iso})
     lines.sort(key=lambda e: e["ts"])
     with open(path, "w") as fh:

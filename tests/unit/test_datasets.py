@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -142,7 +142,7 @@ def test_rees46_rows_map_with_prices_revenue_and_sessions(tmp_path: Path) -> Non
         "2019-10-01 00:00:04 UTC,remove_from_cart,8,56,,,n/a,43,sess-b\n",
     )
     got = list(read_events(path, "rees46"))
-    t0 = int(datetime(2019, 10, 1, tzinfo=timezone.utc).timestamp() * 1000)
+    t0 = int(datetime(2019, 10, 1, tzinfo=UTC).timestamp() * 1000)
     assert got == [
         {
             "event_id": "rees46-3",
@@ -326,8 +326,8 @@ def test_taobao_sample_every_row_is_a_valid_event_and_the_stray_dates_come_first
         "purchase": 1_265,
     }
     # The window is 25 Nov - 3 Dec 2017 in Beijing time (UTC+8); rows outside it are kept, and sorted first.
-    lo = int(datetime(2017, 11, 24, 16, tzinfo=timezone.utc).timestamp() * 1000)
-    hi = int(datetime(2017, 12, 3, 16, tzinfo=timezone.utc).timestamp() * 1000)
+    lo = int(datetime(2017, 11, 24, 16, tzinfo=UTC).timestamp() * 1000)
+    hi = int(datetime(2017, 12, 3, 16, tzinfo=UTC).timestamp() * 1000)
     stray = [e for e in events if not lo <= ms(e) < hi]
     print("stray dates:", [(e["event_id"], e["user_id"], e["ts"]) for e in stray])
     assert len(stray) == 24 and events[:24] == stray

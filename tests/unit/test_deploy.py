@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import re
+import tomllib
 from itertools import chain
 from typing import Any
 
 import jsonschema
 import pytest
-import tomllib
 import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
