@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -25,6 +26,7 @@ from models.changes import ChangeRules
 from models.ledger import Target
 from models.online import ModelConfig, OnlineModel
 from models.scoring import LazyLedger, ScoreState, ScoringCore, TargetModel, input_names
+from models.trust import TrustGate, figures
 
 DAY_MS = 86_400_000
 
@@ -63,6 +65,9 @@ def run(
     model_config: ModelConfig | None = None,
     min_positives: int = 200,
     min_negatives: int = 200,
+    trust: TrustGate | None = None,
+    quality_window: int = 5000,
+    judge_every: int = 100,
     model: OnlineModel | None = None,
     learn: bool = True,
     oracle: Callable[[str, int], float | None] | None = None,
@@ -76,7 +81,9 @@ def run(
     model (a published snapshot, say); ``learn=False`` keeps it fixed. ``rules``, ``params``,
     ``change_rules``, ``model_config`` and the warm-up counts are the worker's settings (the CLI
     builds them); the defaults are the settings' defaults. Without ``now_ms`` a log has no "now",
-    so the future-time check is off.
+    so the future-time check is off. ``trust``: the quality gate, judged as the trainer does on the
+    last ``quality_window`` (score, label) pairs, every ``judge_every`` matured labels (the trainer:
+    once per batch), so "warm" means what it means on a worker; ``None``: counts only.
     """
     enc = msgspec.json.Encoder()
     rules = rules or Rules()
@@ -86,6 +93,9 @@ def run(
     params = params or FeatureParams()
     online = model or OnlineModel(model_config)
     live = TargetModel(online, 0, min_positives=min_positives, min_negatives=min_negatives)
+    window: deque[tuple[float, int]] = deque(maxlen=quality_window)  # (served score, label)
+    if trust is not None:
+        live.verdict = trust.judge(figures(window))
     core = ScoringCore((target,), params, change_rules or ChangeRules(), {target.name: live})
     states: dict[str, UserState] = {}
     scores: dict[str, ScoreState] = {}
@@ -113,6 +123,9 @@ def run(
             warm_at.discard((user, snap.ts_ms))
             if learn:
                 online.learn(dict(zip(out.input_names, snap.features, strict=True)), m.label)
+            window.append((snap.score, m.label))
+            if trust is not None and len(out.outcomes) % judge_every == 0:
+                live.verdict = trust.judge(figures(window))
         if ss.deadline_ms:
             heapq.heappush(deadlines, (ss.deadline_ms, user))
 

@@ -38,6 +38,7 @@ from models.ledger import (
     open_from,
 )
 from models.online import OnlineModel, inputs
+from models.trust import NO_GATE, Verdict, combine, labels
 
 SCORE_STATE_VERSION = 1
 
@@ -56,11 +57,26 @@ class TargetModel:
     version: int
     min_positives: int = 200
     min_negatives: int = 200
+    verdict: Verdict = NO_GATE  # the trust gate's verdict on this version's quality (models/trust.py)
 
     @property
     def warming_up(self) -> bool:
-        """Too few matured labels learnt: scores are marked and no change is announced."""
-        return self.model.positives < self.min_positives or self.model.negatives < self.min_negatives
+        """Not trusted: too few matured labels learnt, or the quality gate refuses the served scores.
+
+        Scores are marked and no change is announced. Read per user and target on the hot path, so
+        it compares numbers and builds no reason (that is :attr:`trust`).
+        """
+        return (
+            self.model.positives < self.min_positives
+            or self.model.negatives < self.min_negatives
+            or not self.verdict.trusted
+        )
+
+    @property
+    def trust(self) -> Verdict:
+        """Whether the model is trusted and why (lookups, ``/models``): the counts, then the gate."""
+        m = self.model
+        return combine(labels(m.positives, m.negatives, self.min_positives, self.min_negatives), self.verdict)
 
 
 class TargetState(msgspec.Struct, array_like=True):
