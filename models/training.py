@@ -20,6 +20,7 @@ from models import quality
 from models.online import ModelConfig, OnlineModel
 from models.persist import ModelSnapshot, load, model_of, model_state, restore, snapshot_of
 from models.scoring import input_names
+from models.trust import TrustGate
 
 
 def inputs_hash() -> int:
@@ -64,7 +65,8 @@ class TrainerState(msgspec.Struct):
     trained_to_ms: int = 0
     published_wall_ms: int = 0
     note: str = ""
-    force: bool = False  # publish at the next chance (warm-up just ended, or a rollback)
+    force: bool = False  # publish at the next chance (a rollback)
+    trusted: bool = False  # the last published version passed the counts and the trust gate
     window: list[tuple[float, int]] = msgspec.field(default_factory=list)  # (live score, label)
     config: dict[str, Any] = msgspec.field(default_factory=dict)
     model: dict[str, Any] = msgspec.field(default_factory=dict)
@@ -102,9 +104,12 @@ class Trainer:
         window: int,
         state: TrainerState | None = None,
         seed: ModelSnapshot | None = None,
+        trust: TrustGate | None = None,
     ) -> None:
         self.target = target
         self.min = (min_positives, min_negatives)
+        self.trust = trust  # the workers' gate (models/trust.py); None: counts only
+        self._quality: tuple[int, dict[str, float]] | None = None  # (log offset, report) cache
         self.publish_every = publish_every
         self.publish_interval_ms = publish_interval_ms
         self.names = input_names()
@@ -123,13 +128,22 @@ class Trainer:
                 published_wall_ms=seed.created_ms,
             )
             self.model = model_of(seed)
+            self.st.trusted = self._trusted(seed.quality)  # what the workers hold now
         else:
             self.st = TrainerState(target)
             self.model = OnlineModel(config)
+            self.st.trusted = self._trusted({})  # what the workers make of version 0
 
     @property
     def warm(self) -> bool:
-        return self.model.positives >= self.min[0] and self.model.negatives >= self.min[1]
+        """What every worker will make of a version published now: enough labels, and the gate passed."""
+        return self._trusted(None)
+
+    def _trusted(self, quality: dict[str, float] | None) -> bool:
+        """The counts, then the gate on ``quality`` (``None``: the window's, computed only when needed)."""
+        if self.model.positives < self.min[0] or self.model.negatives < self.min[1]:
+            return False
+        return self.trust is None or self.trust.judge(self.quality() if quality is None else quality).trusted
 
     def handle(self, offset: int, msg: Example | Rollback) -> str:
         """Learn one log entry; returns what happened (``learnt``, ``skipped``, ``rollback``, ``refused``).
@@ -158,26 +172,31 @@ class Trainer:
         if msg.inputs != self.hash or len(msg.x) != len(self.names):
             self.refusal = "training example with another input layout"
             return "refused"
-        was_warm = self.warm
         self.model.learn(dict(zip(self.names, msg.x, strict=True)), msg.label)
         self.window.append((msg.score, msg.label))
         self.st.since_publish += 1
         self.st.trained_to_ms = max(self.st.trained_to_ms, msg.ts_ms)
-        if self.warm and not was_warm:
-            self.st.force = True  # leave warm-up everywhere as soon as it is earned
         return "learnt"
 
     def due(self, now_ms: int) -> bool:
+        """Publish now? Forced, enough labels or time since the last version, or the verdict flipped.
+
+        Judged once per trainer batch: a model leaves warm-up everywhere as soon as it earns it, and
+        goes back to it as soon as its quality falls below the gate.
+        """
         if self.st.force or self.st.since_publish >= self.publish_every:
             return True
-        return self.st.since_publish > 0 and now_ms - self.st.published_wall_ms >= self.publish_interval_ms
+        if self.st.since_publish == 0:
+            return False
+        return self.warm != self.st.trusted or now_ms - self.st.published_wall_ms >= self.publish_interval_ms
 
     def quality(self) -> dict[str, float]:
-        if not self.window:
-            return {}
-        scores = [s for s, _ in self.window]
-        labels = [y for _, y in self.window]
-        return quality.report(scores, labels)
+        """The rolling quality report of the window (computed once per log offset)."""
+        if self._quality is None or self._quality[0] != self.st.offset:
+            scores = [s for s, _ in self.window]
+            labels = [y for _, y in self.window]
+            self._quality = (self.st.offset, quality.report(scores, labels) if self.window else {})
+        return self._quality[1]
 
     def publish(self, now_ms: int) -> ModelSnapshot:
         self.st.version += 1
@@ -190,6 +209,7 @@ class Trainer:
             quality=self.quality(),
             note=self.st.note,
         )
+        self.st.trusted = self.warm
         self.st.since_publish = 0
         self.st.published_wall_ms = now_ms
         self.st.note = ""

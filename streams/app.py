@@ -310,6 +310,7 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
                 out[name] = {
                     "version": m.version,
                     "warming_up": m.warming_up,
+                    "trust": m.trust.as_dict(),  # trusted, and why (label counts, then the trust gate)
                     "positives": m.model.positives,
                     "negatives": m.model.negatives,
                     "created_ms": snap.created_ms if snap else None,

@@ -471,6 +471,7 @@ def evaluate_cmd(
     """
     from models import evaluate
     from models.ledger import make_target
+    from models.trust import TrustGate
     from streams.producer import Progress
 
     if file is None and not use_sim:
@@ -522,6 +523,8 @@ def evaluate_cmd(
         model_config=settings.learner_config(),
         min_positives=settings.min_positives,
         min_negatives=settings.min_negatives,
+        trust=TrustGate(settings.trust_min_auc_lower, settings.trust_max_ece),
+        quality_window=settings.quality_window,
         oracle=oracle,
         progress=lambda n: progress.tick(10_000),
     )

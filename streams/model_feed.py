@@ -2,7 +2,8 @@
 
 The models topic is read whole, from the beginning, by every worker (no consumer group: each
 needs all of it), with aiokafka in the worker's event loop. A newer version replaces the entry in
-the dict the scoring core reads, between two batches, so a batch never mixes versions.
+the dict the scoring core reads, between two batches, so a batch never mixes versions. Each version
+comes with the trust gate's verdict on the quality it was published with (``models/trust.py``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Callable
 from models.online import OnlineModel
 from models.persist import ModelSnapshot, load, model_of
 from models.scoring import TargetModel
+from models.trust import TrustGate
 from streams.faults import Faults, describe
 from streams.settings import Settings
 
@@ -33,8 +35,12 @@ class LiveModels:
         self.on_swap = on_swap
         self.faults = faults
         config = settings.learner_config()
+        self.gate = TrustGate(settings.trust_min_auc_lower, settings.trust_max_ece)
+        nothing = self.gate.judge({})  # no version yet: no matured label to judge
         self.models: dict[str, TargetModel] = {
-            t.name: TargetModel(OnlineModel(config), 0, settings.min_positives, settings.min_negatives)
+            t.name: TargetModel(
+                OnlineModel(config), 0, settings.min_positives, settings.min_negatives, nothing
+            )
             for t in settings.target_list()
         }
         self.snapshots: dict[str, ModelSnapshot] = {}
@@ -60,7 +66,18 @@ class LiveModels:
             self.faults.unreadable("model_snapshot", describe(exc), where)
             return False
         s = self.settings
-        new = TargetModel(model, snap.version, s.min_positives, s.min_negatives)
+        verdict = self.gate.judge(snap.quality)
+        new = TargetModel(model, snap.version, s.min_positives, s.min_negatives, verdict)
+        if new.warming_up != live.warming_up:  # trusted, or no longer: say why, once per flip
+            if new.warming_up:
+                log.warning(
+                    "%s model version %d not trusted, warming up again: %s",
+                    snap.target,
+                    snap.version,
+                    new.trust.reason,
+                )
+            else:
+                log.info("%s model version %d trusted: %s", snap.target, snap.version, new.trust.reason)
         self.models[snap.target] = new
         self.snapshots[snap.target] = snap
         self.on_swap(snap.target, new, snap)

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from models.scoring import TargetModel
+from models.trust import CHECKS
 
 SCORE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))
 
@@ -54,8 +55,21 @@ class ModelMetrics:
         self.version = Gauge("propstream_model_version", "Live model version.", ["target"], registry=r)
         self.warming_up = Gauge(
             "propstream_model_warming_up",
-            "1 while the live model has too few matured labels.",
+            "1 while the live model is not trusted: too few matured labels, or below the trust gate.",
             ["target"],
+            registry=r,
+        )
+        self.trusted = Gauge(
+            "propstream_model_trusted",
+            "1 while the live model is trusted (label counts and trust gate): its changes are announced.",
+            ["target"],
+            registry=r,
+        )
+        self.trust_failing = Gauge(
+            "propstream_model_trust_failing",
+            "1 for each check that keeps the live model untrusted: labels (counts), roc_auc (its lower "
+            "bound), ece.",
+            ["target", "check"],
             registry=r,
         )
         self.matured_labels = Gauge(
@@ -92,6 +106,10 @@ class ModelMetrics:
     def record_model(self, target: str, live: TargetModel, quality: Mapping[str, float]) -> None:
         self.version.labels(target).set(live.version)
         self.warming_up.labels(target).set(1 if live.warming_up else 0)
+        verdict = live.trust
+        self.trusted.labels(target).set(1 if verdict.trusted else 0)
+        for check in CHECKS:
+            self.trust_failing.labels(target, check).set(1 if check in verdict.failing else 0)
         self.matured_labels.labels(target).set(live.model.positives + live.model.negatives)
         for gauge, key in ((self.roc_auc, "roc_auc"), (self.log_loss, "log_loss"), (self.ece, "ece")):
             if key in quality:

@@ -198,6 +198,21 @@ class Settings(BaseSettings):
     quality_window: int = Field(
         5000, ge=100, description="Matured labels in the rolling quality figures (ROC-AUC, ECE, ...)."
     )
+    trust_min_auc_lower: float = Field(
+        0.6,
+        ge=0,
+        lt=1,
+        description="Trust gate: a model with its label counts is trusted (change events, warming_up "
+        "false) only while the one-sided 95% lower bound (Hanley-McNeil) of its rolling ROC-AUC on "
+        "the served scores of matured labels is at least this. 0: not checked.",
+    )
+    trust_max_ece: float = Field(
+        0.1,
+        gt=0,
+        le=1,
+        description="Trust gate: ... and while the rolling expected calibration error (10 bins) of "
+        "those scores is at most this. 1: not checked (0 and 1 switch the whole gate off).",
+    )
 
     # --- Change events -------------------------------------------------------------------------
     tier_thresholds: str = Field(

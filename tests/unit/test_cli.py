@@ -168,6 +168,9 @@ def test_eval_passes_every_setting_it_uses(
         "PROPSTREAM_MODEL_L2": "0.5",
         "PROPSTREAM_MIN_POSITIVES": "3",
         "PROPSTREAM_MIN_NEGATIVES": "4",
+        "PROPSTREAM_TRUST_MIN_AUC_LOWER": "0.55",
+        "PROPSTREAM_TRUST_MAX_ECE": "0.2",
+        "PROPSTREAM_QUALITY_WINDOW": "800",
     }
     CliRunner().invoke(main, ["eval", str(log)], env=env)
     rules, params, target, cfg = seen["rules"], seen["params"], seen["target"], seen["model_config"]
@@ -183,6 +186,8 @@ def test_eval_passes_every_setting_it_uses(
     )
     assert (cfg.prior, cfg.l2) == (0.9, 0.5)
     assert (seen["min_positives"], seen["min_negatives"]) == (3, 4)
+    gate = seen["trust"]
+    assert (gate.min_auc_lower, gate.max_ece, seen["quality_window"]) == (0.55, 0.2, 800)
 
 
 def test_eval_options_take_durations(monkeypatch: pytest.MonkeyPatch, tmp_path: os.PathLike[str]) -> None:

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
-import bisect
+import logging
 import math
 import random
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
+import msgspec
 import pytest
+from prometheus_client import CollectorRegistry
 
 from models.evaluate import EvalRun, run
 from models.ledger import make_target
-from models.online import OnlineModel
+from models.online import ModelConfig, OnlineModel
+from models.persist import dump, snapshot_of
 from models.quality import report, roc_auc
-from models.scoring import TargetModel
+from models.scoring import TargetModel, input_names
+from models.training import Example, Trainer, decode_trainer_state, inputs_hash
 from models.trust import (
     NO_GATE,
     TrustGate,
@@ -23,6 +29,11 @@ from models.trust import (
     figures,
     labels,
 )
+from streams.faults import Faults
+from streams.metrics import Metrics
+from streams.model_feed import LiveModels
+from streams.model_metrics import ModelMetrics
+from streams.settings import Settings
 from traffic.simulator import SimConfig, simulate
 
 
@@ -151,51 +162,196 @@ def test_figures_are_the_report_s_own() -> None:
 H_MS = 2 * 86_400_000
 
 
-@pytest.fixture(scope="module")
-def sim_events() -> list[dict[str, object]]:
-    return list(simulate(SimConfig(users=300, days=24, seed=4, start_ms=1_700_000_000_000)))
+@dataclass(frozen=True)
+class CountingGate(TrustGate):
+    """The default gate, counting its verdicts: with ``judge_every=1`` eval judges once at the start
+    and once per matured label, so the count tells how many labels were learnt at any moment."""
+
+    calls: list[int] = field(default_factory=list)
+
+    def judge(self, quality: Mapping[str, float]) -> Verdict:
+        self.calls.append(1)
+        return super().judge(quality)
 
 
-def eval_run(events: list[dict[str, object]], gate: TrustGate | None) -> EvalRun:
+def eval_run(gate: TrustGate | None, seen: dict[float, int] | None = None) -> EvalRun:
+    def oracle(user: str, ts_ms: int) -> float:
+        """Called as each snapshot is sampled: tag it, and note how many labels were learnt then."""
+        assert seen is not None and isinstance(gate, CountingGate)
+        tag = float(len(seen))
+        seen[tag] = len(gate.calls) - 1
+        return tag
+
     return run(
-        events,
+        simulate(SimConfig(users=120, days=16, seed=4, start_ms=1_700_000_000_000)),
         make_target("purchase", H_MS // 1000),
         min_positives=20,
         min_negatives=20,
         trust=gate,
         quality_window=300,
         judge_every=1,
+        oracle=oracle if seen is not None else None,
     )
 
 
+@pytest.fixture(scope="module")
+def by_counts() -> EvalRun:
+    return eval_run(None)
+
+
 def test_eval_marks_warm_exactly_the_snapshots_scored_while_counts_and_gate_passed(
-    sim_events: list[dict[str, object]],
+    by_counts: EvalRun,
 ) -> None:
-    gate = TrustGate()
-    result = eval_run(sim_events, gate)
-    o = result.outcomes
-    # Reference: a snapshot taken at t was scored after every snapshot whose horizon ended before t
-    # was learnt (eval matures in horizon order), so the model had learnt exactly that prefix of the
-    # outcomes and its quality window was the last 300 of them. The gate itself is checked above.
-    ends = [x.ts_ms + H_MS for x in o]
-    assert ends == sorted(ends)
-    expected = []
+    gate = CountingGate()
+    seen: dict[float, int] = {}
+    o = eval_run(gate, seen).outcomes
+    # Reference: a snapshot scored when k labels had been learnt was scored by a model that had
+    # learnt the first k outcomes (eval learns each as it matures), with the last 300 of them as its
+    # quality window. The gate itself is checked by hand above.
     verdicts: dict[int, bool] = {}
+    expected = []
     for x in o:
-        k = bisect.bisect_left(ends, x.ts_ms)  # outcomes with end < t
+        assert x.oracle is not None
+        k = seen[x.oracle]
         if k not in verdicts:
             ys = [y.label for y in o[:k]]
             counts_ok = sum(ys) >= 20 and len(ys) - sum(ys) >= 20
             window = [(y.score, y.label) for y in o[max(0, k - 300) : k]]
-            verdicts[k] = counts_ok and gate.judge(figures(window)).trusted
+            verdicts[k] = counts_ok and TrustGate().judge(figures(window)).trusted
         expected.append(verdicts[k])
     assert [x.warm for x in o] == expected
-    by_counts = eval_run(sim_events, None).outcomes
-    assert [x.score for x in by_counts] == [x.score for x in o]  # the gate changes what is marked only
-    warm_gate, warm_counts = sum(expected), sum(x.warm for x in by_counts)
+    assert [x.score for x in by_counts.outcomes] == [x.score for x in o]  # the gate changes only the marks
+    warm_gate, warm_counts = sum(expected), sum(x.warm for x in by_counts.outcomes)
     assert 0 < warm_gate < warm_counts  # the gate holds some back here, and lets some through
 
 
-def test_eval_with_the_gate_off_is_eval_by_counts(sim_events: list[dict[str, object]]) -> None:
-    off = eval_run(sim_events, TrustGate(min_auc_lower=0, max_ece=1)).outcomes
-    assert [x.warm for x in off] == [x.warm for x in eval_run(sim_events, None).outcomes]
+def test_eval_with_the_gate_off_is_eval_by_counts(by_counts: EvalRun) -> None:
+    off = eval_run(TrustGate(min_auc_lower=0, max_ece=1)).outcomes
+    assert [x.warm for x in off] == [x.warm for x in by_counts.outcomes]
+
+
+# --- the trainer publishes when the verdict flips; workers judge each version alike ----------------
+
+
+def served(i: int, label: int, score: float) -> Example:
+    x = [float((i * 7 + j) % 5) for j in range(len(input_names()))]
+    return Example("purchase", 1_000 * i, x, label, score, 1, inputs_hash())
+
+
+def test_the_trainer_publishes_as_soon_as_the_verdict_flips_either_way_and_workers_agree(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    gate = TrustGate(min_auc_lower=0, max_ece=0.105)  # ECE only, so the flips can be worked by hand
+    tr = Trainer(
+        "purchase",
+        config=ModelConfig(),
+        min_positives=5,
+        min_negatives=0,
+        publish_every=10**9,
+        publish_interval_ms=10**12,
+        window=100,
+        trust=gate,
+    )
+    settings = Settings(
+        targets="purchase:7d", min_positives=5, min_negatives=0, trust_min_auc_lower=0, trust_max_ece=0.105
+    )
+    live = LiveModels(settings, lambda *_: None, Faults(Metrics()))
+    offset = 0
+
+    def feed(n: int, right: bool) -> list[int]:
+        """``n`` examples with labels 0, 1, 0, ... scored 0 or 1, rightly or wrongly; where it was due."""
+        nonlocal offset
+        due_at = []
+        for k in range(1, n + 1):
+            label = offset % 2
+            assert tr.handle(offset, served(offset, label, float(label if right else 1 - label))) == "learnt"
+            offset += 1
+            if tr.due(0):
+                due_at.append(k)
+                assert live.apply(dump(tr.publish(0)))
+                assert live.models["purchase"].warming_up is not tr.warm
+        return due_at
+
+    # scores of 0 and 1 that are right have ECE 0: trusted once 5 positives are learnt (the 10th label)
+    with caplog.at_level(logging.INFO, logger="streams.model_feed"):
+        assert feed(100, right=True) == [10]
+        assert not live.models["purchase"].warming_up
+        # each wrong score adds 1/100 to the ECE of the full window: 0.11 > 0.105 at the 11th
+        assert feed(30, right=False) == [11]
+        assert live.models["purchase"].trust.reason == "ece 0.110 > 0.105"
+        # right scores again: the window holds only 10 wrong ones once 90 more came after them
+        assert feed(100, right=True) == [90]
+    flips = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert flips == [
+        ("INFO", "purchase model version 1 trusted: ece 0.000 <= 0.105"),
+        ("WARNING", "purchase model version 2 not trusted, warming up again: ece 0.110 > 0.105"),
+        ("INFO", "purchase model version 3 trusted: ece 0.100 <= 0.105"),
+    ]
+    # a trainer restored from its state knows what it published: no second publish for the same verdict
+    again = Trainer(
+        "purchase",
+        config=ModelConfig(),
+        min_positives=5,
+        min_negatives=0,
+        publish_every=10**9,
+        publish_interval_ms=10**12,
+        window=100,
+        trust=gate,
+        state=decode_trainer_state(msgspec.msgpack.encode(tr.state())),
+    )
+    again.handle(offset, served(offset, offset % 2, float(offset % 2)))
+    assert again.warm and not again.due(0)
+
+
+def snapshot(version: int, q: dict[str, float], positives: int = 0) -> bytes:
+    m = OnlineModel()
+    m.positives = positives
+    return dump(snapshot_of(m, target="purchase", version=version, created_ms=0, quality=q))
+
+
+def test_workers_judge_each_version_by_its_published_quality_and_export_the_verdict() -> None:
+    registry = CollectorRegistry()
+    metrics = ModelMetrics(registry)
+    settings = Settings(targets="purchase:7d", min_positives=200, min_negatives=0)
+    live = LiveModels(
+        settings, lambda name, m, snap: metrics.record_model(name, m, snap.quality), Faults(Metrics())
+    )
+
+    def gauge(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, {"target": "purchase", **labels})
+
+    first = live.models["purchase"]
+    assert first.warming_up
+    assert first.trust.reason == (
+        "learnt 0 of 200 positives; no roc_auc yet (0 positives, 0 negatives matured); "
+        "no ece yet (no matured label)"
+    )
+    live.apply(snapshot(1, quality(0.8, 50, 50, 0.05), positives=150))  # good quality, too few labels
+    assert live.models["purchase"].trust.failing == ("labels",)
+    assert (gauge("propstream_model_trusted"), gauge("propstream_model_warming_up")) == (0, 1)
+    assert gauge("propstream_model_trust_failing", check="labels") == 1
+    assert gauge("propstream_model_trust_failing", check="roc_auc") == 0
+    live.apply(snapshot(2, quality(0.65, 50, 50, 0.05), positives=250))  # enough labels, weak ranking
+    m = live.models["purchase"]
+    assert m.warming_up and m.trust.as_dict() == {
+        "trusted": False,
+        "reason": "roc_auc lower bound 0.560 < 0.6 (roc_auc 0.650 on 50 positives, 50 negatives)",
+    }
+    assert gauge("propstream_model_trusted") == 0
+    assert gauge("propstream_model_trust_failing", check="labels") == 0
+    assert gauge("propstream_model_trust_failing", check="roc_auc") == 1
+    live.apply(snapshot(3, quality(0.65, 1000, 1000, 0.05), positives=300))  # the same area, surer
+    assert not live.models["purchase"].warming_up
+    assert (gauge("propstream_model_trusted"), gauge("propstream_model_warming_up")) == (1, 0)
+    assert gauge("propstream_model_trust_failing", check="roc_auc") == 0
+
+
+def test_the_gate_switched_off_trusts_by_counts_alone() -> None:
+    settings = Settings(
+        targets="purchase:7d", min_positives=0, min_negatives=0, trust_min_auc_lower=0, trust_max_ece=1
+    )
+    live = LiveModels(settings, lambda *_: None, Faults(Metrics()))
+    assert not live.models["purchase"].warming_up
+    assert live.models["purchase"].trust.reason == "quality gate off"
+    with pytest.raises(ValueError, match="trust_max_ece"):
+        Settings(trust_max_ece=0)
