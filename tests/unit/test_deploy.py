@@ -36,6 +36,8 @@ MODEL_METRICS = {
     "propstream_emit_latency_seconds_count",
     "propstream_model_version",
     "propstream_model_warming_up",
+    "propstream_model_trusted",
+    "propstream_model_trust_failing",
     "propstream_model_matured_labels",
     "propstream_model_roc_auc",
     "propstream_model_log_loss",
