@@ -291,6 +291,14 @@ class Traffic(threading.Thread):
         return self.sent >= len(self.events)
 
 
+def run_seed(env_var: str = "TEST_SEED") -> int:
+    """A random seed for this run, or the one ``env_var`` names (to replay a failure); printed."""
+    raw = os.environ.get(env_var)
+    seed = int(raw) if raw else int.from_bytes(os.urandom(4), "little")
+    print(f"random seed {seed} (replay: {env_var}={seed})")
+    return seed
+
+
 def random_pause(rng: random.Random, low_s: float, high_s: float) -> float:
     """Sleep a random time in [low_s, high_s) (a random point of the stream); returns it."""
     pause = rng.uniform(low_s, high_s)
@@ -331,3 +339,62 @@ def pending_snapshots(worker: WorkerProc, users: list[str]) -> dict[tuple[str, s
         for target, s in body["scores"].items():
             out[(u, target)] = s["pending_snapshots"]
     return out
+
+
+def uncommitted(bootstrap: str, group: str, topics: Sequence[str]) -> dict[str, int]:
+    """Per topic: messages written that ``group`` has not committed yet (``{}``: it has them all).
+
+    A Faust worker flushes its producer (changelogs, outputs) before it commits source offsets, so
+    once its group has committed every message of its input topics, everything it wrote for them
+    is in Kafka. Topics are taken in order, each one's end offsets read *after* the previous
+    topic's commits: list the sources before the topics the worker writes and reads again (the
+    training log), and the later ones' ends include what the earlier ones caused.
+    """
+    from kafka import TopicPartition
+
+    c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    try:
+        behind: dict[str, int] = {}
+        for topic in topics:
+            tps = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or ())]
+            assert tps, f"no partitions for {topic}"
+            ends = c.end_offsets(tps)
+            missing = sum(max(0, ends[tp] - (c.committed(tp) or 0)) for tp in tps)
+            if missing:
+                behind[topic] = missing
+        return behind
+    finally:
+        c.close()
+
+
+def wait_settled(bootstrap: str, group: str, topics: Sequence[str], timeout_s: float = 60.0) -> None:
+    """Wait until ``group`` has committed every message of ``topics`` (see :func:`uncommitted`)."""
+    behind: dict[str, int] = {}
+
+    def settled() -> bool:
+        behind.clear()
+        behind.update(uncommitted(bootstrap, group, topics))
+        return not behind
+
+    try:
+        wait_until(settled, timeout_s, every_s=0.5, what=f"group {group} to commit all of {list(topics)}")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; messages not committed per topic: {behind}") from None
+
+
+def read_until(
+    bootstrap: str,
+    topic: str,
+    done: Callable[[list[Any]], Any],
+    timeout_s: float = 60.0,
+    what: str = "",
+) -> list[Any]:
+    """Read ``topic`` to its end offsets again and again until ``done(messages)``; the messages."""
+    got: list[Any] = []
+
+    def check() -> Any:
+        got[:] = read_topic(bootstrap, topic)
+        return done(got)
+
+    wait_until(check, timeout_s, every_s=0.5, what=what or f"the messages wanted on {topic}")
+    return got

@@ -14,11 +14,12 @@ from typing import Any
 
 import pytest
 from kafka import KafkaAdminClient, KafkaProducer
+from kafka.partitioner.default import murmur2
 from rocksdict import AccessType, Options, Rdict
 
 from streams.privacy import Pseudonymizer
 from streams.settings import Settings
-from tests.integration.harness import read_topic, wait_until
+from tests.integration.harness import read_topic, wait_settled, wait_until
 from tests.integration.test_pipeline import router
 from tests.reference import DAY, HOUR, random_events
 
@@ -67,6 +68,11 @@ def counted(worker: Any, events: list[dict[str, Any]]) -> bool:
     return True
 
 
+def partition_of(key: bytes, partitions: int) -> int:
+    """The partition Kafka's default partitioner (murmur2, as in the Java client) gives ``key``."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
 def table_files(data_dir: Path, table: str) -> list[Path]:
     return sorted((data_dir / "v1" / "tables").glob(f"{table}-*.db"))
 
@@ -98,9 +104,18 @@ def test_pseudonymised_ids_appear_nowhere(
     wait_until(lambda: counted(worker, events), 120, what="every user's events, looked up by raw id")
     wait_until(lambda: worker.metric("propstream_labels_matured_total") > 0, 60, what="labels to mature")
     wait_until(lambda: worker.metric("propstream_events_rejected_total") >= 2, 30, what="the dead letters")
-    time.sleep(3)  # let changelog messages, examples and published models land
+    # everything the worker wrote for its input is in Kafka: changelogs, examples, dead letters, models
+    wait_settled(kafka, settings.app_id, [*settings.source_topics, settings.topic_training])
 
     secret = Pseudonymizer(Settings(pseudonymize_key="s3cret").pseudonymize_key)
+    # first, the search covers the newest writes: the two bad messages were published last, every
+    # user's row is on the changelog under its pseudonym, every matured label is on the training log
+    dead = read_topic(kafka, settings.topic_deadletter)
+    assert sorted(dict(m.headers)["propstream.reason"] for m in dead) == [b"not_json", b"wrong_key"]
+    rows = {m.key for m in read_topic(kafka, f"{settings.app_id}-features-changelog")}
+    assert {secret(e["user_id"]).encode() for e in events} <= rows
+    matured = worker.metric("propstream_labels_matured_total")
+    assert len(read_topic(kafka, settings.topic_training)) == matured > 0
     admin = KafkaAdminClient(bootstrap_servers=kafka)
     ours = [
         t for t in admin.list_topics() if t.startswith(settings.app_id) or t.split(".")[0] == settings.app_id
@@ -121,13 +136,15 @@ def test_pseudonymised_ids_appear_nowhere(
             assert MARKER.encode() not in blob, (topic, m.offset, blob[:200])
             seen_pseudonym |= secret(f"{MARKER}0x").encode() in blob
     assert searched >= 12 and seen_pseudonym, "the search found neither messages nor the pseudonyms"
-    dead = read_topic(kafka, settings.topic_deadletter)
-    assert sorted(dict(m.headers)["propstream.reason"] for m in dead) == [b"not_json", b"wrong_key"]
 
     _, metrics = worker.get("/metrics")
+    assert b"propstream_labels_matured_total" in metrics  # the exposition is the full one
     assert MARKER.encode() not in metrics
     worker.stop()
-    assert MARKER not in worker.log.read_text(errors="replace")
+    log = worker.log.read_text(errors="replace")
+    # the log is complete (the worker logged its publications and its shutdown) before it is searched
+    assert "model version" in log and "Closing event loop" in log, log[-2000:]
+    assert MARKER not in log
     files = [p for p in Path(worker.env["PROPSTREAM_DATA_DIR"]).rglob("*") if p.is_file()]
     on_disk = b"".join(p.read_bytes() for p in files)
     assert MARKER.encode() not in on_disk
@@ -151,28 +168,43 @@ def test_erasure_leaves_no_trace(settings: Settings, make_worker: Any, kafka: st
     assert worker.get(f"/users/{victim}/features")[0] == 404
     assert worker.get(f"/users/{other}")[0] == 200
 
+    # a marker user on the victim's partition, written after the erasure: wherever the test looks for
+    # the victim below, it first finds the marker, so what it searches holds the writes that followed
+    n = settings.partitions
+    victim_p = partition_of(victim.encode(), n)
+    marker = next(f"after-{i}" for i in range(1000) if partition_of(f"after-{i}".encode(), n) == victim_p)
+    last_ts = max(e["ts"] for e in events)
+    ev = {"event_id": "after-erasure", "user_id": marker, "type": "page_view", "ts": last_ts}
+    publish(kafka, settings, [ev], [])
+    wait_until(lambda: worker.features(marker) is not None, 60, what="the marker user's event")
+    wait_settled(kafka, settings.app_id, [*settings.source_topics, settings.topic_erasure])
+
     # the changelog of the users' rows (features, scores and ledger in one value) ends with a tombstone
-    # for the user; so does the compacted outbound topic
+    # for the user, before the marker's row in the same partition; so does the compacted outbound topic
     rows = read_topic(kafka, f"{settings.app_id}-features-changelog")
     msgs = [m for m in rows if m.key == victim.encode()]
     assert msgs and msgs[-1].value is None
+    after = [m for m in rows if m.key == marker.encode()]
+    assert after and after[-1].partition == msgs[-1].partition and after[-1].offset > msgs[-1].offset
     changes = [m for m in read_topic(kafka, settings.topic_changes) if m.key == victim.encode()]
     assert changes and changes[-1].value is None
     [done] = [json.loads(m.value) for m in read_topic(kafka, settings.topic_erasure_done)]
     assert done["user_id"] == victim and set(done["removed"]) == {"features", "scores", "ledger"}
 
-    # on disk: the user's key is in none of the RocksDB files of the tables, the others' are
+    # on disk: the user's key is in none of the RocksDB files of the tables, the others' and the marker's are
     worker.stop()
     data_dir = Path(worker.env["PROPSTREAM_DATA_DIR"])
     tables = {p.name.rsplit("-", 1)[0] for p in (data_dir / "v1" / "tables").glob("*.db")}
     assert "features" in tables
+    assert {other.encode(), marker.encode()} <= keys_on_disk(data_dir, "features")
     for table in tables:
         assert victim.encode() not in keys_on_disk(data_dir, table), table
-    assert other.encode() in keys_on_disk(data_dir, "features")
 
-    # a worker restoring from the changelogs alone does not bring the user back
+    # a worker restoring from the changelogs alone does not bring the user back: it has restored the
+    # victim's partition past the tombstone (the marker is there) and the victim is not
     fresh = make_worker("w2", **LEARNING).start(timeout_s=180)
     wait_until(lambda: fresh.features(other) is not None, 60, what="the other users restored")
+    wait_until(lambda: fresh.features(marker) is not None, 60, what="the marker restored")
     assert fresh.get(f"/users/{victim}")[0] == 404
 
 
@@ -196,6 +228,7 @@ def test_retention_evicts_idle_users_from_state_and_changelogs(
         what="the idle users evicted",
     )
     assert worker.metric("propstream_users_evicted_total") == len(idle_users)
+    wait_settled(kafka, settings.app_id, settings.source_topics)  # the tombstones are flushed
     last = {m.key: m.value for m in read_topic(kafka, f"{settings.app_id}-features-changelog")}
     assert all(last[u.encode()] is None for u in idle_users)  # tombstones: gone from Kafka too
     assert all(worker.features(e["user_id"]) is not None for e in active[:10])
