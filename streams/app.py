@@ -24,6 +24,7 @@ import faust
 from aiohttp.web import Response as AioResponse
 from faust.sensors.monitor import Monitor
 from faust.streams import _current_event
+from faust.types import TP
 from faust.web import Request, Response, View
 from faust.web.exceptions import WebError
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -36,6 +37,7 @@ from models.scoring import ScoringCore
 from streams.erasure import attach_erasure
 from streams.faults import Faults
 from streams.ingest import DeadLetter, IngestHandler, Record, decode_mark, encode_mark
+from streams.lookup import AsOf, BadQuery, Lookups, PartitionClock, page_query
 from streams.metrics import Metrics
 from streams.model_feed import LiveModels
 from streams.model_metrics import ModelMetrics
@@ -271,31 +273,53 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
 
         return get
 
-    def as_of_of(request: Request) -> int | None:
+    # scores and features as of an event time (streams/lookup.py): the partition's clock by default
+    clock = PartitionClock(handler.watermarks.clock, store, settings.source_topics)
+    lookups = Lookups(stage.core, rows, clock, faults, settings.partitions)
+    bad_as_of = "as_of must be epoch ms or ISO-8601 with offset"
+    changelog = table.changelog_topic.get_topic_name()
+
+    def as_of_of(request: Request) -> tuple[bool, int | None]:
+        """(True, the requested time or None for the partition's clock), or (False, None) when bad."""
         arg = request.query.get("as_of")
         if arg is None:
-            return max(handler.watermarks.clock(p) for p in range(settings.partitions))
-        return parse_as_of(arg)
+            return True, None
+        ms = parse_as_of(arg)
+        return ms is not None, ms
+
+    def owners() -> dict[int, str]:
+        """Partition -> base URL of the worker owning it in the features table (the assignor's view)."""
+        out = {}
+        for url, topics in app.router.table_metadata(FEATURE_TABLE).items():
+            for p in topics.get(changelog, ()):
+                out[p] = str(url).rstrip("/")
+        return out
 
     @app.page("/users/{user_id}")
     class UserView(View):
-        """Features plus, per target, the current score, tier, model version and top factors."""
+        """Features plus, per target, score, tier, model version and top factors, as of the user's
+        partition's event-time clock (or ``as_of``; never before the user's last event)."""
 
         @checked
         @app.table_route(table=table, match_info="user_id")  # type: ignore[arg-type]
         async def get(self, request: Request, user_id: str) -> Response:
+            ok, requested = as_of_of(request)  # before the user is read: a bad query is a 400 whoever asks
+            if not ok:
+                return error(self, 400, "bad_as_of", bad_as_of)
             state = load_user(self, request, user_id)
             if not isinstance(state, UserState):  # faust's Response is no base of aiohttp's
                 return state
+            when = lookups.when(user_id, state, requested)
+            feats, scores = lookups.scores(pseudonym(user_id), state, when.as_of_ms)
             return self.json(
                 {
                     "user_id": user_id,
                     "served_by": app.conf.canonical_url.human_repr(),
-                    "as_of_ms": state.last_ms,
+                    **_as_of_fields(when),
                     "last_event_ms": state.last_ms,
                     "events": state.events,
-                    "features": {k: v for k, v in compute(state, state.last_ms, params).items()},
-                    "scores": stage.current(pseudonym(user_id), state),
+                    "features": {k: feats[k] for k in NAMES},
+                    "scores": scores,
                 }
             )
 
@@ -330,24 +354,68 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
         @checked
         @app.table_route(table=table, match_info="user_id")  # type: ignore[arg-type]
         async def get(self, request: Request, user_id: str) -> Response:
-            as_of = as_of_of(request)  # before the user is read: a bad query is a 400 whoever asks
-            if as_of is None:
-                return error(self, 400, "bad_as_of", "as_of must be epoch ms or ISO-8601 with offset")
+            ok, requested = as_of_of(request)  # before the user is read: a bad query is a 400 whoever asks
+            if not ok:
+                return error(self, 400, "bad_as_of", bad_as_of)
             state = load_user(self, request, user_id)
             if not isinstance(state, UserState):  # faust's Response is no base of aiohttp's
                 return state
-            as_of = max(as_of, state.last_ms)
-            feats = compute(state, as_of, params)
+            when = lookups.when(user_id, state, requested)
+            feats = compute(state, when.as_of_ms, params)
             return self.json(
                 {
                     "user_id": user_id,
                     "served_by": app.conf.canonical_url.human_repr(),
-                    "as_of_ms": as_of,
+                    **_as_of_fields(when),
                     "last_event_ms": state.last_ms,
                     "events": state.events,
                     "features": {k: feats[k] for k in NAMES},
                 }
             )
+
+    @app.page("/partitions")
+    class PartitionsView(View):
+        """Which worker owns which partition of the features table, and the targets: any worker
+        answers (``propstream score`` starts here, then asks each owner for its partitions)."""
+
+        async def get(self, request: Request) -> Response:
+            denied = unauthorized(self, request)
+            if denied is not None:
+                return denied
+            known = owners()
+            return self.json(
+                {
+                    "partitions": settings.partitions,
+                    "targets": [t.name for t in settings.target_list()],
+                    "owners": {str(p): known.get(p) for p in range(settings.partitions)},
+                    "served_by": app.conf.canonical_url.human_repr(),
+                }
+            )
+
+    @app.page("/scores")
+    class ScoresView(View):
+        """A page of one partition's users, in key order, with their scores as of a time (default:
+        the partition's clock); only the partition's owner answers, others say who owns it (409)."""
+
+        async def get(self, request: Request) -> Response:
+            denied = unauthorized(self, request)
+            if denied is not None:
+                return denied
+            try:
+                q = page_query(request.query, settings.partitions)
+            except BadQuery as exc:
+                return error(self, 400, exc.code, str(exc))
+            ok, requested = as_of_of(request)
+            if not ok:
+                return error(self, 400, "bad_as_of", bad_as_of)
+            if app.rebalancing or app.in_recovery:
+                return error(self, 503, "not_ready", "partitions are moving or recovering; retry")
+            if not app.assignor.is_active(TP(changelog, q.partition)):
+                owner = owners().get(q.partition)
+                body = {"error": "not_owner", "message": f"partition {q.partition} is served by {owner}"}
+                return self.json({**body, "owner": owner}, status=409)
+            page = await lookups.page(q, requested)
+            return self.json({**page, "served_by": app.conf.canonical_url.human_repr()})
 
     @app.page("/healthz")
     class Health(View):
@@ -403,6 +471,17 @@ def stop_unacked(exc: BaseException, records: list[Record]) -> NoReturn:
     log.critical("a batch of %d events failed%s; stopping unacknowledged", len(records), where, exc_info=exc)
     logging.shutdown()
     os._exit(EXIT_BATCH_FAILED)
+
+
+def _as_of_fields(when: AsOf) -> dict[str, int | None]:
+    """When a lookup was answered for: ``as_of_ms`` is the time used, ``requested_as_of_ms`` the one
+    asked for (None: the clock), ``clock_ms`` the partition's clock, ``partition`` the user's."""
+    return {
+        "partition": when.partition,
+        "clock_ms": when.clock_ms,
+        "requested_as_of_ms": when.requested_ms,
+        "as_of_ms": when.as_of_ms,
+    }
 
 
 def user_id_problem(user_id: str) -> str | None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import click
 
-from streams import cli_models
+from streams import cli_models, cli_score
 from streams.bench.command import bench_cmd
 from streams.cli_common import (
     DURATION_HELP,
@@ -615,6 +615,7 @@ main.add_command(bench_cmd)
 main.add_command(cli_models.tail)
 main.add_command(cli_models.model)
 main.add_command(forget)
+main.add_command(cli_score.score)
 
 if __name__ == "__main__":
     main()

@@ -247,29 +247,8 @@ class ScoreStage:
             self.metrics.psi.labels(target, name).set(value)
 
     def current(self, user_id: str, st: UserState) -> dict[str, Any]:
-        """Per target: score, tier, model version, warming-up flag and top factors now (lookups)."""
-        from models.changes import TIERS, tier_of
-        from models.scoring import top_factors
+        """Per target: score, tier, model version, warming-up flag and top factors as of the user's
+        last event (the per-target dict is built in one place, ``streams/lookup.py``)."""
+        from streams.lookup import user_scores
 
-        ss = self._state(user_id, self.scores.get(user_id))
-        ledger = LazyLedger(lambda: self.ledgers.get(user_id), lambda exc: self.faults.corrupt(exc, user_id))
-        pending = ledger.get().pending
-        feats, x = self.core.score_all(st, st.last_ms)
-        out: dict[str, Any] = {}
-        for t in self.core.targets:
-            m = self.core.models[t.name]
-            score = m.model.score(x)
-            ts = ss.targets.get(t.name)
-            last = ts.announced if ts else None
-            tier = tier_of(score, last.tier if last else None, self.core.rules)
-            out[t.name] = {
-                "score": round(score, 6),
-                "tier": TIERS[tier],
-                "warming_up": m.warming_up,
-                "model_version": m.version,
-                "horizon_s": t.horizon_ms // 1000,
-                "announced_score": round(last.score, 6) if last else None,
-                "pending_snapshots": len(pending.get(t.name, ())),
-                "top_factors": top_factors(m.model, x, feats, {}, self.core.top_k),
-            }
-        return out
+        return user_scores(self.core, self.scores, self.ledgers, self.faults, user_id, st, st.last_ms)[1]
