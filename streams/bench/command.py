@@ -48,9 +48,12 @@ def run_env(uid: str, bootstrap: str, tag: str) -> dict[str, str]:
         "PROPSTREAM_TOPIC_TRAINING": f"{p}.training",
         "PROPSTREAM_TOPIC_MODELS": f"{p}.models",
         "PROPSTREAM_LOG_LEVEL": "warning",
-        # models are trusted from the first matured labels, so change detection runs all along
+        # models are trusted at once (no label counts, the trust gate off), so change detection runs
+        # all along
         "PROPSTREAM_MIN_POSITIVES": "0",
         "PROPSTREAM_MIN_NEGATIVES": "0",
+        "PROPSTREAM_TRUST_MIN_AUC_LOWER": "0",
+        "PROPSTREAM_TRUST_MAX_ECE": "1",
     }
 
 

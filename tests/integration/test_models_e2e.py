@@ -42,6 +42,11 @@ LEARNING = {
     "PROPSTREAM_TARGETS": "purchase:2d,churn:3d",
     "PROPSTREAM_MIN_POSITIVES": "10",
     "PROPSTREAM_MIN_NEGATIVES": "10",
+    # The trust gate is off: these tests are about change events, versions and disks. A few dozen
+    # labels, scored mostly by the untrained prior while the worker catches up, pass no quality
+    # bound; the gate has its own tests (tests/unit/test_trust.py, tests/integration/test_trust.py).
+    "PROPSTREAM_TRUST_MIN_AUC_LOWER": "0",
+    "PROPSTREAM_TRUST_MAX_ECE": "1",
     "PROPSTREAM_PUBLISH_EVERY": "100",
     "PROPSTREAM_SAMPLE_EVERY_S": "1800",
     "PROPSTREAM_COOLDOWN_S": "0",

@@ -30,6 +30,9 @@ LEARNING = {
     "PROPSTREAM_SAMPLE_EVERY_S": "600",
     "PROPSTREAM_MIN_POSITIVES": "0",
     "PROPSTREAM_MIN_NEGATIVES": "0",
+    # trusted at once, the trust gate off too: change events (keyed by user) are among what is searched
+    "PROPSTREAM_TRUST_MIN_AUC_LOWER": "0",
+    "PROPSTREAM_TRUST_MAX_ECE": "1",
     "PROPSTREAM_PUBLISH_EVERY": "20",
     "PROPSTREAM_COOLDOWN_S": "0",
 }
