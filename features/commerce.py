@@ -92,6 +92,56 @@ def _cart(state: UserState) -> tuple[int, float, int]:
     return items, value, latest_add
 
 
+class OpenCart:
+    """The open cart's episode: continuously non-empty since ``start_ms``, last changed at ``changed_ms``."""
+
+    __slots__ = ("changed_ms", "items", "lines", "start_ms", "value")
+
+    def __init__(
+        self, start_ms: int, changed_ms: int, items: int, value: float, lines: list[tuple[str, int, float]]
+    ) -> None:
+        self.start_ms = start_ms
+        self.changed_ms = changed_ms
+        self.items = items
+        self.value = value
+        self.lines = lines  # (product, quantity, price), quantity > 0
+
+
+def open_cart(state: UserState) -> OpenCart | None:
+    """The cart episode in progress, or None when the cart is empty (never filled, emptied, bought).
+
+    An episode starts at the change that made an empty cart non-empty; a purchase (which drops the
+    lines before it) or removes down to zero end it. Netted per product, at each product's latest
+    added price, as ``cart_items``/``cart_value`` are.
+
+    >>> st = UserState(cart=[(10, "a", 1, 5.0), (20, "a", -1, 0.0), (30, "b", 2, 3.0), (40, "a", 1, 4.0)])
+    >>> c = open_cart(st)
+    >>> (c.start_ms, c.changed_ms, c.items, c.value, sorted(c.lines))
+    (30, 40, 3, 10.0, [('a', 1, 4.0), ('b', 2, 3.0)])
+    >>> open_cart(UserState(cart=[(10, "a", 1, 5.0), (20, "a", -1, 0.0)])) is None
+    True
+    """
+    qty: dict[str, int] = {}
+    price: dict[str, float] = {}
+    total = 0
+    start = changed = 0
+    for ts, pid, dq, p in sorted(state.cart):
+        before = qty.get(pid, 0)
+        after = before + dq
+        qty[pid] = after
+        was_empty = total <= 0
+        total += max(after, 0) - max(before, 0)
+        if dq > 0:
+            price[pid] = p
+        if was_empty and total > 0:
+            start = ts  # a new episode
+        changed = ts
+    if total <= 0:
+        return None
+    lines = [(pid, q, price.get(pid, 0.0)) for pid, q in qty.items() if q > 0]
+    return OpenCart(start, changed, total, round(sum(q * p for _, q, p in lines), 6), lines)
+
+
 def result(state: UserState, as_of_ms: int, params: FeatureParams) -> dict[str, float | int | bool | None]:
     today = as_of_ms // DAY_MS
     n30 = r30 = n90 = r90 = 0.0

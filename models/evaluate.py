@@ -25,7 +25,8 @@ from models import quality
 from models.changes import ChangeRules
 from models.ledger import Target
 from models.online import ModelConfig, OnlineModel
-from models.scoring import LazyLedger, ScoreState, ScoringCore, TargetModel, input_names
+from models.scoring import Fired, LazyLedger, ScoreState, ScoringCore, TargetModel, input_names
+from models.timers import TimerConfig
 from models.trust import TrustGate, figures
 
 DAY_MS = 86_400_000
@@ -53,6 +54,9 @@ class EvalRun:
     first_ms: int = 0
     last_ms: int = 0
     input_names: list[str] = field(default_factory=list)
+    changes: dict[str, int] = field(default_factory=dict)  # change events by what rescored (event, silence)
+    triggers: dict[str, int] = field(default_factory=dict)  # trigger events by trigger
+    silence_snapshots: int = 0  # label snapshots sampled at silence points
 
 
 def run(
@@ -73,6 +77,7 @@ def run(
     oracle: Callable[[str, int], float | None] | None = None,
     now_ms: int | None = None,
     progress: Callable[[int], None] | None = None,
+    timers: TimerConfig | None = None,
 ) -> EvalRun:
     """Stream ``events`` (time-ordered canonical dicts) through features, ledger and model.
 
@@ -96,7 +101,9 @@ def run(
     window: deque[tuple[float, int]] = deque(maxlen=quality_window)  # (served score, label)
     if trust is not None:
         live.verdict = trust.judge(figures(window))
-    core = ScoringCore((target,), params, change_rules or ChangeRules(), {target.name: live})
+    core = ScoringCore((target,), params, change_rules or ChangeRules(), {target.name: live}, timers=timers)
+    timer_heap: list[tuple[int, str]] = []  # (due, user): at or before each user's next timer
+    clock = 0  # event time so far: a worker's watermark over one in-order stream
     states: dict[str, UserState] = {}
     scores: dict[str, ScoreState] = {}
     ledgers: dict[str, LazyLedger] = {}
@@ -129,6 +136,34 @@ def run(
         if ss.deadline_ms:
             heapq.heappush(deadlines, (ss.deadline_ms, user))
 
+    def note(user: str, offered: list[Any]) -> None:
+        for _, snap in offered:
+            if not live.warming_up:
+                warm_at.add((user, snap.ts_ms))
+            if oracle is not None:
+                p = oracle(user, snap.ts_ms)
+                if p is not None:
+                    oracle_at[(user, snap.ts_ms)] = p
+
+    def published(fired: Fired | None, changes: list[dict[str, Any]]) -> None:
+        for ch in changes:
+            out.changes[ch["trigger"]] = out.changes.get(ch["trigger"], 0) + 1
+        for tr in fired.triggers if fired is not None else ():
+            out.triggers[tr["trigger"]] = out.triggers.get(tr["trigger"], 0) + 1
+
+    def fire(user: str, at_ms: int) -> None:
+        """The user's timers due by ``at_ms``, as the worker fires them."""
+        ss = scores[user]
+        before = ss.deadline_ms
+        fired = core.fire(user, ss, ledgers[user], states[user], at_ms)
+        note(user, fired.offered)
+        out.silence_snapshots += len(fired.offered)
+        published(fired, fired.changes)
+        if ss.deadline_ms != before:
+            heapq.heappush(deadlines, (ss.deadline_ms, user))
+        if ss.timer_ms:
+            heapq.heappush(timer_heap, (ss.timer_ms, user))
+
     for raw in events:
         out.events += 1
         if progress is not None and out.events % 10_000 == 0:
@@ -144,6 +179,13 @@ def run(
             ts = ev.ts_ms
             out.first_ms = out.first_ms or ts
             out.last_ms = max(out.last_ms, ts)
+            while timer_heap and timer_heap[0][0] <= clock:  # every user's timers the clock passed
+                due, u = heapq.heappop(timer_heap)
+                now = scores[u].timer_ms
+                if now and now > due:
+                    heapq.heappush(timer_heap, (now, u))
+                elif now:
+                    fire(u, clock)
             while deadlines and deadlines[0][0] < ts:
                 end, u = heapq.heappop(deadlines)
                 if scores[u].deadline_ms == end:
@@ -154,20 +196,22 @@ def run(
                 st = states[user] = UserState()
                 scores[user] = ScoreState()
                 ledgers[user] = LazyLedger(lambda: None)
+            ss = scores[user]
+            at = clock if clock >= ts else ts - 1
+            if ss.timer_ms and ss.timer_ms <= at:  # passed before this event: fire as of then
+                fire(user, at)
+            clock = max(clock, ts)
             if apply(st, ev, params) is not None:
                 continue
             finalize(st)
-            ss = scores[user]
-            before = ss.deadline_ms
-            for _, snap in core.on_event(ss, ledgers[user], st, ev):
-                if not live.warming_up:
-                    warm_at.add((user, snap.ts_ms))
-                if oracle is not None:
-                    p = oracle(user, snap.ts_ms)
-                    if p is not None:
-                        oracle_at[(user, snap.ts_ms)] = p
+            before, timer_before = ss.deadline_ms, ss.timer_ms
+            triggers: list[dict[str, Any]] = []
+            note(user, core.on_event(ss, ledgers[user], st, ev, triggers))
+            published(Fired(triggers=triggers), core.rescore(user, ss, st, ev)[1])
             if ss.deadline_ms != before:
                 heapq.heappush(deadlines, (ss.deadline_ms, user))
+            if ss.timer_ms and (not timer_before or ss.timer_ms < timer_before):
+                heapq.heappush(timer_heap, (ss.timer_ms, user))
     return out
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from array import array
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
@@ -38,6 +38,18 @@ from models.ledger import (
     open_from,
 )
 from models.online import OnlineModel, inputs
+from models.timers import (
+    CART_ABANDONED,
+    CART_EVENTS,
+    REPEAT_VIEW,
+    SILENCE,
+    TimerConfig,
+    cart_due,
+    next_due,
+    repeat_view,
+    silence_done,
+    silence_due,
+)
 from models.trust import NO_GATE, Verdict, combine, labels
 
 SCORE_STATE_VERSION = 1
@@ -87,11 +99,29 @@ class TargetState(msgspec.Struct, array_like=True):
 
 
 class ScoreState(msgspec.Struct, array_like=True):
-    """The per-user model-side state read on every batch; small on purpose."""
+    """The per-user model-side state read on every batch; small on purpose.
+
+    The timer fields come last, so states written before timers existed read with no timer.
+    """
 
     v: int = SCORE_STATE_VERSION
     targets: dict[str, TargetState] = msgspec.field(default_factory=dict)
     deadline_ms: int = 0  # earliest horizon among pending snapshots (0: none)
+    timer_ms: int = 0  # next timer due (models/timers.py; 0: none)
+    quiet_from_ms: int = 0  # the last event the silence points fired so far count from
+    quiet_done: int = 0  # silence points fired since ``quiet_from_ms``
+    cart_done_ms: int = 0  # start of the last cart episode whose trigger fired
+    cart_due_ms: int = 0  # when the open cart is abandoned (0: none), kept between cart events
+    viewed: dict[str, int] = msgspec.field(default_factory=dict)  # product -> day a repeat view fired
+
+
+@dataclass
+class Fired:
+    """What firing a user's due timers produced: change events, trigger events, snapshots."""
+
+    changes: list[dict[str, Any]] = field(default_factory=list)
+    triggers: list[dict[str, Any]] = field(default_factory=list)
+    offered: list[tuple[Target, Snapshot]] = field(default_factory=list)
 
 
 _ss_enc = msgspec.msgpack.Encoder()
@@ -231,9 +261,11 @@ class ScoringCore:
         rules: ChangeRules,
         models: Mapping[str, TargetModel],
         top_k: int = 5,
+        timers: TimerConfig | None = None,
     ) -> None:
         self.targets = targets
         self.params = params
+        self.timers = timers or TimerConfig(cart_after_ms=params.abandon_after_ms)
         self.rules = rules
         self.models = models  # the caller may swap entries at any time (hot swap)
         self.top_k = top_k
@@ -252,13 +284,17 @@ class ScoringCore:
         return t
 
     def on_event(
-        self, ss: ScoreState, ledger: LazyLedger, st: UserState, ev: Event
+        self,
+        ss: ScoreState,
+        ledger: LazyLedger,
+        st: UserState,
+        ev: Event,
+        triggers: list[dict[str, Any]] | None = None,
     ) -> list[tuple[Target, Snapshot]]:
-        """``ev`` was just folded into ``st``: label what it resolves, sample a snapshot if due."""
-        snap_ts = st.last_ms  # features as of the user's newest event: nothing later is in them
-        x: dict[str, float] | None = None
-        scores: list[float] = []
-        offered: list[tuple[Target, Snapshot]] = []
+        """``ev`` was just folded into ``st``: label what it resolves, sample a snapshot if due.
+
+        A product view that makes a repeat-view trigger appends it to ``triggers`` (when given).
+        """
         for t in self.targets:
             ts = self.target_state(ss, t.name)
             if ts.open_ms >= 0 and ev.ts_ms > ts.open_ms + t.grace_ms and t.matches(ev.type):
@@ -267,23 +303,115 @@ class ScoringCore:
                     o = open_from(led, t)
                     ts.open_ms = -1 if o is None else o
                     ledger.dirty = True
-            if due(ts.sampled_ms if ts.sampled_ms >= 0 else None, t, snap_ts):
-                ts.sampled_ms = snap_ts
+        # features as of the user's newest event: nothing later is in them
+        offered = self._sample(ss, ledger, st, st.last_ms)
+        if triggers is not None and ev.type == "product_view" and ev.product_id is not None:
+            views = repeat_view(self.timers, st, ss.viewed, ev.product_id, ev.ts_ms)
+            if views:
+                facts = {"product_id": ev.product_id, "views_24h": views, "price": ev.price}
+                triggers.append(self._trigger(REPEAT_VIEW, st, max(ev.ts_ms, st.last_ms), ev.ts_ms, facts))
+        self.schedule(ss, st, ev.type in CART_EVENTS)
+        return offered
+
+    def _sample(
+        self, ss: ScoreState, ledger: LazyLedger, st: UserState, at_ms: int
+    ) -> list[tuple[Target, Snapshot]]:
+        """Offer a snapshot as of ``at_ms`` for every target whose sampling period has passed."""
+        x: dict[str, float] | None = None
+        scores: list[float] = []
+        vec: list[float] = []
+        offered: list[tuple[Target, Snapshot]] = []
+        for t in self.targets:
+            ts = self.target_state(ss, t.name)
+            if due(ts.sampled_ms if ts.sampled_ms >= 0 else None, t, at_ms):
+                ts.sampled_ms = at_ms
                 if x is None:
                     finalize(st)  # the worker folds a whole batch before finalising; eval already has
-                    _, x, vec = self._features(st, snap_ts)
+                    _, x, vec = self._features(st, at_ms)
                     scores = self._scores(x)
                 m = self.models[t.name]
-                snap = Snapshot(snap_ts, vec, scores[self.targets.index(t)], m.version)
+                snap = Snapshot(at_ms, vec, scores[self.targets.index(t)], m.version)
                 if offer(ledger.get(), t, snap):
                     ledger.dirty = True
                     offered.append((t, snap))
                     if ts.open_ms < 0:
-                        ts.open_ms = snap_ts
-                    end = snap_ts + t.horizon_ms
+                        ts.open_ms = at_ms
+                    end = at_ms + t.horizon_ms
                     if ss.deadline_ms == 0 or end < ss.deadline_ms:
                         ss.deadline_ms = end
         return offered
+
+    # --- timers ----------------------------------------------------------------------------------
+    def schedule(self, ss: ScoreState, st: UserState, cart_moved: bool = True) -> int:
+        """Set and return the user's next timer (``ss.timer_ms``; 0: none).
+
+        Called after every accepted event, so a user's own later event can never jump a timer:
+        the silence point is cheap to derive; the cart's is derived again only when the cart can
+        have moved (``cart_moved``: a cart event or a purchase, or a timer fired).
+        """
+        cfg = self.timers
+        if cart_moved:
+            ss.cart_due_ms = cart_due(cfg, st, ss.cart_done_ms)
+        silence = silence_due(cfg, st, ss.quiet_from_ms, ss.quiet_done)
+        cart = ss.cart_due_ms
+        ss.timer_ms = min(silence, cart) if silence and cart else silence or cart
+        return ss.timer_ms
+
+    def fire(self, user_id: str, ss: ScoreState, ledger: LazyLedger, st: UserState, clock_ms: int) -> Fired:
+        """Fire, in due order, every timer of the user due at or before ``clock_ms``.
+
+        Each fires as of its own due time (a cart timer of a user with later events, as of the
+        newest event: the state holds no earlier view), so the outputs depend only on the user's
+        events and the due times, never on when the clock happened to pass them.
+        """
+        out = Fired()
+        while True:
+            d = next_due(self.timers, st, ss.quiet_from_ms, ss.quiet_done, ss.cart_done_ms)
+            if d is None or d.ts_ms > clock_ms:
+                break
+            as_of = max(d.ts_ms, st.last_ms)
+            if d.kind == SILENCE:
+                ss.quiet_done = silence_done(ss.quiet_from_ms, ss.quiet_done, st.last_ms) + 1
+                ss.quiet_from_ms = st.last_ms
+                out.offered.extend(self._sample(ss, ledger, st, d.ts_ms))
+                cause = {"trigger": SILENCE, "event_id": f"{SILENCE}:{d.ts_ms}", "event_ts_ms": d.ts_ms}
+                out.changes.extend(self._rescore(user_id, ss, st, as_of, cause)[1])
+            elif d.kind == CART_ABANDONED and d.cart is not None:
+                ss.cart_done_ms = d.cart.start_ms
+                c = d.cart
+                facts = {
+                    "cart_value": c.value,
+                    "cart_items": c.items,
+                    "lines": [{"product_id": p, "quantity": q, "price": pr} for p, q, pr in sorted(c.lines)],
+                    "cart_started_ms": c.start_ms,
+                    "cart_changed_ms": c.changed_ms,
+                }
+                out.triggers.append(self._trigger(CART_ABANDONED, st, as_of, d.ts_ms, facts))
+        self.schedule(ss, st)
+        return out
+
+    def _trigger(
+        self, kind: str, st: UserState, as_of_ms: int, due_ms: int, facts: dict[str, Any]
+    ) -> dict[str, Any]:
+        """A trigger event's body: what fired, when, the facts a campaign needs, the scores then."""
+        finalize(st)
+        _, x, _ = self._features(st, as_of_ms)
+        scores = {}
+        for t, score in zip(self.targets, self._scores(x), strict=True):
+            m = self.models[t.name]
+            scores[t.name] = {
+                "score": round(score, 6),
+                "warming_up": m.warming_up,
+                "model_version": m.version,
+            }
+        key = facts.get("product_id") or ""
+        return {
+            "trigger": kind,
+            "trigger_id": f"{kind}:{due_ms}" + (f":{key}" if key else ""),
+            "event_ts_ms": due_ms,
+            "facts": facts,
+            "scores": scores,
+        }
 
     def expire(self, user_id: str, ss: ScoreState, ledger: LazyLedger, clock_ms: int) -> list[Matured]:
         """Snapshots whose horizon is before ``clock_ms`` leave the ledger with their labels."""
@@ -323,7 +451,13 @@ class ScoringCore:
         self, user_id: str, ss: ScoreState, st: UserState, trigger: Event
     ) -> tuple[dict[str, float], list[dict[str, Any]]]:
         """Score every target now (updating ``ss``); returns the scores and the change events to publish."""
-        feats, x, _ = self._features(st, st.last_ms)
+        cause = {"trigger": "event", "event_id": trigger.event_id, "event_ts_ms": trigger.ts_ms}
+        return self._rescore(user_id, ss, st, st.last_ms, cause)
+
+    def _rescore(
+        self, user_id: str, ss: ScoreState, st: UserState, as_of_ms: int, cause: dict[str, Any]
+    ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        feats, x, _ = self._features(st, as_of_ms)
         self.last_inputs = x
         scores: dict[str, float] = {}
         out: list[dict[str, Any]] = []
@@ -336,7 +470,7 @@ class ScoringCore:
             ann, change = detect(
                 ts.announced,
                 score,
-                st.last_ms,
+                as_of_ms,
                 self.rules,
                 target=t.name,
                 warming_up=False,
@@ -358,8 +492,7 @@ class ScoringCore:
                         "top_factors": top_factors(m.model, x, feats, _unpack(ts.features), self.top_k),
                         "model_version": m.version,
                         "horizon_s": t.horizon_ms // 1000,
-                        "event_id": trigger.event_id,
-                        "event_ts_ms": trigger.ts_ms,
+                        **cause,
                     }
                 )
             ts.announced = ann

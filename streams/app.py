@@ -215,6 +215,14 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
             except BaseException as exc:
                 stop_unacked(exc, records)
 
+    @app.timer(1.0)
+    async def idle_clock() -> None:
+        """Live only: quiet partitions move their event-time clock on, so their timers fire."""
+        try:
+            handler.tick()
+        except Exception as exc:
+            faults.failed("tick", exc)
+
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def on_revoked_ingest(app: Any, revoked: set[Any], **kwargs: Any) -> None:
         handler.forget_partitions({tp.partition for tp in revoked if tp.topic in settings.source_topics})
@@ -529,14 +537,30 @@ def _scoring(
     def send_example(target: str, value: bytes) -> None:
         training.send_soon(key=target.encode(), value=value)
 
+    triggers = app.topic(settings.topic_triggers, key_serializer="raw", value_serializer="raw")
+
+    def send_trigger(user_id: str, value: bytes) -> None:
+        triggers.send_soon(key=user_id.encode(), value=value)
+
     core = ScoringCore(
         settings.target_list(),
         settings.feature_params(),
         settings.change_rules(),
         live.models,
         top_k=settings.top_factors,
+        timers=settings.timer_config(),
     )
-    stage = ScoreStage(core, scores, ledgers, send_change, send_example, model_metrics, faults=faults)
+    stage = ScoreStage(
+        core,
+        scores,
+        ledgers,
+        send_change,
+        send_example,
+        model_metrics,
+        faults=faults,
+        send_trigger=send_trigger,
+        index_slice=settings.index_slice,
+    )
     trainers = attach_trainer(app, settings, live, model_metrics, faults)
     servers = app.conf.broker[0]
 

@@ -31,6 +31,7 @@ def attach_erasure(
     """Add the erasure agent over the per-user rows ``table`` (features, scores and ledger in one value)."""
     requests = app.topic(settings.topic_erasure, key_serializer="raw", value_serializer="raw")
     changes = app.topic(settings.topic_changes, key_serializer="raw", value_serializer="raw")
+    triggers = app.topic(settings.topic_triggers, key_serializer="raw", value_serializer="raw")
     done = app.topic(settings.topic_erasure_done, key_serializer="raw", value_serializer="raw")
 
     async def erase(stream: Any) -> None:
@@ -46,7 +47,8 @@ def attach_erasure(
             removed = [name for name, part in zip(PARTS, decode_row(raw), strict=True) if part] if raw else []
             if raw is not None:
                 table.pop(user, None)  # one tombstone on the changelog: all three parts at once
-            changes.send_soon(key=user.encode(), value=None)  # tombstone on the compacted outbound topic
+            changes.send_soon(key=user.encode(), value=None)  # tombstones on the compacted outbound topics
+            triggers.send_soon(key=user.encode(), value=None)
             confirmation = {
                 "request_id": request_id,
                 "user_id": user,  # the pseudonym when pseudonymisation is on: never the raw id

@@ -141,27 +141,66 @@ class Watermarks:
     """Per partition, the minimum over source topics of the newest event time seen on each.
 
     Taking the minimum means a topic that is consumed ahead of the others (a small purchase
-    topic during catch-up, say) does not make the others' events look late.
+    topic during catch-up, say) does not make the others' events look late. A topic that is
+    *idle* stops holding the partition back (Flink's idleness): one with nothing new for
+    ``idle_ms`` of wall-clock time while another topic of the partition moved, or one that has
+    not delivered at all ``idle_ms`` after the partition's first event here (an orders-only
+    source). Without a wall-clock time (``now_ms`` None) nothing is idle: pure event time.
     """
 
-    def __init__(self, topics: tuple[str, ...]) -> None:
+    def __init__(self, topics: tuple[str, ...], idle_ms: int = 0) -> None:
         self.topics = topics
+        self.idle_ms = idle_ms
         self.newest: dict[tuple[str, int], int] = {}
+        self.moved_at: dict[tuple[str, int], int] = {}  # wall ms of each topic's last advance
+        self.first_at: dict[int, int] = {}  # wall ms of the partition's first event on this process
+        self.wall: dict[int, int] = {}  # a clock moved on by wall-clock time (idle partitions, live)
 
-    def of(self, partition: int) -> int:
-        """The watermark, or 0 (nothing is late) until every source topic delivered to the partition."""
-        values = [self.newest.get((t, partition)) for t in self.topics]
-        return 0 if None in values else min(v for v in values if v is not None)
+    def of(self, partition: int, now_ms: int | None = None) -> int:
+        """The watermark (0: nothing is late yet).
+
+        >>> w = Watermarks(("a", "b"), idle_ms=1_000)
+        >>> _ = w.advance("a", 0, 500, now_ms=0)
+        >>> w.of(0, now_ms=10), w.of(0, now_ms=2_000), w.of(0)  # b: still may come; never came; pure
+        (0, 500, 0)
+        """
+        idle = self.idle_ms if now_ms is not None else 0
+        values = []
+        latest = max((self.moved_at.get((t, partition), 0) for t in self.topics), default=0)
+        for t in self.topics:
+            ts = self.newest.get((t, partition))
+            if ts is None:
+                first = self.first_at.get(partition)
+                if not idle or first is None or now_ms is None or now_ms - first < idle:
+                    return self.wall.get(partition, 0)
+                continue  # never delivered here: does not hold the partition back
+            if idle and latest - self.moved_at.get((t, partition), latest) >= idle:
+                continue  # idle while another topic moved on
+            values.append(ts)
+        if not values:
+            values = [self.newest[(t, partition)] for t in self.topics if (t, partition) in self.newest]
+        mark = min(values) if values else 0
+        return max(mark, self.wall.get(partition, 0))
 
     def clock(self, partition: int) -> int:
         """The partition's event-time clock: newest event time on any of its topics."""
         values = [ts for (_, p), ts in self.newest.items() if p == partition]
-        return max(values) if values else 0
+        return max([*values, self.wall.get(partition, 0)]) if values or partition in self.wall else 0
 
-    def advance(self, topic: str, partition: int, ts_ms: int) -> bool:
+    def advance(self, topic: str, partition: int, ts_ms: int, now_ms: int = 0) -> bool:
         key = (topic, partition)
+        if partition not in self.first_at:
+            self.first_at[partition] = now_ms
         if ts_ms > self.newest.get(key, 0):
             self.newest[key] = ts_ms
+            self.moved_at[key] = now_ms
+            return True
+        return False
+
+    def advance_wall(self, partition: int, ts_ms: int) -> bool:
+        """Move an idle partition's clock on to ``ts_ms`` (never back); True if it moved."""
+        if ts_ms > self.of(partition) and ts_ms > self.wall.get(partition, 0):
+            self.wall[partition] = ts_ms
             return True
         return False
 
@@ -169,6 +208,9 @@ class Watermarks:
         """The partition left this process: whoever owns it next moves its watermark on."""
         for key in [k for k in self.newest if k[1] == partition]:
             del self.newest[key]
+            self.moved_at.pop(key, None)
+        self.first_at.pop(partition, None)
+        self.wall.pop(partition, None)
 
 
 class IngestHandler:
@@ -192,26 +234,36 @@ class IngestHandler:
         self.metrics = metrics or Metrics()
         self.faults = faults or Faults(self.metrics)
         self.clock = clock
-        self.watermarks = Watermarks(settings.source_topics)
+        self.watermarks = Watermarks(settings.source_topics, settings.source_idle_s * 1000)
         self.loaded: set[int] = set()
         self.stage = stage  # scoring, labels and change events; None: features only
         self.pseudonym = Pseudonymizer(settings.pseudonymize_key)
         self.ttl_ms = int(settings.user_ttl_days * 86_400_000)
         self.sweep_batch = settings.retention_sweep_batch
         self.sweep_after: dict[int, str | None] = {}  # per partition: the last user looked at
+        self.idle_advance_ms = settings.idle_advance_s * 1000
+        self.last_record: dict[int, Record] = {}  # per partition: a record for its context (tick)
+        self.last_seen: dict[int, int] = {}  # per partition: wall ms of its last batch
 
     def process(self, batch: Sequence[Record]) -> dict[str, list[Event]]:
-        """Process one batch; returns the accepted events per user (for scoring downstream)."""
+        """Process one batch; returns the accepted events per user (for scoring downstream).
+
+        Event time moves record by record: each event is judged late against the watermark its
+        partition had when the event arrived, and a user's timers due by then fire before the
+        event is applied. So the outcome depends on the order of the records, never on where
+        the batches happen to cut it.
+        """
         t0 = time.perf_counter()
         now_ms = int(self.clock() * 1000)
         consumed: dict[str, int] = {}
         rejected: dict[tuple[str, str], int] = {}
         no_consent: dict[str, int] = {}
         accepted: dict[tuple[str, str], int] = {}
-        # partition -> user -> [(event, record)], arrival order kept per user
-        groups: dict[int, dict[str, list[tuple[Event, Record]]]] = {}
+        # partition -> user -> [(event, record, watermark at arrival)], arrival order kept per user
+        groups: dict[int, dict[str, list[tuple[Event, Record, int]]]] = {}
         marks = self.watermarks
-        floors: dict[int, int] = {}
+        wms: dict[int, int] = {}  # partition -> its watermark as of the record being read
+        moved: dict[int, set[str]] = {}  # partition -> topics whose newest event time moved
         newest_ts = 0
 
         pseudonym = self.pseudonym
@@ -231,10 +283,13 @@ class IngestHandler:
                 reject(rec, r.reason, r.detail)
                 continue
             p = rec.partition
-            if p not in floors:
+            wm = wms.get(p)
+            if wm is None:
                 if p not in self.loaded:
                     self._load_marks(rec)
-                floors[p] = marks.of(p) - self.lateness_ms
+                wm = wms[p] = marks.of(p, now_ms)
+                moved[p] = set()
+                self.last_record[p] = rec
             for ev in events:
                 if rec.key is None or rec.key != ev.user_id.encode():
                     reject(rec, "wrong_key", f"message key {rec.key!r} is not user_id {ev.user_id!r}")
@@ -249,20 +304,22 @@ class IngestHandler:
                     users = groups[p] = {}
                 items = users.get(ev.user_id)
                 if items is None:
-                    users[ev.user_id] = [(ev, rec)]
+                    users[ev.user_id] = [(ev, rec, wm)]
                 else:
-                    items.append((ev, rec))
+                    items.append((ev, rec, wm))
+                if marks.advance(rec.topic, p, ev.ts_ms, now_ms):
+                    moved[p].add(rec.topic)
+                    wm = wms[p] = marks.of(p, now_ms)
 
         out: dict[str, list[Event]] = {}
         writes = 0
         evicted = 0
         params = self.params
+        lateness = self.lateness_ms
         store = self.store
         stage = self.stage
         for p, users in groups.items():
-            floor = floors[p]
             first = next(iter(users.values()))[0][1]
-            moved: set[str] = set()  # topics whose watermark this partition's events advanced
             with store.partition(first):
                 for user_id, items in users.items():
                     # One user is one unit of work: nothing of it is published, counted or
@@ -270,30 +327,34 @@ class IngestHandler:
                     done: list[tuple[Event, Record]] = []
                     refused: list[tuple[Record, str, str]] = []
                     try:
-                        try:
-                            st = codec.decode(store.get(user_id))
-                        except Corrupt as exc:
-                            self.faults.corrupt(exc, user_id)
+                        st = self._features_of(user_id)
+                        if st is None:
                             st = UserState()
                         scoring = stage.begin_user(user_id) if stage is not None else None
-                        for ev, rec in items:
-                            reason = apply(st, ev, params, min_ts_ms=floor)
+                        for ev, rec, wm in items:
+                            if stage is not None and scoring is not None:
+                                due = scoring.state.timer_ms
+                                if due:
+                                    clock = wm if wm >= ev.ts_ms else ev.ts_ms - 1
+                                    if due <= clock:  # passed before this event: fire as of then
+                                        stage.fire_user(scoring, st, clock)
+                            reason = apply(st, ev, params, min_ts_ms=wm - lateness)
                             if reason is None:
                                 done.append((ev, rec))
                                 if stage is not None and scoring is not None:
                                     stage.on_event(scoring, st, ev)
                             else:
-                                refused.append((rec, reason, _detail(reason, ev, floor)))
+                                refused.append((rec, reason, _detail(reason, ev, wm - lateness)))
                         if done:
                             finalize(st)
                             store.set(user_id, codec.encode(st))
-                            if stage is not None and scoring is not None:
-                                stage.end_user(scoring, st, done[-1][0], p)
+                        if stage is not None and scoring is not None and (done or scoring.fired):
+                            stage.end_user(scoring, p)
                     except Exception as exc:  # a bug or a value no check foresaw: this user only
                         store.discard(user_id)
                         self.faults.failed("user", exc, user_id)
                         detail = describe(exc)
-                        for rec in dict.fromkeys(r for _, r in items):
+                        for rec in dict.fromkeys(r for _, r, _ in items):
                             reject(rec, "processing_error", detail)
                         continue
                     for rec, reason, detail in refused:
@@ -304,17 +365,9 @@ class IngestHandler:
                         for ev, rec in done:
                             key = (rec.topic, ev.type)
                             accepted[key] = accepted.get(key, 0) + 1
-                            if marks.advance(rec.topic, p, ev.ts_ms):
-                                moved.add(rec.topic)
                             if ev.ts_ms > newest_ts:
                                 newest_ts = ev.ts_ms
-                if stage is not None:
-                    # labels can be final only below the lateness floor: no accepted event is older
-                    stage.expire_partition(p, marks.of(p) - self.lateness_ms)
-                if self.ttl_ms:
-                    evicted += self._sweep(p)
-                for topic in moved:
-                    self._save_mark(topic, p)
+                evicted += self._end_partition(p, now_ms, moved[p])
         if stage is not None:
             stage.end_batch(t0)
         if evicted:
@@ -324,6 +377,53 @@ class IngestHandler:
         if newest_ts:
             m.lag_seconds.observe(max(0.0, now_ms - newest_ts) / 1000.0)
         return out
+
+    def _end_partition(self, p: int, now_ms: int, moved: set[str]) -> int:
+        """Timers and horizons the partition's clock passed, retention, watermarks; inside its context."""
+        self.last_seen[p] = now_ms
+        stage = self.stage
+        if stage is not None:
+            clock = self.watermarks.of(p, now_ms)
+            stage.fire_partition(p, clock, self._features_of)
+            # labels can be final only below the lateness floor: no accepted event is older
+            stage.expire_partition(p, clock - self.lateness_ms)
+        evicted = self._sweep(p) if self.ttl_ms else 0
+        for topic in moved:
+            self._save_mark(topic, p)
+        return evicted
+
+    def tick(self) -> int:
+        """Live workers: a partition with no events for ``idle_advance_s`` moves its clock on.
+
+        Its event-time clock becomes wall-clock time minus the allowed lateness (never backwards),
+        and the timers and horizons that passes fire, so a quiet night still gets its churn and
+        cart triggers. Returns the partitions moved. Replay and eval never call this.
+        """
+        if not self.idle_advance_ms:
+            return 0
+        now_ms = int(self.clock() * 1000)
+        moved = 0
+        for p, rec in list(self.last_record.items()):
+            if now_ms - self.last_seen.get(p, now_ms) < self.idle_advance_ms:
+                continue
+            if not self.watermarks.advance_wall(p, now_ms - self.lateness_ms):
+                continue
+            t0 = time.perf_counter()
+            with self.store.partition(rec):
+                self._end_partition(p, now_ms, set())
+            if self.stage is not None:
+                self.stage.end_batch(t0)
+            moved += 1
+        return moved
+
+    def _features_of(self, user_id: str) -> UserState | None:
+        """The user's stored feature state (None: none); unreadable state is counted and None."""
+        try:
+            raw = self.store.get(user_id)
+            return codec.decode(raw) if raw else None
+        except Corrupt as exc:
+            self.faults.corrupt(exc, user_id)
+            return None
 
     def forget_partitions(self, partitions: set[int]) -> None:
         """Partitions revoked from this process: drop their in-memory watermarks and sweep positions.
@@ -336,6 +436,8 @@ class IngestHandler:
             self.loaded.discard(p)
             self.watermarks.forget(p)
             self.sweep_after.pop(p, None)
+            self.last_record.pop(p, None)
+            self.last_seen.pop(p, None)
 
     def _sweep(self, p: int) -> int:
         """Evict a few users of partition ``p`` inactive for longer than the TTL, in event time.
@@ -370,11 +472,12 @@ class IngestHandler:
 
     def _load_marks(self, rec: Record) -> None:
         p = rec.partition
+        now_ms = int(self.clock() * 1000)
         with self.store.partition(rec):
             for topic in self.watermarks.topics:
                 ts = self._stored_mark(topic, p)
                 if ts is not None:
-                    self.watermarks.advance(topic, p, ts)
+                    self.watermarks.advance(topic, p, ts, now_ms)
         self.loaded.add(p)
 
     def _stored_mark(self, topic: str, p: int) -> int | None:

@@ -89,6 +89,17 @@ class Metrics:
             ["stage"],
             registry=r,
         )
+        self.triggers = Counter(
+            "propstream_triggers_total",
+            "Behavioural trigger events published to the triggers topic, by trigger.",
+            ["trigger"],
+            registry=r,
+        )
+        self.timers_fired = Counter(
+            "propstream_timer_users_fired_total",
+            "Users whose due timers (silence points, cart abandonment) fired, once per user and firing.",
+            registry=r,
+        )
         self.watermark = Gauge(
             "propstream_watermark_seconds",
             "Event-time watermark per partition, epoch seconds.",

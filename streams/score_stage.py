@@ -22,6 +22,7 @@ import msgspec
 
 from features.contract import Event
 from features.state import Corrupt, UserState
+from features.user import finalize
 from models.drift import DriftMonitor, uniform_edges
 from models.ledger import Matured
 from models.scoring import LazyLedger, ScoreState, ScoringCore, decode_state, encode
@@ -31,6 +32,7 @@ from streams.metrics import Metrics
 from streams.model_metrics import ModelMetrics
 
 CHANGE_SCHEMA = "propstream.change/1"
+TRIGGER_SCHEMA = "propstream.trigger/1"
 
 # Drift of the main model inputs (log1p-compressed, so one set of edges fits counts, money and
 # durations), beside the score's drift per target. Reference: the first 10,000 values a worker sees.
@@ -78,14 +80,49 @@ def iso_ms(ts_ms: int) -> str:
 
 
 class UserScoring:
-    __slots__ = ("deadline_ms", "ledger", "raw", "state", "user_id")
+    """One user's score state and ledger while a batch works on them, and what it will publish."""
+
+    __slots__ = (
+        "changes",
+        "deadline_ms",
+        "fired",
+        "ledger",
+        "raw",
+        "state",
+        "timer_ms",
+        "triggers",
+        "user_id",
+    )
 
     def __init__(self, user_id: str, raw: bytes | None, state: ScoreState, ledger: LazyLedger) -> None:
         self.user_id = user_id
         self.raw = raw
         self.state = state
         self.deadline_ms = state.deadline_ms  # as read: a new one goes into the horizon heap
+        self.timer_ms = state.timer_ms  # as read: an earlier one goes into the timer heap
         self.ledger = ledger
+        self.changes: list[dict[str, Any]] = []  # published only once the whole user succeeded
+        self.triggers: list[dict[str, Any]] = []
+        self.fired = False
+
+
+class PartitionIndex:
+    """A partition's horizon and timer heaps, rebuilt a slice per batch after an assignment.
+
+    Each heap holds at least one entry at or before every user's current due time (stale entries
+    are checked against the user's state when popped, and re-queued if the time moved later), so
+    it has one live entry per user however often the user's times change. Until the rebuild has
+    read every user, a timer or horizon of a user not read yet fires later than its time (as of
+    its time all the same: the user's own events fire it first if they come).
+    """
+
+    __slots__ = ("cursor", "deadlines", "indexed", "timers")
+
+    def __init__(self) -> None:
+        self.deadlines: list[tuple[int, str]] = []
+        self.timers: list[tuple[int, str]] = []
+        self.cursor: str | None = None
+        self.indexed = False
 
 
 class ScoreStage:
@@ -99,16 +136,21 @@ class ScoreStage:
         metrics: ModelMetrics,
         wall_clock: Callable[[], float] = time.time,
         faults: Faults | None = None,
+        send_trigger: Callable[[str, bytes], None] | None = None,
+        index_slice: int = 20_000,
     ) -> None:
         self.core = core
         self.faults = faults or Faults(Metrics())
+        self.counters = self.faults.metrics  # triggers and timers, beside the event counters
+        self.send_trigger = send_trigger or (lambda user, value: None)
+        self.index_slice = index_slice
+        self.parts: dict[int, PartitionIndex] = {}
         self.scores = scores
         self.ledgers = ledgers
         self.send_change = send_change
         self.send_example = send_example
         self.metrics = metrics
         self.wall_clock = wall_clock
-        self.deadlines: dict[int, list[tuple[int, str]]] = {}  # partition -> heap of (horizon, user)
         self.inputs_hash = inputs_hash()
         self._json = msgspec.json.Encoder()
         self._msgpack = msgspec.msgpack.Encoder()
@@ -132,30 +174,72 @@ class ScoreStage:
             return ScoreState()  # what downstream was told is forgotten: the next change is a baseline
 
     def on_event(self, u: UserScoring, st: UserState, ev: Event) -> None:
-        self.core.on_event(u.state, u.ledger, st, ev)
+        """``ev`` was just folded into ``st``: labels, snapshot, triggers, and a rescore now.
 
-    def end_user(self, u: UserScoring, st: UserState, trigger: Event, partition: int) -> None:
-        """Rescore, then write and publish: what cannot be taken back (sends) comes last."""
-        scores, changes = self.core.rescore(u.user_id, u.state, st, trigger)
-        out: list[bytes] = []
-        if changes:
-            now_ms = int(self.wall_clock() * 1000)
-            for ch in changes:
-                ch["schema"] = CHANGE_SCHEMA
-                ch["event_time"] = iso_ms(ch["event_ts_ms"])
-                ch["emit_ts_ms"] = now_ms
-                ch["emitted_at"] = iso_ms(now_ms)
-                out.append(self._json.encode(ch))
-        self._save(u, partition)
+        Every event is rescored (not once per batch), so the change events are the same however
+        the stream was cut into batches; the features are computed once for both.
+        """
+        finalize(st)
+        self.core.on_event(u.state, u.ledger, st, ev, u.triggers)
+        scores, changes = self.core.rescore(u.user_id, u.state, st, ev)
+        u.changes.extend(changes)
         for target, s in scores.items():
             self._batch_scores.setdefault(target, []).append(s)
         x = self.core.last_inputs
         for name, monitor in self.input_drift.items():
             monitor.observe(x.get(name, math.nan))
-        for ch, value in zip(changes, out, strict=True):
-            self.send_change(u.user_id, value)
-            self.metrics.changes.labels(ch["target"], ch["reason"], ch["direction"]).inc()
-        self._changes += len(changes)
+
+    def fire_user(self, u: UserScoring, st: UserState, clock_ms: int) -> None:
+        """Fire the user's timers due by ``clock_ms`` (before an event past them is applied)."""
+        fired = self.core.fire(u.user_id, u.state, u.ledger, st, clock_ms)
+        u.changes.extend(fired.changes)
+        u.triggers.extend(fired.triggers)
+        u.fired = True
+        self.counters.timers_fired.inc()
+
+    def end_user(self, u: UserScoring, partition: int) -> None:
+        """The user's events and timers of the batch are done: write, then publish (what cannot be
+        taken back comes last)."""
+        out = self._encode(u)
+        self._save(u, partition)
+        self._publish(u, out)
+
+    def _encode(self, u: UserScoring) -> list[tuple[str, bytes]]:
+        now_ms = int(self.wall_clock() * 1000)
+        out: list[tuple[str, bytes]] = []
+        for ch in u.changes:
+            ch["schema"] = CHANGE_SCHEMA
+            ch["event_time"] = iso_ms(ch["event_ts_ms"])
+            ch["emit_ts_ms"] = now_ms
+            ch["emitted_at"] = iso_ms(now_ms)
+            out.append(("change", self._json.encode(ch)))
+        for tr in u.triggers:
+            body = {
+                "schema": TRIGGER_SCHEMA,
+                "trigger": tr["trigger"],
+                "trigger_id": tr["trigger_id"],
+                "user_id": u.user_id,
+                "event_ts_ms": tr["event_ts_ms"],
+                "event_time": iso_ms(tr["event_ts_ms"]),
+                "emit_ts_ms": now_ms,
+                "emitted_at": iso_ms(now_ms),
+                "facts": tr["facts"],
+                "scores": tr["scores"],
+            }
+            out.append(("trigger", self._json.encode(body)))
+        return out
+
+    def _publish(self, u: UserScoring, out: list[tuple[str, bytes]]) -> None:
+        for (kind, value), body in zip(out, [*u.changes, *u.triggers], strict=True):
+            if kind == "change":
+                self.send_change(u.user_id, value)
+                self.metrics.changes.labels(body["target"], body["reason"], body["direction"]).inc()
+                self._changes += 1
+            else:
+                self.send_trigger(u.user_id, value)
+                self.counters.triggers.labels(body["trigger"]).inc()
+        u.changes = []
+        u.triggers = []
 
     def _save(self, u: UserScoring, partition: int) -> None:
         """Write the user's score state and ledger (encoded first: a failure writes neither)."""
@@ -171,17 +255,74 @@ class ScoreStage:
             else:
                 self.ledgers.delete(u.user_id)
             u.ledger.dirty = False
+        part = self.parts.get(partition)
         end = u.state.deadline_ms
-        if end and end != u.deadline_ms and partition in self.deadlines:
-            heapq.heappush(self.deadlines[partition], (end, u.user_id))
+        if end and end != u.deadline_ms and part is not None:
+            heapq.heappush(part.deadlines, (end, u.user_id))
         u.deadline_ms = end
+        due = u.state.timer_ms
+        if due and (u.timer_ms == 0 or due < u.timer_ms) and part is not None:
+            heapq.heappush(part.timers, (due, u.user_id))
+        u.timer_ms = due
 
     # --- per partition -------------------------------------------------------------------------
+    def index(self, partition: int) -> PartitionIndex:
+        """The partition's heaps, read a further slice of users into them while still rebuilding."""
+        part = self.parts.get(partition)
+        if part is None:
+            part = self.parts[partition] = PartitionIndex()
+        if not part.indexed:
+            for n, (user, raw) in enumerate(self.scores.scan(partition, part.cursor), 1):
+                ss = self._state(user, raw)
+                if ss.deadline_ms:
+                    heapq.heappush(part.deadlines, (ss.deadline_ms, user))
+                if ss.timer_ms:
+                    heapq.heappush(part.timers, (ss.timer_ms, user))
+                part.cursor = user
+                if n >= self.index_slice:
+                    break
+            else:
+                part.indexed = True
+        return part
+
+    def fire_partition(
+        self, partition: int, clock_ms: int, features: Callable[[str], UserState | None]
+    ) -> int:
+        """Fire every timer of the partition due by ``clock_ms``, in due order; returns users fired.
+
+        ``features`` reads a user's feature state (None: gone or unreadable). One user's failure
+        is isolated: nothing of it is written or sent.
+        """
+        heap = self.index(partition).timers
+        fired = 0
+        while heap and heap[0][0] <= clock_ms:
+            due, user = heapq.heappop(heap)
+            try:
+                u = self.begin_user(user)
+                now = u.state.timer_ms
+                if now == 0:
+                    continue  # no timer any more (fired inline, cancelled, user gone)
+                if now > due:
+                    heapq.heappush(heap, (now, user))  # moved later: queued at its time
+                    continue
+                st = features(user)
+                if st is None:
+                    continue
+                self.fire_user(u, st, clock_ms)
+                out = self._encode(u)
+                self._save(u, partition)
+                if u.state.timer_ms:
+                    heapq.heappush(heap, (u.state.timer_ms, user))
+            except Exception as exc:  # nothing of it was written or sent
+                self.faults.failed("timer", exc, user)
+                continue
+            self._publish(u, out)
+            fired += 1
+        return fired
+
     def expire_partition(self, partition: int, clock_ms: int) -> int:
         """Send every snapshot whose horizon is before ``clock_ms`` to the trainer; returns how many."""
-        heap = self.deadlines.get(partition)
-        if heap is None:
-            heap = self.deadlines[partition] = self._index(partition)
+        heap = self.index(partition).deadlines
         sent = 0
         while heap and heap[0][0] < clock_ms:
             end, user = heapq.heappop(heap)
@@ -199,25 +340,15 @@ class ScoreStage:
                 sent += 1
         return sent
 
-    def _index(self, partition: int) -> list[tuple[int, str]]:
-        """Pending horizons of a partition this process just got: read once from the table."""
-        heap = []
-        for user, raw in self.scores.scan(partition):
-            ss = self._state(user, raw)
-            if ss.deadline_ms:
-                heap.append((ss.deadline_ms, user))
-        heapq.heapify(heap)
-        return heap
-
     def forget_user(self, user_id: str) -> None:
         """Drop a user's score state and pending labels (retention; tombstones on the changelogs)."""
         self.scores.delete(user_id)
         self.ledgers.delete(user_id)
 
     def forget(self, partitions: set[int]) -> None:
-        """Partitions moved to another worker: their horizons are that worker's now."""
+        """Partitions moved to another worker: their horizons and timers are that worker's now."""
         for p in partitions:
-            self.deadlines.pop(p, None)
+            self.parts.pop(p, None)
 
     def _send(self, m: Matured) -> None:
         s = m.snapshot

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from models.changes import ChangeRules
     from models.ledger import Target
     from models.online import ModelConfig
+    from models.timers import TimerConfig
 
 ENV_PREFIX = "PROPSTREAM_"
 
@@ -58,6 +59,21 @@ FloatSeconds = Annotated[float, BeforeValidator(_duration("s"))]
 Days = Annotated[float, BeforeValidator(_duration("d"))]
 IN_SECONDS = " Duration: 90s, 30m, 2h, 7d (plain number: seconds)."
 IN_DAYS = " Duration: 90s, 30m, 2h, 7d (plain number: days)."
+
+
+def _names(value: str) -> frozenset[str]:
+    return frozenset(v.strip() for v in value.split(",") if v.strip())
+
+
+def _silence_ms(value: str) -> tuple[int, ...]:
+    """Milliseconds of a ``1h,1d,...`` list (empty: no silence points).
+
+    >>> _silence_ms("1h, 1d"), _silence_ms("")
+    ((3600000, 86400000), ())
+    """
+    from models.targets import parse_duration
+
+    return tuple(int(parse_duration(v) * 1000) for v in value.split(",") if v.strip())
 
 
 class Settings(BaseSettings):
@@ -104,6 +120,10 @@ class Settings(BaseSettings):
         "users.erasure", description="Erasure requests, keyed by user id (propstream forget sends them)."
     )
     topic_erasure_done: str = Field("users.erasure.done", description="Erasure confirmations.")
+    topic_triggers: str = Field(
+        "propensity.triggers",
+        description="Outbound behavioural trigger events (cart_abandoned, ...; JSON, keyed by user).",
+    )
 
     # --- Worker ------------------------------------------------------------------------------
     app_id: str = Field("propstream", description="Faust app id: consumer group and changelog prefix.")
@@ -155,6 +175,20 @@ class Settings(BaseSettings):
     )
     retention_sweep_batch: int = Field(
         200, ge=1, description="Users looked at per partition and batch by the retention sweep."
+    )
+    source_idle_s: Seconds = Field(
+        30,
+        ge=0,
+        description="A source topic with nothing new for this long (wall clock) in a partition, while "
+        "another topic of it advances, or that never delivered to it, stops holding the partition's "
+        "watermark back (orders-only sources). 0: never idle." + IN_SECONDS,
+    )
+    idle_advance_s: Seconds = Field(
+        60,
+        ge=0,
+        description="A partition with no events at all for this long (wall clock) moves its event-time "
+        "clock to wall-clock time minus allowed_lateness_s, so timers fire at night and in outages "
+        "(live workers only; replay and eval stay in event time). 0: off." + IN_SECONDS,
     )
 
     # --- Features ----------------------------------------------------------------------------
@@ -214,6 +248,27 @@ class Settings(BaseSettings):
         "those scores is at most this. 1: not checked (0 and 1 switch the whole gate off).",
     )
 
+    # --- Timers and triggers -------------------------------------------------------------------
+    rescore_after: str = Field(
+        "1h,1d,3d,7d,14d",
+        description="Silence points: after this much event time without an event, every target is "
+        "rescored as of then (change events with trigger silence) and label snapshots are sampled. "
+        "Comma-separated durations, ascending; empty: none.",
+    )
+    triggers: str = Field(
+        "cart_abandoned,repeat_view_no_purchase",
+        description="Behavioural triggers published to topic_triggers (comma-separated; empty: none).",
+    )
+    repeat_view_threshold: int = Field(
+        3, ge=2, description="Views of one product within 24 h, unbought, that make a repeat_view trigger."
+    )
+    index_slice: int = Field(
+        20_000,
+        ge=100,
+        description="Users read per partition and batch while a partition's timer index is rebuilt "
+        "(after an assignment), so the rebuild never blocks the event loop for long.",
+    )
+
     # --- Change events -------------------------------------------------------------------------
     tier_thresholds: str = Field(
         "0.2,0.5", description="Score boundaries of the tiers low / medium / high (ascending)."
@@ -240,6 +295,21 @@ class Settings(BaseSettings):
         from models.targets import parse_targets
 
         parse_targets(value)  # raises ValueError with the reason
+        return value
+
+    @field_validator("rescore_after", "triggers")
+    @classmethod
+    def _parse_timers(cls, value: str, info: ValidationInfo) -> str:
+        from models.timers import TimerConfig
+
+        try:
+            if info.field_name == "rescore_after":
+                TimerConfig(silence_ms=_silence_ms(value))
+            else:
+                TimerConfig(triggers=_names(value))
+        except ValueError as exc:
+            msg = f"{env_name(info.field_name or '')}: {exc}"
+            raise ValueError(msg) from None
         return value
 
     @field_validator("tier_thresholds")
@@ -323,6 +393,17 @@ class Settings(BaseSettings):
             session_gap_ms=self.session_gap_s * 1000,
             abandon_after_ms=self.abandon_after_s * 1000,
             dedup_capacity=self.dedup_capacity,
+        )
+
+    def timer_config(self) -> TimerConfig:
+        """Silence points and triggers, as the worker and ``propstream eval`` both run them."""
+        from models.timers import TimerConfig
+
+        return TimerConfig(
+            silence_ms=_silence_ms(self.rescore_after),
+            cart_after_ms=self.abandon_after_s * 1000,
+            triggers=_names(self.triggers),
+            repeat_views=self.repeat_view_threshold,
         )
 
     def change_rules(self) -> ChangeRules:

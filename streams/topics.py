@@ -28,6 +28,7 @@ def topic_specs(settings: Settings) -> dict[str, tuple[int, dict[str, str]]]:
     specs: dict[str, tuple[int, dict[str, str]]] = {t: (n, {}) for t in settings.source_topics}
     specs[settings.topic_deadletter] = (n, {})
     specs[settings.topic_changes] = (n, {"cleanup.policy": "compact,delete"})  # erasure tombstones
+    specs[settings.topic_triggers] = (n, {"cleanup.policy": "compact,delete"})  # likewise
     specs[settings.topic_erasure] = (n, {})  # keyed by user id: lands on the partition's owner
     specs[settings.topic_erasure_done] = (1, {})
     specs[settings.topic_training] = (1, {})

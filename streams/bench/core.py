@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 import time
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import msgspec
@@ -61,6 +61,10 @@ def build(
     scores: KV | None = None,
     ledgers: KV | None = None,
     changes: list[bytes] | None = None,
+    triggers: list[bytes] | None = None,
+    examples: list[bytes] | None = None,
+    models: dict[str, TargetModel] | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> IngestHandler:
     """Handler and stage as the worker wires them, over the given (default: in-memory) stores."""
     metrics = Metrics()
@@ -69,8 +73,9 @@ def build(
         settings.target_list(),
         settings.feature_params(),
         settings.change_rules(),
-        trained_models(settings),
+        models if models is not None else trained_models(settings),
         top_k=settings.top_factors,
+        timers=settings.timer_config(),
     )
     sink = changes if changes is not None else []
     stage = ScoreStage(
@@ -78,12 +83,15 @@ def build(
         scores if scores is not None else MemoryKV(),
         ledgers if ledgers is not None else MemoryKV(),
         lambda user, value: sink.append(value),
-        lambda target, value: None,
+        (lambda target, value: examples.append(value)) if examples is not None else (lambda t, v: None),
         ModelMetrics(metrics.registry),
+        wall_clock=clock,
         faults=faults,
+        send_trigger=(lambda user, value: triggers.append(value)) if triggers is not None else None,
+        index_slice=settings.index_slice,
     )
     return IngestHandler(
-        settings, store or MemoryStore(), lambda dl: None, metrics, stage=stage, faults=faults
+        settings, store or MemoryStore(), lambda dl: None, metrics, clock=clock, stage=stage, faults=faults
     )
 
 

@@ -413,7 +413,7 @@ def test_a_tier_crossing_is_announced_once_with_the_documented_fields() -> None:
     [ch] = changes
     assert set(ch) == {
         "user_id", "target", "previous_score", "score", "previous_tier", "tier", "direction", "reason",
-        "top_factors", "model_version", "horizon_s", "event_id", "event_ts_ms",
+        "top_factors", "model_version", "horizon_s", "event_id", "event_ts_ms", "trigger",
     }  # fmt: skip
     assert {k: v for k, v in ch.items() if k != "top_factors"} == {
         "user_id": "u",
@@ -428,6 +428,7 @@ def test_a_tier_crossing_is_announced_once_with_the_documented_fields() -> None:
         "horizon_s": 7 * 86400,
         "event_id": "u-2",
         "event_ts_ms": T0 + 40 * MIN,
+        "trigger": "event",
     }
     first = ch["top_factors"][0]
     assert first == {

@@ -20,6 +20,8 @@ DURATIONS = {
     "sample_every_s": "s",
     "publish_interval_s": "s",
     "cooldown_s": "s",
+    "source_idle_s": "s",
+    "idle_advance_s": "s",
     "user_ttl_days": "d",
 }
 
