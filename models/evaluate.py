@@ -266,6 +266,9 @@ def summary(result: EvalRun, *, baseline: bool = False, bootstrap: int = 0) -> d
         "horizon_s": result.target.horizon_ms // 1000,
         "events": result.events,
         "rejected": result.rejected,
+        "silence_snapshots": result.silence_snapshots,
+        "changes": result.changes,
+        "triggers": result.triggers,
         **quality.report(scores, labels),
     }
     if bootstrap and labels:
@@ -365,6 +368,9 @@ def format_report(rep: Mapping[str, Any]) -> str:
         "online_roc_auc_same_snapshots",
         "ratio_to_oracle",
         "oracle_ece",
+        "silence_snapshots",
+        "changes",
+        "triggers",
     ):
         if k in rep:
             lines.append(f"  {k:<30} {fmt(rep[k])}")

@@ -527,6 +527,7 @@ def evaluate_cmd(
         quality_window=settings.quality_window,
         oracle=oracle,
         progress=lambda n: progress.tick(10_000),
+        timers=settings.timer_config(),
     )
     progress.done()
     why_empty = evaluate.why_nothing_matured(result)
