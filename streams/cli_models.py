@@ -45,23 +45,37 @@ def format_change(ch: dict[str, Any]) -> str:
     )
 
 
+def format_trigger(tr: dict[str, Any]) -> str:
+    """One trigger event as one line a human can read."""
+    f = tr["facts"]
+    if tr["trigger"] == "cart_abandoned":
+        what = f"cart {f['cart_items']} item(s), {f['cart_value']:.2f}"
+    else:
+        what = f"product {f['product_id']} viewed {f['views_24h']}x in 24 h"
+    scores = " ".join(f"{t} {s['score']:.3f}" for t, s in tr["scores"].items())
+    return f"{tr['event_time'][:19]}Z  {tr['user_id']:<12} {tr['trigger']:<24} {what}  {scores}"
+
+
 @click.command()
-@click.option("--follow", "-f", is_flag=True, show_envvar=True, help="Keep waiting for new change events.")
+@click.option("--follow", "-f", is_flag=True, show_envvar=True, help="Keep waiting for new events.")
+@click.option("--triggers", is_flag=True, show_envvar=True, help="Show behavioural trigger events instead.")
 @click.option(
     "-n", "last", type=int, default=20, show_default=True, show_envvar=True, help="Show the last N first."
 )
 @click.option("--target", default=None, show_envvar=True, help="Only this target.")
 @click.option("--json", "as_json", is_flag=True, show_envvar=True, help="Print the raw JSON, one per line.")
 @setting_option("bootstrap", "--bootstrap")
-def tail(follow: bool, last: int, target: str | None, as_json: bool, bootstrap: str | None) -> None:
-    """Show propensity-change events as they are published: who, which target, how far, and why."""
+def tail(
+    follow: bool, triggers: bool, last: int, target: str | None, as_json: bool, bootstrap: str | None
+) -> None:
+    """Show propensity-change events (or, with --triggers, trigger events) as they are published."""
     from kafka import KafkaConsumer, TopicPartition
 
     settings = build_settings(bootstrap=bootstrap)
     consumer = KafkaConsumer(
         bootstrap_servers=_ensure(settings), enable_auto_commit=False, consumer_timeout_ms=1000
     )
-    topic = settings.topic_changes
+    topic = settings.topic_triggers if triggers else settings.topic_changes
     tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
     consumer.assign(tps)
     ends = consumer.end_offsets(tps)
@@ -70,15 +84,17 @@ def tail(follow: bool, last: int, target: str | None, as_json: bool, bootstrap: 
 
     def changes() -> Iterator[dict[str, Any]]:
         for msg in consumer:
+            if msg.value is None:
+                continue  # an erasure tombstone
             try:
                 ch = json.loads(msg.value)
             except ValueError:
                 continue
-            if target is None or ch.get("target") == target:
+            if triggers or target is None or ch.get("target") == target:
                 yield ch
 
     def show(ch: dict[str, Any]) -> None:
-        click.echo(json.dumps(ch) if as_json else format_change(ch))
+        click.echo(json.dumps(ch) if as_json else (format_trigger(ch) if triggers else format_change(ch)))
 
     shown = 0
     try:
@@ -96,7 +112,7 @@ def tail(follow: bool, last: int, target: str | None, as_json: bool, bootstrap: 
         pass
     finally:
         consumer.close()
-    click.echo(f"{shown} change event(s) shown", err=True)
+    click.echo(f"{shown} {'trigger' if triggers else 'change'} event(s) shown", err=True)
 
 
 # --- model ----------------------------------------------------------------------------------

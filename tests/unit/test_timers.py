@@ -11,6 +11,7 @@ import json
 import random
 from typing import Any
 
+import jsonschema
 import msgspec
 import pytest
 from hypothesis import given
@@ -20,8 +21,10 @@ from hypothesis import strategies as hs
 from models.timers import TimerConfig, next_due
 from models.training import decode_message
 from streams.bench.core import build, records_of, trained_models
+from streams.cli_models import format_trigger
 from streams.ingest import Record
 from streams.settings import Settings
+from tests.conftest import ROOT
 
 MIN = 60_000
 HOUR = 60 * MIN
@@ -175,6 +178,30 @@ def test_timers_fire_at_the_brute_force_times(seed: int) -> None:
     for t in map(json.loads, got["triggers"]):
         assert t["trigger_id"] == f"cart_abandoned:{t['event_ts_ms']}" and t["facts"]["cart_items"] >= 1
     assert any(json.loads(c)["trigger"] == "silence" for c in got["changes"])
+
+
+def test_published_changes_and_triggers_validate_and_read_as_one_line() -> None:
+    s = worker_settings()
+    events = stream(1)
+    changes: list[bytes] = []
+    triggers: list[bytes] = []
+    build(s, changes=changes, triggers=triggers, models=models(), clock=lambda: NOW).process(
+        records_of(events, s)
+    )
+    schemas = ROOT / "streams" / "schemas"
+    change_schema = json.loads((schemas / "change.schema.json").read_text())
+    trigger_schema = json.loads((schemas / "trigger.schema.json").read_text())
+    kinds = set()
+    for raw in changes:
+        jsonschema.validate(json.loads(raw), change_schema)
+    for raw in triggers:
+        body = json.loads(raw)
+        jsonschema.validate(body, trigger_schema)
+        kinds.add(body["trigger"])
+        line = format_trigger(body)
+        assert body["user_id"] in line and body["trigger"] in line and body["event_time"][:19] in line
+    assert kinds == {"cart_abandoned", "repeat_view_no_purchase"}, kinds
+    assert {json.loads(c)["trigger"] for c in changes} == {"event", "silence"}
 
 
 @hyp_settings(max_examples=15, deadline=None)
