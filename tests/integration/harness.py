@@ -162,6 +162,28 @@ class WorkerProc:
                         out.add("::" if int(addr, 16) == 0 else addr)
         return out
 
+    def connections_to(self, port: int) -> int:
+        """TCP connections of the worker process (its own sockets, by inode) established to ``port``."""
+        inodes = set()
+        for fd in Path(f"/proc/{self.pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:  # closed meanwhile
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+        n = 0
+        for table in ("tcp", "tcp6"):
+            path = Path(f"/proc/{self.pid}/net/{table}")
+            if not path.exists():
+                continue
+            for line in path.read_text().splitlines()[1:]:
+                cols = line.split()
+                remote, state, inode = cols[2], cols[3], cols[9]
+                if state == "01" and inode in inodes and int(remote.rsplit(":", 1)[1], 16) == port:
+                    n += 1  # 01: ESTABLISHED
+        return n
+
     def features(self, user: str, as_of: int | None = None) -> dict[str, Any] | None:
         status, body = self.get(f"/users/{user}/features" + (f"?as_of={as_of}" if as_of else ""))
         return body if status == 200 else None
@@ -380,21 +402,3 @@ def wait_settled(bootstrap: str, group: str, topics: Sequence[str], timeout_s: f
         wait_until(settled, timeout_s, every_s=0.5, what=f"group {group} to commit all of {list(topics)}")
     except AssertionError as exc:
         raise AssertionError(f"{exc}; messages not committed per topic: {behind}") from None
-
-
-def read_until(
-    bootstrap: str,
-    topic: str,
-    done: Callable[[list[Any]], Any],
-    timeout_s: float = 60.0,
-    what: str = "",
-) -> list[Any]:
-    """Read ``topic`` to its end offsets again and again until ``done(messages)``; the messages."""
-    got: list[Any] = []
-
-    def check() -> Any:
-        got[:] = read_topic(bootstrap, topic)
-        return done(got)
-
-    wait_until(check, timeout_s, every_s=0.5, what=what or f"the messages wanted on {topic}")
-    return got

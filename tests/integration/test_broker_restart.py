@@ -26,6 +26,8 @@ from tests.reference import DAY, HOUR, assert_features_equal, random_events, ref
 
 pytestmark = pytest.mark.integration
 
+OUTAGE_S = 5.0  # how long the worker is without a broker (retries, failed commits and heartbeats)
+
 
 @pytest.fixture()
 def own_broker(tmp_path: Path) -> Iterator[LocalBroker]:
@@ -61,10 +63,20 @@ def test_worker_recovers_from_a_broker_crash_without_losing_events(
             lambda: worker.metric("propstream_events_accepted_total") > 0, 30, what="worker to consume"
         )
 
+        port = int(bootstrap.rsplit(":", 1)[1])
+        assert worker.connections_to(port) > 0, "the worker is not connected to the broker"
         own_broker.kill()
         down_at = time.monotonic()
-        time.sleep(5)
-        assert worker.alive(), "the worker exited when the broker went away"
+        # the outage as the worker sees it: none of its connections to the broker is left; from then
+        # on it stays alive through OUTAGE_S of retrying (checked all along, not once at the end)
+        wait_until(
+            lambda: worker.connections_to(port) == 0, 30, every_s=0.1, what="the worker to lose the broker"
+        )
+        seen_at = time.monotonic()
+        while time.monotonic() - seen_at < OUTAGE_S:
+            assert worker.alive(), "the worker exited when the broker went away"
+            assert worker.connections_to(port) == 0, "a connection to a killed broker"
+            time.sleep(0.2)
         own_broker.start(timeout_s=120)
         assert own_broker.bootstrap() == bootstrap
         t0 = time.monotonic()
