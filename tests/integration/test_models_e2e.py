@@ -199,10 +199,11 @@ def test_pipeline_scores_equal_in_process_scores_for_the_same_model(
     expected = {}
     for u, evs in by_user.items():
         st = fold(evs, params)
-        expected[u] = (st.events, fixed.score(inputs(compute(st, st.last_ms, params))))
+        expected[u] = (st.events, fixed.score(inputs(compute(st, st.last_ms, params))), st.last_ms)
 
     def served(u: str) -> dict[str, Any] | None:
-        status, body = worker.get(f"/users/{u}")
+        # as of each user's last event: by default a lookup answers as of the partition's clock
+        status, body = worker.get(f"/users/{u}?as_of={expected[u][2]}")
         return body if status == 200 and body["events"] == expected[u][0] else None
 
     wait_until(lambda: all(served(u) for u in expected), 120, what="every user's events to be folded")
