@@ -63,7 +63,7 @@ def target_scores(
 
     Every entry has score, tier (with hysteresis from the tier last announced), warming-up flag and
     model version: what the export writes. Given the user's ``pending`` snapshots (a lookup of one
-    user), it adds horizon, the score last announced, pending snapshots and top factors.
+    user), it adds horizon, the score last announced, pending snapshots, top factors and trust.
     """
     feats, x = core.score_all(st, as_of_ms)
     out: dict[str, dict[str, Any]] = {}
@@ -83,6 +83,7 @@ def target_scores(
             entry["announced_score"] = round(last.score, 6) if last else None
             entry["pending_snapshots"] = len(pending.get(t.name, ()))
             entry["top_factors"] = top_factors(m.model, x, feats, {}, core.top_k)
+            entry["trust"] = m.trust.as_dict()  # trusted, and why (label counts, then the trust gate)
         out[t.name] = entry
     return feats, out
 

@@ -98,6 +98,7 @@ def test_a_version_is_trusted_by_its_quality_and_only_then_announces_changes(
     status, body = worker.get(f"/users/{user}")
     assert status == 200 and body["scores"]["purchase"]["warming_up"] is True
     assert body["scores"]["purchase"]["model_version"] == 5
+    assert body["scores"]["purchase"]["trust"] == m["trust"]  # the lookup says why, as /models does
 
     publish(6, GOOD)
     m = at(6)
