@@ -44,7 +44,6 @@ from tests.integration.harness import (
     wait_settled,
     wait_until,
 )
-from tests.integration.test_pipeline import wait_for_counts
 from tests.reference import HOUR, assert_features_equal, reference_features, unique
 from traffic.simulator import SimConfig, simulate
 
@@ -71,6 +70,24 @@ def sim_events(users: int, days: float, seed: int) -> list[dict[str, Any]]:
     return events
 
 
+def wait_counts(worker: WorkerProc, users: dict[str, list[dict[str, Any]]], timeout_s: float) -> None:
+    """Wait until every user's event count is the recount's; a timeout names the users that differ."""
+    off: dict[str, tuple[int | None, int]] = {}
+
+    def counted() -> bool:
+        off.clear()
+        for u, evs in users.items():
+            f = worker.features(u)
+            if f is None or f["events"] != len(unique(evs)):
+                off[u] = (f["events"] if f else None, len(unique(evs)))
+        return not off
+
+    try:
+        wait_until(counted, timeout_s, what=f"every user's events counted on {worker.url}")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; (counted, produced) of the users that differ: {off}") from None
+
+
 def check_features(worker: WorkerProc, users: dict[str, list[dict[str, Any]]], as_of: int) -> None:
     for u, evs in users.items():
         got = worker.features(u, as_of)
@@ -89,16 +106,19 @@ def examples(bootstrap: str, topic: str) -> Counter[tuple[Any, ...]]:
     return out
 
 
-def changelog_behind(bootstrap: str, app_id: str, users: dict[str, list[dict[str, Any]]]) -> Any:
-    """Per user whose newest row on the features changelog lacks events: how many (diagnostic only)."""
+def changelog_behind(bootstrap: str, app_id: str, worker: WorkerProc, users: list[str]) -> Any:
+    """Per user whose newest row on the features changelog has fewer events than the worker's own
+    state: (on the changelog, on the worker). A diagnostic, printed; not what the test asserts."""
     last = {m.key: m.value for m in read_topic(bootstrap, f"{app_id}-features-changelog")}
     out = {}
     try:
-        for u, evs in users.items():
+        for u in users:
             raw = last.get(u.encode())
             on_log = decode(decode_row(raw)[FEATURES]).events if raw else 0
-            if on_log != len(unique(evs)):
-                out[u] = len(unique(evs)) - on_log
+            f = worker.features(u)
+            held = f["events"] if f else 0
+            if on_log != held:
+                out[u] = (on_log, held)
     except Exception as exc:  # the row layout moved on: this printout is not what the test asserts
         return f"not decodable here ({exc!r})"
     return out
@@ -154,13 +174,19 @@ def test_repeated_sigkill_loses_nothing_and_counts_nothing_twice(
     traffic.finish()
     print(f"seed {seed}; kills (phase, events sent so far): {kill_points}; recovery to ready: {recoveries}")
 
+    # The killed run has committed every source message, so all it wrote is in Kafka: no valid event
+    # may have been refused for another reason than a redelivery (checked again after the last events).
+    wait_settled(kafka, settings.app_id, settings.source_topics, timeout_s=180)
+    dead = read_topic(kafka, settings.topic_deadletter)
+    reasons = Counter(dict(m.headers)["propstream.reason"].decode() for m in dead)
+    refused = [m.value[:200] for m in dead if dict(m.headers)["propstream.reason"] != b"duplicate"]
+    assert set(reasons) <= {"duplicate"}, f"valid events rejected: {reasons}: {refused[:5]}"
     # A user whose last batch was redelivered after a kill, entirely as duplicates, has a row on the
     # local disk that the changelog lacks until the user's next event (docs/guarantees.md, "known
-    # windows"). Printed here once the worker has flushed everything; then every user sends one more
-    # event, so the changelog-only takeover at the end checks what is promised, whatever the kill points.
-    wait_settled(kafka, settings.app_id, settings.source_topics, timeout_s=180)
-    behind = changelog_behind(kafka, settings.app_id, users)
-    print(f"users whose last state the changelog lacked before their next event: {behind}")
+    # windows"): printed; then every user sends one more event, so the changelog-only takeover at the
+    # end checks what is promised, whatever the kill points.
+    behind = changelog_behind(kafka, settings.app_id, worker, sorted(users))
+    print(f"users whose changelog row lacks what the worker holds (changelog, worker): {behind}")
     end_ts = max(e["ts"] for e in events)
     closing = [
         {
@@ -177,8 +203,8 @@ def test_repeated_sigkill_loses_nothing_and_counts_nothing_twice(
         users[ev["user_id"]].append(ev)
 
     as_of = end_ts + HOUR
-    wait_for_counts(worker, users, 180)
-    wait_for_counts(control, users, 120)
+    wait_counts(worker, users, 180)
+    wait_counts(control, users, 120)
     check_features(worker, users, as_of)
 
     dead = read_topic(kafka, settings.topic_deadletter)
@@ -223,6 +249,6 @@ def test_repeated_sigkill_loses_nothing_and_counts_nothing_twice(
     # the changelogs alone hold the same state: a worker with an empty disk takes over
     worker.stop()
     fresh = make_worker("fresh", **LEARNING).start(timeout_s=120)
-    wait_for_counts(fresh, users, 120)
+    wait_counts(fresh, users, 120)
     check_features(fresh, users, as_of)
     assert pending_snapshots(fresh, names) == pending_snapshots(control, names)
