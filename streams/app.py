@@ -200,7 +200,25 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
     store = RowStore(rows, FaustMarks(marks))
     pseudonym = Pseudonymizer(settings.pseudonymize_key)  # lookups and erasure take raw ids
     attach_erasure(app, settings, table, pseudonym, faults)
-    handler = IngestHandler(settings, store, send_dead_letter, metrics, stage=stage, faults=faults)
+
+    def caught_up(topic: str, partition: int) -> bool:
+        """Has this worker read everything of the topic partition so far (no lag)?"""
+        consumer = getattr(app, "_consumer", None)
+        if consumer is None:
+            return False
+        tp = TP(topic, partition)
+        try:
+            high = consumer.highwater(tp)
+        except Exception:  # not assigned (any more), or no fetch answered yet
+            return False
+        if high is None or high < 0:
+            return False
+        read = consumer._read_offset.get(tp)
+        return high == 0 if read is None else read + 1 >= high
+
+    handler = IngestHandler(
+        settings, store, send_dead_letter, metrics, stage=stage, faults=faults, caught_up=caught_up
+    )
     app.propstream_handler = handler  # type: ignore[attr-defined]
 
     async def ingest(stream: Any) -> None:  # faust's StreamT stub lacks take_events

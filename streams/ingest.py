@@ -148,9 +148,15 @@ class Watermarks:
     source). Without a wall-clock time (``now_ms`` None) nothing is idle: pure event time.
     """
 
-    def __init__(self, topics: tuple[str, ...], idle_ms: int = 0) -> None:
+    def __init__(
+        self, topics: tuple[str, ...], idle_ms: int = 0, caught_up: Callable[[str, int], bool] | None = None
+    ) -> None:
         self.topics = topics
         self.idle_ms = idle_ms
+        # Is everything of this topic partition read? Only then can it be idle: a topic that is
+        # merely slower during a catch-up must keep holding the watermark back, or its events
+        # would look late. The worker asks its consumer; None (tests, eval): wall time alone.
+        self.caught_up = caught_up
         self.newest: dict[tuple[str, int], int] = {}
         self.moved_at: dict[tuple[str, int], int] = {}  # wall ms of each topic's last advance
         self.first_at: dict[int, int] = {}  # wall ms of the partition's first event on this process
@@ -171,16 +177,29 @@ class Watermarks:
             ts = self.newest.get((t, partition))
             if ts is None:
                 first = self.first_at.get(partition)
-                if not idle or first is None or now_ms is None or now_ms - first < idle:
+                if (
+                    not idle
+                    or first is None
+                    or now_ms is None
+                    or now_ms - first < idle
+                    or not self._read(t, partition)
+                ):
                     return self.wall.get(partition, 0)
                 continue  # never delivered here: does not hold the partition back
-            if idle and latest - self.moved_at.get((t, partition), latest) >= idle:
+            if (
+                idle
+                and latest - self.moved_at.get((t, partition), latest) >= idle
+                and self._read(t, partition)
+            ):
                 continue  # idle while another topic moved on
             values.append(ts)
         if not values:
             values = [self.newest[(t, partition)] for t in self.topics if (t, partition) in self.newest]
         mark = min(values) if values else 0
         return max(mark, self.wall.get(partition, 0))
+
+    def _read(self, topic: str, partition: int) -> bool:
+        return self.caught_up is None or self.caught_up(topic, partition)
 
     def clock(self, partition: int) -> int:
         """The partition's event-time clock: newest event time on any of its topics."""
@@ -225,6 +244,7 @@ class IngestHandler:
         clock: Callable[[], float] = time.time,
         stage: ScoreStage | None = None,
         faults: Faults | None = None,
+        caught_up: Callable[[str, int], bool] | None = None,
     ) -> None:
         self.rules = settings.ingest_rules()
         self.params = settings.feature_params()
@@ -234,7 +254,7 @@ class IngestHandler:
         self.metrics = metrics or Metrics()
         self.faults = faults or Faults(self.metrics)
         self.clock = clock
-        self.watermarks = Watermarks(settings.source_topics, settings.source_idle_s * 1000)
+        self.watermarks = Watermarks(settings.source_topics, settings.source_idle_s * 1000, caught_up)
         self.loaded: set[int] = set()
         self.stage = stage  # scoring, labels and change events; None: features only
         self.pseudonym = Pseudonymizer(settings.pseudonymize_key)

@@ -229,3 +229,31 @@ def test_every_part_decoder_names_what_it_could_not_read() -> None:
     led = UserLedger({"purchase": [Snapshot(1, [0.5], 0.25, 3)]})
     assert LazyLedger(lambda: encode(led)).get() == led
     assert msgspec.msgpack.decode(encode(led))[-1] == 1  # the ledger carries its layout version
+
+
+# --- idle sources -----------------------------------------------------------------------------
+
+
+def test_a_source_is_idle_only_once_everything_of_it_is_read() -> None:
+    from streams.ingest import Watermarks
+
+    read = {"b": False}
+    w = Watermarks(("a", "b"), idle_ms=1_000, caught_up=lambda topic, p: read.get(topic, True))
+    w.advance("b", 0, 100, now_ms=0)
+    w.advance("a", 0, 5_000, now_ms=0)
+    w.advance("a", 0, 9_000, now_ms=2_000)  # b has not moved for 2 s of wall time while a did
+    assert w.of(0, now_ms=2_000) == 100  # but b still has unread messages: a catch-up, not idleness
+    read["b"] = True
+    assert w.of(0, now_ms=2_000) == 9_000  # everything of b is read: idle, it holds nothing back
+    assert w.of(0) == 100  # pure event time (replay, eval): nothing is idle
+
+
+def test_a_source_that_never_delivered_holds_back_until_read_and_idle() -> None:
+    from streams.ingest import Watermarks
+
+    read = {"b": False}
+    w = Watermarks(("a", "b"), idle_ms=1_000, caught_up=lambda topic, p: read.get(topic, True))
+    w.advance("a", 0, 5_000, now_ms=0)
+    assert w.of(0, now_ms=500) == 0 and w.of(0, now_ms=5_000) == 0  # b may still be on its way
+    read["b"] = True  # an orders-only deployment: b has nothing at all
+    assert w.of(0, now_ms=500) == 0 and w.of(0, now_ms=5_000) == 5_000
