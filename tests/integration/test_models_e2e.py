@@ -44,7 +44,7 @@ LEARNING = {
     "PROPSTREAM_MIN_NEGATIVES": "10",
     # The trust gate is off: these tests are about change events, versions and disks. A few dozen
     # labels, scored mostly by the untrained prior while the worker catches up, pass no quality
-    # bound; the gate has its own tests (tests/unit/test_trust.py, tests/integration/test_trust.py).
+    # bound; the gate has its own tests (tests/unit/test_trust.py, tests/integration/test_trust_e2e.py).
     "PROPSTREAM_TRUST_MIN_AUC_LOWER": "0",
     "PROPSTREAM_TRUST_MAX_ECE": "1",
     "PROPSTREAM_PUBLISH_EVERY": "100",
