@@ -69,11 +69,18 @@ class Prober:
         want = reference_features(evs[:n], self.as_of)
         assert_features_equal(body["features"], want, f"user {user} via {w.url} ({n} events)")
 
-    def run_for(self, workers: list[WorkerProc], seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
+    def run_until(self, workers: list[WorkerProc], answers: int, timeout_s: float = 60.0) -> None:
+        """Probe until ``answers`` more lookups were answered 200 (and checked), however long that takes."""
+        want = self.statuses[200] + answers
+
+        def enough() -> bool:
             self.probe(workers)
-            time.sleep(0.05)
+            return self.statuses[200] >= want
+
+        try:
+            wait_until(enough, timeout_s, every_s=0.05, what=f"{answers} lookups answered 200")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; answers by status: {dict(self.statuses)}") from None
 
 
 def owner(worker: WorkerProc, user: str) -> str | None:
@@ -101,7 +108,7 @@ def test_survivor_takes_over_and_lookups_stay_correct(
     traffic.start()
 
     wait_until(lambda: traffic.sent > 400, 30, what="traffic to flow")
-    prober.run_for([a, b], 3)
+    prober.run_until([a, b], 20)
     owners_before = Counter(owner(a, u) for u in sorted(users)[:20])  # None: no event of the user yet
     assert set(owners_before) - {None} == {str(a.port), str(b.port)}, (
         f"the partitions are not shared: {owners_before}"
@@ -134,7 +141,7 @@ def test_survivor_takes_over_and_lookups_stay_correct(
 
     b.launch()  # same state folder; the group rebalances again while traffic flows
     wait_until(lambda: b.ready() and a.ready(), 120, every_s=0.2, what="both workers ready again")
-    prober.run_for([a, b], 2)
+    prober.run_until([a, b], 30)  # through both workers, after the rejoin
     traffic.finish()
 
     def converged() -> bool:
@@ -161,4 +168,3 @@ def test_survivor_takes_over_and_lookups_stay_correct(
         f"{dict(prober.statuses)}; answers older than one seen before: {prober.went_back}; "
         f"errors seen: {prober.errors[:5]}"
     )
-    assert prober.statuses[200] > 50, prober.statuses
