@@ -268,10 +268,10 @@ class IngestHandler:
     def process(self, batch: Sequence[Record]) -> dict[str, list[Event]]:
         """Process one batch; returns the accepted events per user (for scoring downstream).
 
-        Event time moves record by record: each event is judged late against the watermark its
-        partition had when the event arrived, and a user's timers due by then fire before the
-        event is applied. So the outcome depends on the order of the records, never on where
-        the batches happen to cut it.
+        Event time moves record by record for timers: a user's timers due by the watermark its
+        partition had when an event arrived fire before the event is applied, so they depend on
+        the order of the records, never on where the batches cut it. Lateness is judged against
+        the watermark at the batch's start (see ``floors``).
         """
         t0 = time.perf_counter()
         now_ms = int(self.clock() * 1000)
@@ -284,6 +284,10 @@ class IngestHandler:
         marks = self.watermarks
         wms: dict[int, int] = {}  # partition -> its watermark as of the record being read
         moved: dict[int, set[str]] = {}  # partition -> topics whose newest event time moved
+        # Lateness is judged against the watermark at the batch's start: after a rebalance Faust can
+        # hand over a partition's redelivered records behind later ones it had buffered, and a
+        # per-record watermark would then refuse them as late against their own successors.
+        floors: dict[int, int] = {}
         newest_ts = 0
 
         pseudonym = self.pseudonym
@@ -308,6 +312,7 @@ class IngestHandler:
                 if p not in self.loaded:
                     self._load_marks(rec)
                 wm = wms[p] = marks.of(p, now_ms)
+                floors[p] = wm - self.lateness_ms
                 moved[p] = set()
                 self.last_record[p] = rec
             for ev in events:
@@ -335,11 +340,11 @@ class IngestHandler:
         writes = 0
         evicted = 0
         params = self.params
-        lateness = self.lateness_ms
         store = self.store
         stage = self.stage
         for p, users in groups.items():
             first = next(iter(users.values()))[0][1]
+            floor = floors[p]
             with store.partition(first):
                 for user_id, items in users.items():
                     # One user is one unit of work: nothing of it is published, counted or
@@ -358,13 +363,13 @@ class IngestHandler:
                                     clock = wm if wm >= ev.ts_ms else ev.ts_ms - 1
                                     if due <= clock:  # passed before this event: fire as of then
                                         stage.fire_user(scoring, st, clock)
-                            reason = apply(st, ev, params, min_ts_ms=wm - lateness)
+                            reason = apply(st, ev, params, min_ts_ms=floor)
                             if reason is None:
                                 done.append((ev, rec))
                                 if stage is not None and scoring is not None:
                                     stage.on_event(scoring, st, ev)
                             else:
-                                refused.append((rec, reason, _detail(reason, ev, wm - lateness)))
+                                refused.append((rec, reason, _detail(reason, ev, floor)))
                         if done:
                             finalize(st)
                             store.set(user_id, codec.encode(st))
