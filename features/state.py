@@ -7,9 +7,13 @@ The stored bytes start with a version tag: state written by another definition i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import msgspec
+
+V = TypeVar("V", bound=Any)
 
 STATE_VERSION = 2  # 2: sessions also count add_to_cart and checkout_start
 
@@ -81,12 +85,19 @@ def decode(raw: bytes | None) -> UserState:
     ...     exc.what
     'features'
     """
+    return decode_versioned(_decoder, raw, "features", STATE_VERSION, UserState)
+
+
+def decode_versioned(
+    decoder: msgspec.msgpack.Decoder[V], raw: bytes | None, what: str, version: int, empty: Callable[[], V]
+) -> V:
+    """Decode a stored value that carries its layout version in ``v``; :class:`Corrupt` otherwise."""
     if not raw:
-        return UserState()
+        return empty()
     try:
-        state = _decoder.decode(raw)
+        value = decoder.decode(raw)
     except msgspec.DecodeError as exc:
-        raise Corrupt(what="features", detail=str(exc)) from None
-    if state.v != STATE_VERSION:
-        raise Corrupt(what="features", detail=f"layout version {state.v}, this version reads {STATE_VERSION}")
-    return state
+        raise Corrupt(what=what, detail=str(exc)) from None
+    if value.v != version:
+        raise Corrupt(what=what, detail=f"layout version {value.v}, this version reads {version}")
+    return value

@@ -20,7 +20,7 @@ import msgspec
 
 from features.catalogue import NAMES
 from features.contract import Event
-from features.state import Corrupt, FeatureParams, UserState
+from features.state import Corrupt, FeatureParams, UserState, decode_versioned
 from features.user import FeatureValue, compute, finalize
 from models.changes import Announced, ChangeRules, detect
 from models.fastscore import FastScorer
@@ -135,30 +135,12 @@ def encode(obj: ScoreState | UserLedger) -> bytes:
 
 def decode_state(raw: bytes | None) -> ScoreState:
     """The stored score state (a fresh one when absent); :class:`Corrupt` for garbage or another version."""
-    if not raw:
-        return ScoreState()
-    try:
-        st = _ss_dec.decode(raw)
-    except msgspec.DecodeError as exc:
-        raise Corrupt(what="scores", detail=str(exc)) from None
-    if st.v != SCORE_STATE_VERSION:
-        raise Corrupt(
-            what="scores", detail=f"layout version {st.v}, this version reads {SCORE_STATE_VERSION}"
-        )
-    return st
+    return decode_versioned(_ss_dec, raw, "scores", SCORE_STATE_VERSION, ScoreState)
 
 
 def decode_ledger(raw: bytes | None) -> UserLedger:
     """The stored ledger (an empty one when absent); :class:`Corrupt` for garbage or another version."""
-    if not raw:
-        return UserLedger()
-    try:
-        led = _led_dec.decode(raw)
-    except msgspec.DecodeError as exc:
-        raise Corrupt(what="ledger", detail=str(exc)) from None
-    if led.v != LEDGER_VERSION:
-        raise Corrupt(what="ledger", detail=f"layout version {led.v}, this version reads {LEDGER_VERSION}")
-    return led
+    return decode_versioned(_led_dec, raw, "ledger", LEDGER_VERSION, UserLedger)
 
 
 class LazyLedger:
