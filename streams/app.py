@@ -8,6 +8,7 @@ several differently configured apps in one interpreter.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import math
@@ -271,6 +272,15 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
             detail = "this user's stored features are unreadable; their next event starts them afresh"
             return error(web, 500, "corrupt_state", detail)
 
+    async def routable() -> None:
+        """Faust routes a lookup with its producer's metadata of the features changelog, which the
+        producer only has once it has written there: fetch it first (a lookup right after start
+        otherwise fails inside aiokafka's partitioner with a TypeError, answered 500)."""
+        producer = app.producer._ensure_producer()  # type: ignore[attr-defined]  # faust's aiokafka driver
+        topic = table.changelog_topic.get_topic_name()
+        if producer._metadata.partitions_for_topic(topic) is None:
+            await asyncio.wait_for(producer.partitions_for(topic), 5.0)
+
     def checked(fun: Any) -> Any:
         """Token and user id checked *before* routing (the router hashes the id as UTF-8), JSON errors.
 
@@ -287,6 +297,7 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
             if problem is not None:
                 return error(view, 400, "bad_user_id", problem)
             try:
+                await routable()
                 return await fun(view, request, user_id=user_id)
             except WebError:
                 raise  # Faust answers these as JSON itself (e.g. 503 while no owner is known)
