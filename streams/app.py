@@ -223,8 +223,6 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
     app.propstream_handler = handler  # type: ignore[attr-defined]
 
     async def ingest(stream: Any) -> None:  # faust's StreamT stub lacks take_events
-        if not live.caught_up.is_set():  # score a backlog with the published models, not version 0
-            await live.caught_up.wait()
         async for batch in stream.take_events(settings.batch_size, within=settings.batch_within_s):
             records = [
                 Record(m.topic, m.partition, m.offset, m.key, m.value, ev)
