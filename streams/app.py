@@ -42,6 +42,7 @@ from streams.lookup import AsOf, BadQuery, Lookups, PartitionClock, page_query
 from streams.metrics import Metrics
 from streams.model_feed import LiveModels
 from streams.model_metrics import ModelMetrics
+from streams.outbox import DELETE, Outbox
 from streams.privacy import Pseudonymizer
 from streams.rows import FEATURES, LEDGER, SCORES, PartKV, RowStore, UserRows
 from streams.score_stage import ScoreStage
@@ -61,8 +62,9 @@ class FaustMarks:
     mixes partitions, so each partition's writes run with one of its own events made current.
     """
 
-    def __init__(self, marks: Any) -> None:
+    def __init__(self, marks: Any, outbox: Outbox) -> None:
         self.marks = marks
+        self.outbox = outbox
 
     @contextmanager
     def partition(self, record: Record) -> Iterator[None]:
@@ -73,30 +75,40 @@ class FaustMarks:
             _current_event.reset(token)
 
     def get_mark(self, topic: str, partition: int) -> int | None:
-        raw = self.marks.get(f"{topic}|{partition}")
+        key = f"{topic}|{partition}"
+        held, raw = self.outbox.get(self.marks, key)
+        if not held:
+            raw = self.marks.get(key)
         return decode_mark(raw) if raw is not None else None
 
     def set_mark(self, topic: str, partition: int, ts_ms: int) -> None:
-        self.marks[f"{topic}|{partition}"] = encode_mark(ts_ms)
+        self.outbox.write(self.marks, f"{topic}|{partition}", encode_mark(ts_ms))
 
 
 class FaustKV:
-    """:class:`streams.rows.Backend` over a Faust table (writes need the partition context)."""
+    """:class:`streams.rows.Backend` over a Faust table whose writes are held in the batch's
+    :class:`~streams.outbox.Outbox` until its outputs allow them (writes need the partition context)."""
 
-    def __init__(self, table: Any) -> None:
+    def __init__(self, table: Any, outbox: Outbox) -> None:
         self.table = table
+        self.outbox = outbox
 
     def get(self, key: str) -> bytes | None:
-        value: bytes | None = self.table.get(key)
-        return value
+        held, value = self.outbox.get(self.table, key)
+        if not held:
+            value = self.table.get(key)
+        out: bytes | None = value
+        return out
 
     def set(self, key: str, value: bytes) -> None:
-        self.table[key] = value
+        self.outbox.write(self.table, key, value)
 
     def delete(self, key: str) -> None:
-        self.table.pop(key, None)
+        self.outbox.write(self.table, key, DELETE)
 
     def scan(self, partition: int, after: str | None = None) -> Iterator[tuple[str, bytes]]:
+        """The stored rows: a partition is scanned while its own context is open, before any of
+        its writes of the batch are held (``RowStore`` holds them until the context ends)."""
         store = self.table.data  # faust's RocksDB store: one database per partition
         db = store._db_for_partition(partition)
         start = after.encode() if after is not None else None
@@ -196,11 +208,12 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
     def send_dead_letter(dl: DeadLetter) -> None:
         deadletter.send_soon(key=dl.record.key, value=dl.record.value, headers=dl.headers())
 
-    rows = UserRows(FaustKV(table))
-    stage, live = _scoring(app, settings, metrics, faults, rows)
-    store = RowStore(rows, FaustMarks(marks))
+    outbox = Outbox(lambda: app.producer.flush())
+    rows = UserRows(FaustKV(table, outbox))
+    stage, live = _scoring(app, settings, metrics, faults, rows, outbox)
+    store = RowStore(rows, FaustMarks(marks, outbox))
     pseudonym = Pseudonymizer(settings.pseudonymize_key)  # lookups and erasure take raw ids
-    attach_erasure(app, settings, table, pseudonym, faults)
+    attach_erasure(app, settings, table, pseudonym, faults, outbox.lock)
 
     def caught_up(topic: str, partition: int) -> bool:
         """Has this worker read everything of the topic partition so far (no lag)?"""
@@ -223,24 +236,41 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
     app.propstream_handler = handler  # type: ignore[attr-defined]
 
     async def ingest(stream: Any) -> None:  # faust's StreamT stub lacks take_events
+        if not live.caught_up.is_set():  # score a backlog with the published models, not version 0
+            await live.caught_up.wait()
         async for batch in stream.take_events(settings.batch_size, within=settings.batch_within_s):
             records = [
                 Record(m.topic, m.partition, m.offset, m.key, m.value, ev)
                 for ev in batch
                 for m in (ev.message,)
             ]
-            try:
-                handler.process(records)
-            except BaseException as exc:
-                stop_unacked(exc, records)
+            async with outbox.lock:
+                try:
+                    handler.process(records)
+                    await outbox.release()
+                except asyncio.CancelledError as exc:
+                    # Faust acks the batch on the way out (take_events): finish its writes first,
+                    # or die before a commit could cover events whose rows were never written.
+                    try:
+                        await asyncio.wait_for(outbox.release(), 10.0)
+                    except BaseException:
+                        stop_unacked(exc, records)
+                    raise
+                except BaseException as exc:
+                    stop_unacked(exc, records)
 
     @app.timer(1.0)
     async def idle_clock() -> None:
         """Live only: quiet partitions move their event-time clock on, so their timers fire."""
-        try:
-            handler.tick()
-        except Exception as exc:
-            faults.failed("tick", exc)
+        async with outbox.lock:
+            try:
+                handler.tick()
+            except Exception as exc:
+                faults.failed("tick", exc)
+            try:
+                await outbox.release()
+            except Exception as exc:  # the rows or outputs of the tick could not be written
+                stop_unacked(exc, [])
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def on_revoked_ingest(app: Any, revoked: set[Any], **kwargs: Any) -> None:
@@ -544,10 +574,11 @@ def _finite(values: dict[str, float]) -> dict[str, float | None]:
 
 
 def _scoring(
-    app: faust.App, settings: Settings, metrics: Metrics, faults: Faults, rows: UserRows
+    app: faust.App, settings: Settings, metrics: Metrics, faults: Faults, rows: UserRows, outbox: Outbox
 ) -> tuple[ScoreStage, LiveModels]:
     """Topics, live models, the trainer and the score stage the ingest handler calls (the score
-    state and the ledger it keeps are parts of the user's row in ``rows``)."""
+    state and the ledger it keeps are parts of the user's row in ``rows``; its outputs go through
+    ``outbox``, in the order that module explains)."""
     model_metrics = ModelMetrics(metrics.registry)
     live = LiveModels(
         settings, lambda name, m, snap: model_metrics.record_model(name, m, snap.quality), faults
@@ -561,15 +592,15 @@ def _scoring(
     training = app.topic(settings.topic_training, key_serializer="raw", value_serializer="raw")
 
     def send_change(user_id: str, value: bytes) -> None:
-        changes.send_soon(key=user_id.encode(), value=value)
+        outbox.send_early(changes, user_id.encode(), value)
 
     def send_example(target: str, value: bytes) -> None:
-        training.send_soon(key=target.encode(), value=value)
+        outbox.send_late(training, target.encode(), value)
 
     triggers = app.topic(settings.topic_triggers, key_serializer="raw", value_serializer="raw")
 
     def send_trigger(user_id: str, value: bytes) -> None:
-        triggers.send_soon(key=user_id.encode(), value=value)
+        outbox.send_early(triggers, user_id.encode(), value)
 
     core = ScoringCore(
         settings.target_list(),

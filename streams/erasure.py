@@ -9,6 +9,7 @@ Kafka too. See :mod:`streams.privacy` and ``docs/guarantees.md``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -26,9 +27,17 @@ PARTS = ("features", "scores", "ledger")  # the parts of a user's row, in order
 
 
 def attach_erasure(
-    app: faust.App, settings: Settings, table: Any, pseudonym: Pseudonymizer, faults: Faults
+    app: faust.App,
+    settings: Settings,
+    table: Any,
+    pseudonym: Pseudonymizer,
+    faults: Faults,
+    lock: asyncio.Lock,
 ) -> None:
-    """Add the erasure agent over the per-user rows ``table`` (features, scores and ledger in one value)."""
+    """Add the erasure agent over the per-user rows ``table`` (features, scores and ledger in one value).
+
+    It deletes under the ingest batch's ``lock`` (``streams/outbox.py``), so a row the batch still
+    holds cannot be written back after the tombstone."""
     requests = app.topic(settings.topic_erasure, key_serializer="raw", value_serializer="raw")
     changes = app.topic(settings.topic_changes, key_serializer="raw", value_serializer="raw")
     triggers = app.topic(settings.topic_triggers, key_serializer="raw", value_serializer="raw")
@@ -43,10 +52,11 @@ def attach_erasure(
                 continue
             raw_id, request_id = parsed
             user = pseudonym(raw_id)
-            raw = table.get(user)
-            removed = [name for name, part in zip(PARTS, decode_row(raw), strict=True) if part] if raw else []
-            if raw is not None:
-                table.pop(user, None)  # one tombstone on the changelog: all three parts at once
+            async with lock:
+                raw = table.get(user)
+                removed = [n for n, part in zip(PARTS, decode_row(raw), strict=True) if part] if raw else []
+                if raw is not None:
+                    table.pop(user, None)  # one tombstone on the changelog: all three parts at once
             changes.send_soon(key=user.encode(), value=None)  # tombstones on the compacted outbound topics
             triggers.send_soon(key=user.encode(), value=None)
             confirmation = {

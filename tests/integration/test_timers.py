@@ -507,10 +507,6 @@ def test_taobao_buys_alone_mature_labels_and_spread_scores(
 
 
 # --- replay, crash, rebalance ---------------------------------------------------------------------
-@pytest.mark.skip(
-    reason="product bug, issue 11 open: the ingest agent scores a backlog before the models feed has "
-    "caught up (version-0 scores in triggers), so two applications differ; fix, then remove this skip"
-)
 def test_a_replay_publishes_the_same_changes_and_triggers_whatever_the_batch_size(
     settings: Settings, make_worker: Any, kafka: str, env: dict[str, str]
 ) -> None:
@@ -613,11 +609,6 @@ def cart_done_in_changelog(kafka: str, app_id: str, users: set[str]) -> dict[str
     return out
 
 
-@pytest.mark.skip(
-    reason="product bug, issue 11 open: a fired timer's state reaches the local RocksDB before its "
-    "trigger reaches Kafka, and a same-disk restart trusts the disk (fails ~4 runs in 10); fix, then "
-    "remove this skip"
-)
 def test_a_sigkill_around_timer_firings_loses_no_cart_trigger(
     settings: Settings, make_worker: Any, kafka: str, triggers_topic: str
 ) -> None:
