@@ -208,7 +208,9 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
     def send_dead_letter(dl: DeadLetter) -> None:
         deadletter.send_soon(key=dl.record.key, value=dl.record.value, headers=dl.headers())
 
-    outbox = Outbox(lambda: app.producer.flush())
+    outbox = Outbox()
+    outbox.watch(table)
+    outbox.watch(marks)
     rows = UserRows(FaustKV(table, outbox))
     stage, live = _scoring(app, settings, metrics, faults, rows, outbox)
     store = RowStore(rows, FaustMarks(marks, outbox))
@@ -236,9 +238,12 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
     app.propstream_handler = handler  # type: ignore[attr-defined]
 
     async def ingest(stream: Any) -> None:  # faust's StreamT stub lacks take_events
-        if not live.caught_up.is_set():  # score a backlog with the published models, not version 0
-            await live.caught_up.wait()
         async for batch in stream.take_events(settings.batch_size, within=settings.batch_within_s):
+            # Score a backlog with the published models, not version 0. The wait is inside the loop:
+            # until the stream is iterated it has no channel, and Faust's conductor hands a record
+            # that arrives then to nobody (its offset is committed all the same: the event is lost).
+            if not live.caught_up.is_set():
+                await live.caught_up.wait()
             records = [
                 Record(m.topic, m.partition, m.offset, m.key, m.value, ev)
                 for ev in batch

@@ -12,7 +12,10 @@ matured) must not be durable before, respectively must be durable before, the ou
 3. **training examples** are sent last: a kill before they leave loses them (at-most-once), but
    no restart can mature them a second time, so the trainer never learns one twice.
 
-Step 1 and 3 cost a producer flush each, and only in a batch that has such outputs. The ingest
+"Flushed" means every message of the step is acknowledged by the broker: the outbox awaits the
+futures of its own sends and of the changelog messages its writes cause (:meth:`watch`), not
+Faust's ``producer.flush()``, which returns once its buffer has been idle for 0.1 s. Steps 1 and 3
+each wait for a broker round trip, and only in a batch that has such outputs. The ingest
 agent, the idle clock and the erasure agent hold :attr:`Outbox.lock` while they work, so no other
 writer sees or overwrites a row that is held here.
 """
@@ -21,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from faust.streams import _current_event
@@ -32,18 +34,30 @@ DELETE = object()  # a held write that removes the key
 class Outbox:
     """Held writes (read through by :meth:`get`) and outputs of the batch being processed."""
 
-    def __init__(self, flush: Callable[[], Awaitable[None]]) -> None:
-        self.flush = flush
+    def __init__(self) -> None:
         self.lock = asyncio.Lock()
         self.early: list[tuple[Any, bytes, bytes]] = []  # (topic, key, value): before the rows
         self.late: list[tuple[Any, bytes, bytes]] = []  # after the rows
         self.writes: dict[tuple[int, Any], tuple[Any, Any, Any]] = {}  # (table, key) -> (table, event, value)
-        self._sent_early = False  # early outputs sent, not yet known delivered
+        self.inflight: list[asyncio.Future[Any]] = []  # sent by a release, not yet known delivered
+        self._watching = False
+
+    def watch(self, table: Any) -> None:
+        """Keep the future of every changelog message ``table`` sends while a release writes."""
+        send = table.send_changelog
+
+        def send_changelog(*args: Any, **kwargs: Any) -> Any:
+            fut = send(*args, **kwargs)
+            if self._watching:
+                self.inflight.append(fut)
+            return fut
+
+        table.send_changelog = send_changelog
 
     def write(self, table: Any, key: Any, value: Any) -> None:
         """Hold ``table[key] = value`` (or :data:`DELETE`) with the current event, which routes it to
         its partition's RocksDB file and changelog partition when it is released."""
-        ref = _current_event.get()
+        ref = _current_event.get(None)
         event = ref() if ref is not None else None
         if event is None:
             msg = "a table write outside any partition's context"
@@ -66,28 +80,38 @@ class Outbox:
 
     async def release(self) -> None:
         """Outputs and writes in the order above. Each step forgets what it has done, so a release
-        that was interrupted (cancelled in a flush) can be called again and finishes the rest."""
+        that was interrupted (cancelled while it waited) can be called again and finishes the rest."""
         if self.early:
-            for topic, key, value in self.early:
-                topic.send_soon(key=key, value=value)
+            self.inflight += [topic.send_soon(key=k, value=v) for topic, k, v in self.early]
             self.early.clear()
-            self._sent_early = True
-        if self._sent_early:
-            await self.flush()
-            self._sent_early = False
+        await self._delivered()
         if self.writes:
-            for (_, key), (table, event, value) in self.writes.items():
-                token = _current_event.set(weakref.ref(event))
-                try:
-                    if value is DELETE:
-                        table.pop(key, None)
-                    else:
-                        table[key] = value
-                finally:
-                    _current_event.reset(token)
+            self._watching = True
+            try:
+                for (_, key), (table, event, value) in self.writes.items():
+                    token = _current_event.set(weakref.ref(event))
+                    try:
+                        if value is DELETE:
+                            table.pop(key, None)
+                        else:
+                            table[key] = value
+                    finally:
+                        _current_event.reset(token)
+            finally:
+                self._watching = False
             self.writes.clear()
         if self.late:
-            await self.flush()  # the rows' changelog messages first: see the module docstring
+            await self._delivered()  # the rows' changelog messages first: see the module docstring
             for topic, key, value in self.late:
                 topic.send_soon(key=key, value=value)
             self.late.clear()
+
+    async def _delivered(self) -> None:
+        """Wait until the broker has every message sent so far; a failed send raises (the caller
+        stops the worker unacknowledged). ``asyncio.wait``, not ``gather``: a cancelled release must
+        not cancel the sends themselves."""
+        if self.inflight:
+            await asyncio.wait(self.inflight)
+            for fut in self.inflight:
+                fut.result()
+            self.inflight.clear()

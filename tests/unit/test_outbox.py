@@ -1,0 +1,165 @@
+"""The outbox releases a batch in the order that loses no trigger and doubles no example.
+
+Fake topics and tables record into one log and hand out futures the test resolves itself, so the
+test sees what was sent, written and awaited, and when (the broker is the integration tests' job:
+``test_timers.py`` and ``test_crash_safety.py`` kill real workers around this order).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from typing import Any
+
+import pytest
+from faust.streams import _current_event
+
+from streams.outbox import DELETE, Outbox
+
+
+class Log:
+    def __init__(self) -> None:
+        self.entries: list[tuple[str, Any]] = []
+        self.futures: list[asyncio.Future[None]] = []
+
+    def future(self) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.futures.append(fut)
+        return fut
+
+    def ack_all(self) -> None:
+        for fut in self.futures:
+            if not fut.done():
+                fut.set_result(None)
+
+
+class FakeTopic:
+    def __init__(self, name: str, log: Log) -> None:
+        self.name, self.log = name, log
+
+    def send_soon(self, key: bytes, value: bytes) -> asyncio.Future[None]:
+        self.log.entries.append((f"send {self.name}", key))
+        return self.log.future()
+
+
+class FakeTable(dict[Any, Any]):
+    """A dict whose writes send a 'changelog' message, as a Faust table does."""
+
+    def __init__(self, log: Log) -> None:
+        super().__init__()
+        self.log = log
+
+    def send_changelog(self, key: Any) -> asyncio.Future[None]:
+        return self.log.future()
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        ref = _current_event.get(None)
+        self.log.entries.append(("write", (key, ref() if ref else None)))
+        super().__setitem__(key, value)
+        self.send_changelog(key)
+
+    def pop(self, key: Any, default: Any = None) -> Any:
+        self.log.entries.append(("delete", key))
+        self.send_changelog(key)
+        return super().pop(key, default)
+
+
+class Event:
+    """Stands in for the Faust event that routes a write to its partition."""
+
+
+def in_partition(event: Event) -> Any:
+    return _current_event.set(weakref.ref(event))  # type: ignore[arg-type]  # faust wants an EventT
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+def test_triggers_are_acknowledged_before_rows_and_rows_before_examples() -> None:
+    async def run() -> None:
+        log = Log()
+        table = FakeTable(log)
+        box = Outbox()
+        box.watch(table)
+        triggers, training = FakeTopic("triggers", log), FakeTopic("training", log)
+        ev = Event()
+        token = in_partition(ev)
+        box.write(table, "u1", b"row")
+        box.write(table, "u2", DELETE)
+        _current_event.reset(token)
+        box.send_early(triggers, b"u1", b"t")
+        box.send_late(training, b"purchase", b"x")
+        assert box.get(table, "u1") == (True, b"row")  # held writes are read through
+        assert box.get(table, "u2") == (True, None)
+        assert box.get(table, "u3") == (False, None)
+
+        task = asyncio.ensure_future(box.release())
+        await settle()
+        assert log.entries == [("send triggers", b"u1")], "nothing written before the trigger is acked"
+        log.ack_all()
+        await settle()
+        assert log.entries[1:] == [("write", ("u1", ev)), ("delete", "u2")]  # in the event's partition
+        assert not task.done(), "examples wait for the rows' changelog messages"
+        log.ack_all()
+        await task
+        assert log.entries[-1] == ("send training", b"purchase")
+        assert table == {"u1": b"row"}
+        assert box.get(table, "u1") == (False, None)
+
+    asyncio.run(run())
+
+
+def test_a_cancelled_release_finishes_when_called_again_and_cancels_no_send() -> None:
+    async def run() -> None:
+        log = Log()
+        table = FakeTable(log)
+        box = Outbox()
+        box.watch(table)
+        ev = Event()  # held: the context keeps a weak reference only
+        token = in_partition(ev)
+        box.write(table, "u1", b"row")
+        _current_event.reset(token)
+        box.send_early(FakeTopic("changes", log), b"u1", b"c")
+        task = asyncio.ensure_future(box.release())
+        await settle()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not any(f.cancelled() for f in log.futures), "a send was cancelled with the release"
+        assert [e for e, _ in log.entries] == ["send changes"]
+        again = asyncio.ensure_future(box.release())
+        await settle()
+        assert [e for e, _ in log.entries] == ["send changes"], "not resent, still awaited"
+        log.ack_all()
+        await again
+        assert [e for e, _ in log.entries] == ["send changes", "write"]
+
+    asyncio.run(run())
+
+
+def test_a_failed_send_raises_and_writes_nothing() -> None:
+    async def run() -> None:
+        log = Log()
+        table = FakeTable(log)
+        box = Outbox()
+        ev = Event()  # held: the context keeps a weak reference only
+        token = in_partition(ev)
+        box.write(table, "u1", b"row")
+        _current_event.reset(token)
+        box.send_early(FakeTopic("triggers", log), b"u1", b"t")
+        task = asyncio.ensure_future(box.release())
+        await settle()
+        log.futures[0].set_exception(OSError("broker gone"))
+        with pytest.raises(OSError, match="broker gone"):
+            await task
+        assert table == {}
+
+    asyncio.run(run())
+
+
+def test_a_write_outside_a_partition_is_refused() -> None:
+    box = Outbox()
+    with pytest.raises(RuntimeError, match="outside any partition"):
+        box.write(FakeTable(Log()), "u1", b"row")
