@@ -72,6 +72,20 @@ def in_partition(event: Event) -> Any:
     return _current_event.set(weakref.ref(event))  # type: ignore[arg-type]  # faust wants an EventT
 
 
+def one_row(early: str) -> tuple[Log, FakeTable, Outbox, Event]:
+    """An outbox holding one row write (u1) and one early output to the topic named ``early``."""
+    log = Log()
+    table = FakeTable(log)
+    box = Outbox()
+    box.watch(table)
+    ev = Event()  # held: the context keeps a weak reference only
+    token = in_partition(ev)
+    box.write(table, "u1", b"row")
+    _current_event.reset(token)
+    box.send_early(FakeTopic(early, log), b"u1", b"x")
+    return log, table, box, ev
+
+
 async def settle() -> None:
     for _ in range(5):
         await asyncio.sleep(0)
@@ -113,15 +127,7 @@ def test_triggers_are_acknowledged_before_rows_and_rows_before_examples() -> Non
 
 def test_a_cancelled_release_finishes_when_called_again_and_cancels_no_send() -> None:
     async def run() -> None:
-        log = Log()
-        table = FakeTable(log)
-        box = Outbox()
-        box.watch(table)
-        ev = Event()  # held: the context keeps a weak reference only
-        token = in_partition(ev)
-        box.write(table, "u1", b"row")
-        _current_event.reset(token)
-        box.send_early(FakeTopic("changes", log), b"u1", b"c")
+        log, table, box, _ = one_row("changes")
         task = asyncio.ensure_future(box.release())
         await settle()
         task.cancel()
@@ -135,20 +141,14 @@ def test_a_cancelled_release_finishes_when_called_again_and_cancels_no_send() ->
         log.ack_all()
         await again
         assert [e for e, _ in log.entries] == ["send changes", "write"]
+        assert table == {"u1": b"row"}
 
     asyncio.run(run())
 
 
 def test_a_failed_send_raises_and_writes_nothing() -> None:
     async def run() -> None:
-        log = Log()
-        table = FakeTable(log)
-        box = Outbox()
-        ev = Event()  # held: the context keeps a weak reference only
-        token = in_partition(ev)
-        box.write(table, "u1", b"row")
-        _current_event.reset(token)
-        box.send_early(FakeTopic("triggers", log), b"u1", b"t")
+        log, table, box, _ = one_row("triggers")
         task = asyncio.ensure_future(box.release())
         await settle()
         log.futures[0].set_exception(OSError("broker gone"))
