@@ -264,6 +264,8 @@ class IngestHandler:
         self.idle_advance_ms = settings.idle_advance_s * 1000
         self.last_record: dict[int, Record] = {}  # per partition: a record for its context (tick)
         self.last_seen: dict[int, int] = {}  # per partition: wall ms of its last batch
+        self.fires_per_batch = settings.timer_fires_per_batch or None
+        self.fire_budget: int | None = None  # what this batch or tick may still fire (None: no bound)
 
     def process(self, batch: Sequence[Record]) -> dict[str, list[Event]]:
         """Process one batch; returns the accepted events per user (for scoring downstream).
@@ -275,6 +277,7 @@ class IngestHandler:
         """
         t0 = time.perf_counter()
         now_ms = int(self.clock() * 1000)
+        self.fire_budget = self.fires_per_batch
         consumed: dict[str, int] = {}
         rejected: dict[tuple[str, str], int] = {}
         no_consent: dict[str, int] = {}
@@ -409,7 +412,10 @@ class IngestHandler:
         stage = self.stage
         if stage is not None:
             clock = self.watermarks.of(p, now_ms)
-            stage.fire_partition(p, clock, self._features_of)
+            budget = self.fire_budget
+            fired = stage.fire_partition(p, clock, self._features_of, budget)
+            if budget is not None:
+                self.fire_budget = budget - fired
             # labels can be final only below the lateness floor: no accepted event is older
             stage.expire_partition(p, clock - self.lateness_ms)
         evicted = self._sweep(p) if self.ttl_ms else 0
@@ -422,17 +428,19 @@ class IngestHandler:
 
         Its event-time clock becomes wall-clock time minus the allowed lateness (never backwards),
         and the timers and horizons that passes fire, so a quiet night still gets its churn and
-        cart triggers. Returns the partitions moved. Replay and eval never call this.
+        cart triggers. A partition whose due timers a fire limit left waiting fires the next of
+        them, clock moved or not. Returns the partitions worked on. Replay and eval never call this.
         """
-        if not self.idle_advance_ms:
-            return 0
         now_ms = int(self.clock() * 1000)
+        self.fire_budget = self.fires_per_batch
+        stage = self.stage
         moved = 0
         for p, rec in list(self.last_record.items()):
-            if now_ms - self.last_seen.get(p, now_ms) < self.idle_advance_ms:
-                continue
-            if not self.watermarks.advance_wall(p, now_ms - self.lateness_ms):
-                continue
+            idle_ms = now_ms - self.last_seen.get(p, now_ms)
+            quiet = bool(self.idle_advance_ms) and idle_ms >= self.idle_advance_ms
+            moves = quiet and self.watermarks.advance_wall(p, now_ms - self.lateness_ms)
+            if not moves and (stage is None or not stage.backlog(p, self.watermarks.of(p, now_ms))):
+                continue  # the clock did not move and no timer a fire limit left is waiting
             t0 = time.perf_counter()
             with self.store.partition(rec):
                 self._end_partition(p, now_ms, set())

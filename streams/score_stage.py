@@ -286,16 +286,23 @@ class ScoreStage:
         return part
 
     def fire_partition(
-        self, partition: int, clock_ms: int, features: Callable[[str], UserState | None]
+        self,
+        partition: int,
+        clock_ms: int,
+        features: Callable[[str], UserState | None],
+        limit: int | None = None,
     ) -> int:
-        """Fire every timer of the partition due by ``clock_ms``, in due order; returns users fired.
+        """Fire the timers of the partition due by ``clock_ms``, in due order, at most ``limit``
+        users (None: all); returns users fired.
 
-        ``features`` reads a user's feature state (None: gone or unreadable). One user's failure
-        is isolated: nothing of it is written or sent.
+        What the limit leaves fires later, as of its due time all the same, so the outputs do not
+        depend on it; a user's own next event fires that user's due timers first. ``features``
+        reads a user's feature state (None: gone or unreadable). One user's failure is isolated:
+        nothing of it is written or sent.
         """
         heap = self.index(partition).timers
         fired = 0
-        while heap and heap[0][0] <= clock_ms:
+        while heap and heap[0][0] <= clock_ms and (limit is None or fired < limit):
             due, user = heapq.heappop(heap)
             try:
                 u = self.begin_user(user)
@@ -319,6 +326,11 @@ class ScoreStage:
             self._publish(u, out)
             fired += 1
         return fired
+
+    def backlog(self, partition: int, clock_ms: int) -> bool:
+        """Are timers of the partition due by ``clock_ms`` still waiting (a fire limit left them)?"""
+        part = self.parts.get(partition)
+        return part is not None and bool(part.timers) and part.timers[0][0] <= clock_ms
 
     def expire_partition(self, partition: int, clock_ms: int) -> int:
         """Send every snapshot whose horizon is before ``clock_ms`` to the trainer; returns how many."""

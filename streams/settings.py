@@ -262,6 +262,13 @@ class Settings(BaseSettings):
     repeat_view_threshold: int = Field(
         3, ge=2, description="Views of one product within 24 h, unbought, that make a repeat_view trigger."
     )
+    timer_fires_per_batch: int = Field(
+        2_000,
+        ge=0,
+        description="Most timers fired per batch (and per idle-clock tick) beyond those of the "
+        "batch's own users, so a clock that jumps (a backlog, an outage) cannot block the event "
+        "loop: the rest fire in the next batches, as of their due time all the same. 0: no bound.",
+    )
     index_slice: int = Field(
         20_000,
         ge=100,

@@ -97,7 +97,11 @@ def models() -> dict[str, Any]:
     return _MODELS
 
 
-def run(records: list[Record], sizes: list[int], s: Settings) -> dict[str, list[Any]]:
+def run(
+    records: list[Record], sizes: list[int], s: Settings, ticks: list[int] | None = None
+) -> dict[str, list[Any]]:
+    """Outputs of ``records`` cut into batches of ``sizes``; with ``ticks``, idle-clock ticks after
+    the last batch until one works on no partition (their number is appended to ``ticks``)."""
     changes: list[bytes] = []
     triggers: list[bytes] = []
     examples: list[bytes] = []
@@ -108,6 +112,10 @@ def run(records: list[Record], sizes: list[int], s: Settings) -> dict[str, list[
             break
         h.process(records[i : i + n])
         i += n
+    if ticks is not None:
+        ticks.append(0)
+        while h.tick():
+            ticks[-1] += 1
     return {
         "changes": sorted(_without_wall(c) for c in changes),
         "triggers": sorted(_without_wall(t) for t in triggers),
@@ -210,6 +218,17 @@ def test_any_batching_publishes_the_same_changes_triggers_and_examples(seed: int
     s = worker_settings()
     records = records_of(stream(seed, n=60), s)
     assert run(records, sizes, s) == run(records, [len(records)], s)
+
+
+def test_a_fire_limit_defers_timers_to_later_batches_and_ticks_without_changing_any_output() -> None:
+    s = worker_settings()
+    records = records_of(stream(7, users=12, n=80), s)
+    want = run(records, [len(records)], s)
+    assert len(want["triggers"]) + len(want["changes"]) > 20, "too few timers: the check would prove little"
+    ticks: list[int] = []
+    limited = run(records, [len(records)], worker_settings(timer_fires_per_batch=1), ticks)
+    assert limited == want
+    assert ticks[0] >= 5, f"one timer per batch, yet only {ticks[0]} ticks had work left"
 
 
 def test_a_purchase_or_an_emptied_cart_cancels_the_trigger_and_it_fires_once_per_episode() -> None:
