@@ -13,8 +13,9 @@ STAMP  := $(VENV)/.installed
 demo: install
 	$(BIN)/propstream demo
 
+# --durations: the slowest tests, printed at the end, so a growing suite shows where it grows
 test: install lint typecheck
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 unit: install
 	$(BIN)/python -m pytest -q -m "not integration"
