@@ -179,7 +179,11 @@ def test_repeated_sigkill_loses_nothing_and_counts_nothing_twice(
     wait_settled(kafka, settings.app_id, settings.source_topics, timeout_s=180)
     dead = read_topic(kafka, settings.topic_deadletter)
     reasons = Counter(dict(m.headers)["propstream.reason"].decode() for m in dead)
-    refused = [m.value[:200] for m in dead if dict(m.headers)["propstream.reason"] != b"duplicate"]
+    refused = [
+        (dict(m.headers)["propstream.detail"], dict(m.headers)["propstream.source.partition"], m.value[:120])
+        for m in dead
+        if dict(m.headers)["propstream.reason"] != b"duplicate"
+    ]
     assert set(reasons) <= {"duplicate"}, f"valid events rejected: {reasons}: {refused[:5]}"
     # A user whose last batch was redelivered after a kill, entirely as duplicates, has a row on the
     # local disk that the changelog lacks until the user's next event (docs/guarantees.md, "known
