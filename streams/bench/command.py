@@ -196,6 +196,7 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, object]]:
         ("change events measured", "count", r["changes"]),
         ("feature lookup p50 (HTTP, under load)", "ms", r["lookup_p50_ms"]),
         ("feature lookup p99 (HTTP, under load)", "ms", r["lookup_p99_ms"]),
+        ("feature lookups unanswered in 10 s", "count", r["lookup_timeouts"]),
         ("worker RSS after catch-up", "MiB", r["worker_rss_mb"]),
         ("recovery from changelogs", "s", r["recovery_s"]),
         ("recovery per 100k users", "s", r["recovery_s_per_100k_users"]),

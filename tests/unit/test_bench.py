@@ -67,6 +67,7 @@ def test_rows_hold_the_ratios_and_one_line_per_growth_figure() -> None:
         "changes": 10,
         "lookup_p50_ms": 0.5,
         "lookup_p99_ms": 0.9,
+        "lookup_timeouts": 0,
         "worker_rss_mb": 200.0,
         "recovery_s": 4.0,
         "recovery_s_per_100k_users": 40.0,
