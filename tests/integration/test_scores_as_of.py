@@ -98,6 +98,8 @@ def landed(kafka: str, settings: Settings) -> tuple[dict[str, int], dict[int, in
 def expected_scores(
     models: dict[str, OnlineModel], evs: list[dict[str, Any]], as_of: int
 ) -> dict[str, float]:
+    """Every target's score as of ``as_of`` for a user with events ``evs``, computed in this process
+    (the pure feature code and the models, no worker)."""
     rules, params = Rules(max_future_ms=10**15), FeatureParams()
     st = fold([e for d in evs for e in parse(json.dumps(d).encode(), rules, 0)], params)
     x = inputs(compute(st, as_of, params))

@@ -24,10 +24,7 @@ import pytest
 from kafka import KafkaProducer
 from kafka.partitioner import murmur2
 
-from features.contract import Rules, parse
-from features.state import FeatureParams
-from features.user import compute, fold
-from models.online import OnlineModel, inputs
+from models.online import OnlineModel
 from models.persist import dump, model_of, restore, snapshot_of
 from models.scoring import decode_state, input_names
 from streams.rows import SCORES, decode_row
@@ -47,6 +44,7 @@ from tests.integration.harness import (
     wait_until,
 )
 from tests.integration.test_pipeline import router
+from tests.integration.test_scores_as_of import expected_scores
 from tests.reference import random_events
 from traffic.datasets import read_events
 from traffic.simulator import SimConfig, simulate
@@ -137,16 +135,6 @@ def models_loaded(worker: WorkerProc) -> bool:
         and {t: m["version"] for t, m in body["models"].items()} == VERSIONS
         and not any(m["warming_up"] for m in body["models"].values())
     )
-
-
-def expected_scores(
-    models: dict[str, OnlineModel], evs: list[dict[str, Any]], as_of: int
-) -> dict[str, float]:
-    """Every target's score as of ``as_of`` for a user with events ``evs``, computed in this process."""
-    rules, params = Rules(max_future_ms=10**15), FeatureParams()
-    st = fold([e for d in evs for e in parse(json.dumps(d).encode(), rules, 0)], params)
-    x = inputs(compute(st, as_of, params))
-    return {t: m.score(x) for t, m in models.items()}
 
 
 # --- events ------------------------------------------------------------------------------------
