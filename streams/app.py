@@ -82,7 +82,8 @@ class FaustMarks:
         return decode_mark(raw) if raw is not None else None
 
     def set_mark(self, topic: str, partition: int, ts_ms: int) -> None:
-        self.outbox.write(self.marks, f"{topic}|{partition}", encode_mark(ts_ms))
+        # after the rows: a watermark durable without its batch's rows would refuse them as late
+        self.outbox.write(self.marks, f"{topic}|{partition}", encode_mark(ts_ms), last=True)
 
 
 class FaustKV:

@@ -1,23 +1,36 @@
 """A batch's table writes and outputs, released in the one order a SIGKILL cannot turn into a loss
-of a trigger or a second copy of a training example.
+of a trigger, a second copy of a training example or a valid event refused as late.
 
 Faust writes a table value to the local RocksDB at once and to its changelog a little later, and a
 same-disk restart trusts the disk. So whatever a row records as done (a trigger fired, a snapshot
 matured) must not be durable before, respectively must be durable before, the output that does it:
 
 1. **triggers and change events** are sent and flushed first: a kill before the rows land redoes
-   them from the old rows (at-least-once, the same ids);
-2. **the rows and watermarks** are written (local RocksDB and changelog) and flushed: nothing of
-   the batch can be replayed over them from an older changelog message any more;
-3. **training examples** are sent last: a kill before they leave loses them (at-most-once), but
+   them from the old rows (at-least-once, the same ids). The previous release's changelog messages
+   are awaited here too (see below);
+2. **the rows** are written (local RocksDB and changelog) and flushed: nothing of the batch can be
+   replayed over them from an older changelog message any more;
+3. **the watermarks** are written only then (``write(..., last=True)``): they judge whether an
+   event is late, and a watermark that is durable while a row of the same batch is not would,
+   after a takeover, refuse that user's redelivered events as late;
+4. **training examples** are sent last: a kill before they leave loses them (at-most-once), but
    no restart can mature them a second time, so the trainer never learns one twice.
 
 "Flushed" means every message of the step is acknowledged by the broker: the outbox awaits the
 futures of its own sends and of the changelog messages its writes cause (:meth:`watch`), not
-Faust's ``producer.flush()``, which returns once its buffer has been idle for 0.1 s. Steps 1 and 3
-each wait for a broker round trip, and only in a batch that has such outputs. The ingest
-agent, the idle clock and the erasure agent hold :attr:`Outbox.lock` while they work, so no other
-writer sees or overwrites a row that is held here.
+Faust's ``producer.flush()``, which returns once its buffer has been idle for 0.1 s.
+
+A restart on the same disk replays the changelog from the last offset whose acknowledgement Faust
+recorded over the local RocksDB. Were a batch's rows written locally while an older batch's
+messages were still unacknowledged, that replay would put the older values back over the newer
+ones (rows and watermarks each on their own changelog, so out of step). Step 1 therefore waits
+for the previous release's changelog messages: the replay can then only hold messages of the last
+batch, whose values the disk already has.
+
+Steps 1, 2 and 4 each wait for a broker round trip, 1 mostly for nothing (its messages were
+acknowledged while the batch was computed). The ingest agent, the idle clock and the erasure
+agent hold :attr:`Outbox.lock` while they work, so no other writer sees or overwrites a row that
+is held here.
 """
 
 from __future__ import annotations
@@ -39,6 +52,7 @@ class Outbox:
         self.early: list[tuple[Any, bytes, bytes]] = []  # (topic, key, value): before the rows
         self.late: list[tuple[Any, bytes, bytes]] = []  # after the rows
         self.writes: dict[tuple[int, Any], tuple[Any, Any, Any]] = {}  # (table, key) -> (table, event, value)
+        self.last: dict[tuple[int, Any], tuple[Any, Any, Any]] = {}  # written once the writes are durable
         self.inflight: list[asyncio.Future[Any]] = []  # sent by a release, not yet known delivered
         self._watching = False
 
@@ -54,19 +68,20 @@ class Outbox:
 
         table.send_changelog = send_changelog
 
-    def write(self, table: Any, key: Any, value: Any) -> None:
+    def write(self, table: Any, key: Any, value: Any, *, last: bool = False) -> None:
         """Hold ``table[key] = value`` (or :data:`DELETE`) with the current event, which routes it to
-        its partition's RocksDB file and changelog partition when it is released."""
+        its partition's RocksDB file and changelog partition when it is released; ``last``: only
+        once every other write of the release is acknowledged (the watermarks)."""
         ref = _current_event.get(None)
         event = ref() if ref is not None else None
         if event is None:
             msg = "a table write outside any partition's context"
             raise RuntimeError(msg)
-        self.writes[(id(table), key)] = (table, event, value)
+        (self.last if last else self.writes)[(id(table), key)] = (table, event, value)
 
     def get(self, table: Any, key: Any) -> tuple[bool, Any]:
         """(held, value) of a held write to ``table[key]``; value None for a held delete."""
-        held = self.writes.get((id(table), key))
+        held = self.writes.get((id(table), key)) or self.last.get((id(table), key))
         if held is None:
             return False, None
         value = held[2]
@@ -85,26 +100,34 @@ class Outbox:
             self.inflight += [topic.send_soon(key=k, value=v) for topic, k, v in self.early]
             self.early.clear()
         await self._delivered()
-        if self.writes:
-            self._watching = True
-            try:
-                for (_, key), (table, event, value) in self.writes.items():
-                    token = _current_event.set(weakref.ref(event))
-                    try:
-                        if value is DELETE:
-                            table.pop(key, None)
-                        else:
-                            table[key] = value
-                    finally:
-                        _current_event.reset(token)
-            finally:
-                self._watching = False
-            self.writes.clear()
+        self._write(self.writes)
+        if self.last:
+            await self._delivered()  # the rows first: see the module docstring
+            self._write(self.last)
         if self.late:
             await self._delivered()  # the rows' changelog messages first: see the module docstring
             for topic, key, value in self.late:
                 topic.send_soon(key=key, value=value)
             self.late.clear()
+
+    def _write(self, writes: dict[tuple[int, Any], tuple[Any, Any, Any]]) -> None:
+        """Apply held writes, each in its event's partition, keeping their changelog futures."""
+        if not writes:
+            return
+        self._watching = True
+        try:
+            for (_, key), (table, event, value) in writes.items():
+                token = _current_event.set(weakref.ref(event))
+                try:
+                    if value is DELETE:
+                        table.pop(key, None)
+                    else:
+                        table[key] = value
+                finally:
+                    _current_event.reset(token)
+        finally:
+            self._watching = False
+        writes.clear()
 
     async def _delivered(self) -> None:
         """Wait until the broker has every message sent so far; a failed send raises (the caller

@@ -163,3 +163,49 @@ def test_a_write_outside_a_partition_is_refused() -> None:
     box = Outbox()
     with pytest.raises(RuntimeError, match="outside any partition"):
         box.write(FakeTable(Log()), "u1", b"row")
+
+
+def test_watermarks_are_written_only_once_the_rows_are_acknowledged() -> None:
+    async def run() -> None:
+        log, table, box, ev = one_row("changes")
+        marks = FakeTable(log)
+        box.watch(marks)
+        token = in_partition(ev)
+        box.write(marks, "src|0", b"42", last=True)
+        _current_event.reset(token)
+        assert box.get(marks, "src|0") == (True, b"42")
+        task = asyncio.ensure_future(box.release())
+        await settle()
+        log.ack_all()  # the change event
+        await settle()
+        assert [e for e, _ in log.entries] == ["send changes", "write"], "the mark waits for the row"
+        log.ack_all()  # the row's changelog message
+        await task
+        assert log.entries[-1] == ("write", ("src|0", ev))
+        assert marks == {"src|0": b"42"} and table == {"u1": b"row"}
+
+    asyncio.run(run())
+
+
+def test_a_release_writes_nothing_before_the_last_releases_changelog_is_acknowledged() -> None:
+    """A same-disk restart replays unacknowledged changelog messages over the disk: they must all
+    belong to the last batch, or an older value would be put back over a newer one."""
+
+    async def run() -> None:
+        log, table, box, ev = one_row("changes")
+        first = asyncio.ensure_future(box.release())
+        await settle()
+        log.futures[0].set_result(None)  # the change event; the row's message stays unacknowledged
+        await first
+        assert table == {"u1": b"row"}
+        token = in_partition(ev)
+        box.write(table, "u1", b"newer")
+        _current_event.reset(token)
+        second = asyncio.ensure_future(box.release())
+        await settle()
+        assert table == {"u1": b"row"}, "written over an unacknowledged message"
+        log.ack_all()
+        await second
+        assert table == {"u1": b"newer"}
+
+    asyncio.run(run())
