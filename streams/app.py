@@ -86,6 +86,29 @@ class FaustMarks:
         self.outbox.write(self.marks, f"{topic}|{partition}", encode_mark(ts_ms), last=True)
 
 
+def current_records(batch: Any, generation: int) -> tuple[list[Record], int]:
+    """The batch's records of consumer generation ``generation``, and how many were of an older one.
+
+    Faust's ``take_events`` buffer outlives a rebalance, so a batch can hold records fetched before
+    it: of partitions another worker owns now, or that this one owns again from their committed
+    offset. Processing them wrote rows the new owner also writes, and moved a watermark past records
+    the seek delivers again, which were then refused as late. They are dropped instead, and marked
+    acknowledged without being counted (Faust's consumer records no offset for a message already
+    marked), so no commit covers them: the partition's owner reads them again from the committed
+    offset.
+    """
+    out = []
+    stale = 0
+    for ev in batch:
+        m = ev.message
+        if m.generation_id != generation:
+            m.acked = True
+            stale += 1
+        else:
+            out.append(Record(m.topic, m.partition, m.offset, m.key, m.value, ev))
+    return out, stale
+
+
 class FaustKV:
     """:class:`streams.rows.Backend` over a Faust table whose writes are held in the batch's
     :class:`~streams.outbox.Outbox` until its outputs allow them (writes need the partition context)."""
@@ -245,12 +268,13 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
             # that arrives then to nobody (its offset is committed all the same: the event is lost).
             if not live.caught_up.is_set():
                 await live.caught_up.wait()
-            records = [
-                Record(m.topic, m.partition, m.offset, m.key, m.value, ev)
-                for ev in batch
-                for m in (ev.message,)
-            ]
             async with outbox.lock:
+                # judged after every wait: a rebalance may have come while the batch waited
+                records, stale = current_records(batch, app.consumer_generation_id)
+                if stale:
+                    metrics.stale_records.inc(stale)
+                if not records:
+                    continue
                 try:
                     handler.process(records)
                     await outbox.release()

@@ -69,6 +69,12 @@ class Metrics:
             "Coalesced per-user state writes (one per user per batch).",
             registry=r,
         )
+        self.stale_records = Counter(
+            "propstream_stale_records_total",
+            "Records a batch held from before a rebalance, dropped unprocessed and uncommitted: "
+            "their partition's owner reads them again from the committed offset.",
+            registry=r,
+        )
         self.evicted = Counter(
             "propstream_users_evicted_total",
             "Users removed from state after user_ttl_days without events (retention).",
