@@ -26,7 +26,14 @@ from models.online import OnlineModel, inputs
 from models.persist import dump, model_of, snapshot_of
 from streams.settings import Settings
 from tests.conftest import ROOT
-from tests.integration.harness import pending_snapshots, produce, read_topic, wait_settled, wait_until
+from tests.integration.harness import (
+    FAST_FAILOVER,
+    pending_snapshots,
+    produce,
+    read_topic,
+    wait_settled,
+    wait_until,
+)
 from tests.integration.test_pipeline import router
 from traffic.simulator import SimConfig, simulate
 
@@ -129,7 +136,8 @@ def test_change_events_validate_and_follow_the_rules(
 def test_model_version_and_ledger_survive_losing_the_disk(
     settings: Settings, make_worker: Any, kafka: str
 ) -> None:
-    first = make_worker("w1", **LEARNING).start()
+    # a short session timeout: the second worker joins once the killed one's membership expires
+    first = make_worker("w1", **LEARNING, **FAST_FAILOVER).start()
     events = sim(users=200, days=10, seed=12)
     produce(kafka, router(settings), events)
     wait_until(lambda: trusted(first), 180, what="models published")
@@ -147,7 +155,9 @@ def test_model_version_and_ledger_survive_losing_the_disk(
     assert sum(pending.values()) > 0, "nothing pending: the test would prove nothing"
     first.kill()  # SIGKILL: no clean shutdown
 
-    second = make_worker("w2", **LEARNING).start(timeout_s=180)  # empty state folder: changelogs only
+    second = make_worker("w2", **LEARNING, **FAST_FAILOVER).start(
+        timeout_s=180
+    )  # empty state folder: changelogs only
     wait_until(
         lambda: all(models_of(second)[t]["version"] >= before[t]["version"] for t in before),
         60,

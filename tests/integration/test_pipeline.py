@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from streams.settings import Settings
-from tests.integration.harness import consume_all, produce, wait_until
+from tests.integration.harness import FAST_FAILOVER, consume_all, produce, wait_until
 from tests.reference import DAY, HOUR, assert_features_equal, random_events, reference_features, unique
 
 pytestmark = pytest.mark.integration
@@ -79,7 +79,8 @@ def test_restart_keeps_features_and_continues(settings: Settings, make_worker: A
     events = recent_events(2, users=20, per_user=60)
     first, second = events[: len(events) // 2], events[len(events) // 2 :]
     as_of = max(e["ts"] for e in events) + HOUR
-    worker = make_worker("w1").start()
+    # a short session timeout: the fresh worker joins once the killed one's membership expires
+    worker = make_worker("w1", **FAST_FAILOVER).start()
     produce(kafka, router(settings), first)
     users_first = by_user(first)
     wait_for_counts(worker, users_first)
@@ -92,7 +93,7 @@ def test_restart_keeps_features_and_continues(settings: Settings, make_worker: A
     worker.kill()
 
     # empty state folder: everything restored from the changelog topic
-    fresh = make_worker("w2").start()
+    fresh = make_worker("w2", **FAST_FAILOVER).start()
     wait_for_counts(fresh, users_first)
     assert {u: fresh.features(u, as_of)["features"] for u in users_first} == before
     produce(kafka, router(settings), second)

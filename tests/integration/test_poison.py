@@ -1,7 +1,7 @@
 """Hostile input on the real broker, and the web endpoint under hostile requests.
 
 - random bytes, oversized and nested payloads, NaN/Infinity, broken and odd unicode, wrong types,
-  interleaved with 100,000 valid events of 100,000 distinct users: the worker stays ready, every bad
+  interleaved with 50,000 valid events of 50,000 distinct users: the worker stays ready, every bad
   message reaches the dead-letter topic with its original bytes and a reason, every valid event is
   counted, and the worker's resident memory stays bounded;
 - users with odd unicode ids are stored and looked up by their exact id;
@@ -27,7 +27,7 @@ from tests.integration.harness import WorkerProc, read_topic, wait_until
 
 pytestmark = pytest.mark.integration
 
-DISTINCT_USERS = 100_000
+DISTINCT_USERS = 50_000  # every one a new row: the table, not the heap, must hold them
 RSS_BOUND_MIB = 600
 ODD_IDS = ["ü-user", "用户-7", "👩‍👩‍👧‍👦", "e\u0301-combining", "\u202eevil", "a b+c%2F", "x" * 256]
 
@@ -90,7 +90,6 @@ def test_poison_is_dead_lettered_and_memory_stays_bounded(
 ) -> None:
     worker = make_worker().start()
     now = int(time.time() * 1000)
-    time.sleep(2)
     baseline_kib = worker.rss_kib()
     bad = bad_messages(now)
     p = KafkaProducer(
@@ -152,7 +151,7 @@ def test_poison_is_dead_lettered_and_memory_stays_bounded(
     for uid in ODD_IDS:  # stored under the exact id, found again by it (percent-encoded in the URL)
         f = worker.features(urllib.parse.quote(uid, safe=""))
         assert f is not None and f["user_id"] == uid and f["events"] == 3, (uid, f)
-    assert worker.features("user-0099999")["events"] == 1  # type: ignore[index]
+    assert worker.features(f"user-{DISTINCT_USERS - 1:07d}")["events"] == 1  # type: ignore[index]
 
     final_kib = worker.rss_kib()
     print(
