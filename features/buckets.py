@@ -29,5 +29,6 @@ def window_sum(buckets: dict[int, int], now_idx: int, width: int) -> int:
 def prune(buckets: dict[int, int], latest_idx: int, keep: int) -> None:
     """Drop buckets that no window ending at or after ``latest_idx`` can reach."""
     lo = latest_idx - keep
-    for i in [i for i in buckets if i <= lo]:
-        del buckets[i]
+    if buckets and min(buckets) <= lo:  # the usual case, nothing to drop, without building a list
+        for i in [i for i in buckets if i <= lo]:
+            del buckets[i]

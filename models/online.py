@@ -49,6 +49,28 @@ def decay(seconds: float | None, tau_s: float) -> float:
     return 0.0 if seconds is None else math.exp(-seconds / tau_s)
 
 
+_DECAY, _SINCE, _RATE30, _RATE7, _SIGNED, _PLAIN = range(6)
+
+
+def _kind(name: str) -> tuple[int, float]:
+    """How :func:`inputs` transforms feature ``name``, and the transform's parameter."""
+    if name in DECAYS:
+        return _DECAY, DECAYS[name]
+    if name.startswith("s_since"):
+        return _SINCE, 0.0
+    if name in RATES_30D:
+        return _RATE30, RATES_30D[name]
+    if name == "sessions_7d":
+        return _RATE7, 0.5
+    if name in SIGNED:
+        return _SIGNED, 0.0
+    return _PLAIN, 0.0
+
+
+# (feature, its never_ flag's name, kind, parameter): classified once, not per call (hot path)
+_PLAN = tuple((name, f"never_{name}", *_kind(name)) for name in NAMES)
+
+
 def inputs(features: Features) -> dict[str, float]:
     """Model inputs from served features: one per feature, same name, plus a ``never_`` flag per recency.
 
@@ -65,26 +87,34 @@ def inputs(features: Features) -> dict[str, float]:
     """
     f = features
     tenure = float(f["tenure_days"] or 0.0)
-    d30 = min(30.0, tenure)
+    days30 = min(30.0, tenure) + 0.5  # per_day's denominators, inlined below
+    days7 = min(7.0, tenure) + 0.5
+    log, log1p, exp = math.log, math.log1p, math.exp
     x: dict[str, float] = {}
-    for name in NAMES:
+    for name, never, kind, param in _PLAN:
         v = f[name]
-        if name in DECAYS:
-            x[f"never_{name}"] = 1.0 if v is None else 0.0
-            x[name] = decay(None if v is None else float(v), DECAYS[name])
-        elif name.startswith("s_since"):
-            x[f"never_{name}"] = 1.0 if v is None else 0.0
-            x[name] = 0.0 if v is None else math.log1p(max(0.0, float(v)))
-        elif name in RATES_30D:
-            x[name] = per_day(float(v or 0), d30, RATES_30D[name])
-        elif name == "sessions_7d":
-            x[name] = per_day(float(v or 0), min(7.0, tenure), 0.5)
-        elif name in SIGNED:
-            x[name] = float(v or 0.0)
-        elif isinstance(v, bool):
-            x[name] = 1.0 if v else 0.0
+        if kind == _PLAIN:
+            if v is True or v is False:
+                x[name] = 1.0 if v else 0.0
+            else:
+                fv = float(v or 0)
+                x[name] = log1p(fv) if fv > 0.0 else 0.0  # log1p(max(0, v)), NaN included
+        elif kind == _RATE30:
+            x[name] = log((float(v or 0) + param) / days30)
+        elif kind == _SINCE:
+            x[never] = 1.0 if v is None else 0.0
+            if v is None:
+                x[name] = 0.0
+            else:
+                fv = float(v)
+                x[name] = log1p(fv) if fv > 0.0 else 0.0
+        elif kind == _DECAY:
+            x[never] = 1.0 if v is None else 0.0
+            x[name] = 0.0 if v is None else exp(-float(v) / param)
+        elif kind == _RATE7:
+            x[name] = log((float(v or 0) + param) / days7)
         else:
-            x[name] = math.log1p(max(0.0, float(v or 0)))
+            x[name] = float(v or 0.0)
     return x
 
 

@@ -310,7 +310,7 @@ class ScoringCore:
                 if x is None:
                     finalize(st)  # the worker folds a whole batch before finalising; eval already has
                     _, x, vec = self._features(st, at_ms)
-                    scores = self._scores(x)
+                    scores = self._scores(vec)
                 m = self.models[t.name]
                 snap = Snapshot(at_ms, vec, scores[self.targets.index(t)], m.version)
                 if offer(ledger.get(), t, snap):
@@ -377,9 +377,9 @@ class ScoringCore:
     ) -> dict[str, Any]:
         """A trigger event's body: what fired, when, the facts a campaign needs, the scores then."""
         finalize(st)
-        _, x, _ = self._features(st, as_of_ms)
+        _, _, vec = self._features(st, as_of_ms)
         scores = {}
-        for t, score in zip(self.targets, self._scores(x), strict=True):
+        for t, score in zip(self.targets, self._scores(vec), strict=True):
             m = self.models[t.name]
             scores[t.name] = {
                 "score": round(score, 6),
@@ -425,9 +425,10 @@ class ScoringCore:
         self._cached = (st, st.events, st.last_ms, as_of_ms, feats, x, vec)
         return feats, x, vec
 
-    def _scores(self, x: dict[str, float]) -> list[float]:
+    def _scores(self, vec: list[float]) -> list[float]:
         """Every target's score, in target order: ``model.score(x)`` each, via ``models.fastscore``."""
-        return self.fast.scores([self.models[t.name].model for t in self.targets], x)
+        models = [self.models[t.name].model for t in self.targets]
+        return self.fast.scores_of(models, input_names(), vec)
 
     def rescore(
         self, user_id: str, ss: ScoreState, st: UserState, trigger: Event
@@ -439,11 +440,11 @@ class ScoringCore:
     def _rescore(
         self, user_id: str, ss: ScoreState, st: UserState, as_of_ms: int, cause: dict[str, Any]
     ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        feats, x, _ = self._features(st, as_of_ms)
+        feats, x, vec = self._features(st, as_of_ms)
         self.last_inputs = x
         scores: dict[str, float] = {}
         out: list[dict[str, Any]] = []
-        for t, score in zip(self.targets, self._scores(x), strict=True):
+        for t, score in zip(self.targets, self._scores(vec), strict=True):
             m = self.models[t.name]
             scores[t.name] = score
             if m.warming_up:
