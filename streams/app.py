@@ -37,6 +37,7 @@ from features.user import compute
 from models.scoring import ScoringCore
 from streams.erasure import attach_erasure
 from streams.faults import Faults
+from streams.faust_fixes import install as install_faust_fixes
 from streams.ingest import DeadLetter, IngestHandler, Record, decode_mark, encode_mark
 from streams.lookup import AsOf, BadQuery, Lookups, PartitionClock, page_query
 from streams.metrics import Metrics
@@ -178,6 +179,7 @@ class QuietMonitor(Monitor):
 
 def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
     """A configured Faust app with its agent, table and views attached."""
+    install_faust_fixes()  # a message skipped during a rebalance must not be committed
     servers = bootstrap or settings.broker_url
     app = faust.App(
         settings.app_id,

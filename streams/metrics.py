@@ -71,8 +71,9 @@ class Metrics:
         )
         self.stale_records = Counter(
             "propstream_stale_records_total",
-            "Records a batch held from before a rebalance, dropped unprocessed and uncommitted: "
-            "their partition's owner reads them again from the committed offset.",
+            "Records fetched around a rebalance and not processed (a batch held them from before it, "
+            "or Faust skipped them while its flow was suspended), left uncommitted: their "
+            "partition's owner reads them again from the committed offset.",
             registry=r,
         )
         self.evicted = Counter(

@@ -127,16 +127,24 @@ def test_survivor_takes_over_and_lookups_stay_correct(
     # the survivor restored the dead worker's partitions: users it never owned have everything produced
     expected = Counter(e["user_id"] for e in events[: traffic.sent])
 
+    short: dict[str, tuple[int | None, int]] = {}
+
     def survivor_has_everything() -> bool:
+        short.clear()
         for u, n in expected.items():
             status, body = a.get(f"/users/{u}/features", headers=AUTH)
             if status != 200 or body["events"] < n:
-                return False
-        return True
+                short[u] = (body.get("events") if status == 200 else status, n)
+        return not short
 
-    wait_until(
-        survivor_has_everything, 90, every_s=1.0, what="the survivor to hold every event produced so far"
-    )
+    try:
+        wait_until(survivor_has_everything, 90, every_s=1.0, what="the survivor to hold every event so far")
+    except AssertionError as exc:
+        rejected = {r: a.metric("propstream_events_rejected_total", reason=r) for r in ("late", "duplicate")}
+        raise AssertionError(
+            f"{exc}; users (held, produced): {dict(list(short.items())[:8])} of {len(short)} short; "
+            f"rejected {rejected}, stale records dropped {a.metric('propstream_stale_records_total')}"
+        ) from None
     assert traffic.sent > sent_at_kill, "traffic stopped during the takeover"
 
     b.launch()  # same state folder; the group rebalances again while traffic flows

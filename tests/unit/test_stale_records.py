@@ -50,3 +50,87 @@ def test_a_batch_of_one_generation_is_kept_whole() -> None:
     batch: list[Any] = [SimpleNamespace(message=message(o, 7)) for o in range(4)]
     records, stale = current_records(batch, generation=7)
     assert stale == 0 and [r.offset for r in records] == [0, 1, 2, 3]
+
+
+def test_a_message_skipped_during_a_rebalance_is_not_committed_but_a_processed_one_is() -> None:
+    """Faust's stream acks the message it skips while a rebalance suspends the flow; the patched
+    consumer (``streams.faust_fixes``, Faust's own ``Consumer.ack`` underneath) must not count it."""
+    from collections import defaultdict
+
+    from faust.transport.consumer import Consumer as FaustConsumer
+
+    from streams.faust_fixes import install
+
+    install()
+    counted: list[int] = []
+    stale = SimpleNamespace(n=0, inc=lambda k=1: setattr(stale, "n", stale.n + k))
+    app = SimpleNamespace(
+        topics=SimpleNamespace(acks_enabled_for=lambda topic: True),
+        propstream_metrics=SimpleNamespace(stale_records=stale),
+    )
+    acked_for: defaultdict[TP, list[int]] = defaultdict(list)
+    consumer = SimpleNamespace(
+        app=app,
+        _committed_offset=defaultdict(lambda: None),
+        _acked_index=defaultdict(set),
+        _acked=acked_for,
+        _unacked_messages=set(),
+        _n_acked=0,
+        _waiting_for_ack=None,
+    )
+    skipped, processed = message(17, 3), message(18, 3)
+    processed.tracked = True  # what the stream does before it yields a message
+    for m in (skipped, processed):
+        counted.append(int(FaustConsumer.ack(consumer, m)))  # type: ignore[arg-type]
+    assert acked_for[TP("src", 0)] == [18], "the skipped offset would be committed"
+    assert counted == [0, 1] and stale.n == 1
+    assert skipped.acked, "marked done, so no wait for it hangs a later rebalance"
+
+
+def test_a_fetch_that_a_seek_overtook_is_discarded_and_the_partitions_are_sought_again() -> None:
+    """Faust's own ``_wait_next_records`` and ``perform_seek`` run underneath, over a fake client."""
+    import asyncio
+    from collections import defaultdict
+
+    from faust.transport.consumer import Consumer as FaustConsumer
+
+    from streams.faust_fixes import install
+
+    install()
+    tp = TP("src", 0)
+    seeks: list[int] = []
+    stale = SimpleNamespace(n=0, inc=lambda k=1: setattr(stale, "n", stale.n + k))
+
+    async def seek_to_committed() -> dict[TP, int]:
+        seeks.append(5)
+        return {tp: 5}
+
+    consumer: Any = SimpleNamespace(
+        flow_active=True,
+        not_waiting_next_records=asyncio.Event(),
+        app=SimpleNamespace(client_only=False, propstream_metrics=SimpleNamespace(stale_records=stale)),
+        _get_active_partitions=lambda: {tp},
+        seek_to_committed=seek_to_committed,
+        _read_offset=defaultdict(lambda: None),
+        _committed_offset=defaultdict(lambda: None),
+    )
+    overtaken = {"yes": True}
+
+    async def getmany(active_partitions: Any, timeout: float) -> dict[TP, list[int]]:
+        if overtaken["yes"]:  # a rebalance's seek runs while this fetch waits for the broker
+            overtaken["yes"] = False
+            await FaustConsumer.perform_seek(consumer)
+            return {tp: [6, 7]}  # from where the partition was read up to before the seek
+        return {tp: [5, 6, 7]}
+
+    consumer._getmany = getmany
+
+    async def run() -> None:
+        first, _ = await FaustConsumer._wait_next_records(consumer, 1.0)
+        assert first == {}, "records fetched across a seek were delivered"
+        assert seeks == [5, 5] and stale.n == 2  # sought again, the two records counted
+        assert consumer._read_offset[tp] == 5  # Faust's read offset is the committed one again
+        second, _ = await FaustConsumer._wait_next_records(consumer, 1.0)
+        assert second == {tp: [5, 6, 7]}
+
+    asyncio.run(run())
