@@ -87,8 +87,9 @@ def test_a_message_skipped_during_a_rebalance_is_not_committed_but_a_processed_o
     assert skipped.acked, "marked done, so no wait for it hangs a later rebalance"
 
 
-def test_a_fetch_that_a_seek_overtook_is_discarded_and_the_partitions_are_sought_again() -> None:
-    """Faust's own ``_wait_next_records`` and ``perform_seek`` run underneath, over a fake client."""
+def test_a_fetch_that_a_seek_overtook_is_left_out_and_its_partition_sought_again() -> None:
+    """Faust's own ``_wait_next_records``, ``perform_seek`` and ``seek`` run underneath, over a fake
+    client: a partition whose records start past the sought offset is fetched again from there."""
     import asyncio
     from collections import defaultdict
 
@@ -97,40 +98,47 @@ def test_a_fetch_that_a_seek_overtook_is_discarded_and_the_partitions_are_sought
     from streams.faust_fixes import install
 
     install()
-    tp = TP("src", 0)
-    seeks: list[int] = []
+    early, fine = TP("src", 0), TP("src", 1)
+    sought: list[tuple[TP, int]] = []
     stale = SimpleNamespace(n=0, inc=lambda k=1: setattr(stale, "n", stale.n + k))
 
     async def seek_to_committed() -> dict[TP, int]:
-        seeks.append(5)
-        return {tp: 5}
+        return {early: 5, fine: 9}
+
+    async def _seek(tp: TP, offset: int) -> None:
+        sought.append((tp, offset))
 
     consumer: Any = SimpleNamespace(
         flow_active=True,
         not_waiting_next_records=asyncio.Event(),
         app=SimpleNamespace(client_only=False, propstream_metrics=SimpleNamespace(stale_records=stale)),
-        _get_active_partitions=lambda: {tp},
+        _get_active_partitions=lambda: {early, fine},
         seek_to_committed=seek_to_committed,
+        _seek=_seek,
         _read_offset=defaultdict(lambda: None),
         _committed_offset=defaultdict(lambda: None),
+        log=SimpleNamespace(dev=lambda *args: None),
     )
-    overtaken = {"yes": True}
+    consumer.seek = lambda tp, offset: FaustConsumer.seek(consumer, tp, offset)
+    rec = [SimpleNamespace(offset=o) for o in range(12)]
+    fetches = [
+        {early: rec[6:8], fine: rec[9:11]},  # in flight while the seek ran: 6 and 7 are ahead of 5
+        {early: rec[5:8]},
+    ]
 
-    async def getmany(active_partitions: Any, timeout: float) -> dict[TP, list[int]]:
-        if overtaken["yes"]:  # a rebalance's seek runs while this fetch waits for the broker
-            overtaken["yes"] = False
+    async def getmany(active_partitions: Any, timeout: float) -> dict[TP, list[Any]]:
+        if len(fetches) == 2:  # a rebalance's seek runs while this fetch waits for the broker
             await FaustConsumer.perform_seek(consumer)
-            return {tp: [6, 7]}  # from where the partition was read up to before the seek
-        return {tp: [5, 6, 7]}
+        return fetches.pop(0)
 
     consumer._getmany = getmany
 
     async def run() -> None:
         first, _ = await FaustConsumer._wait_next_records(consumer, 1.0)
-        assert first == {}, "records fetched across a seek were delivered"
-        assert seeks == [5, 5] and stale.n == 2  # sought again, the two records counted
-        assert consumer._read_offset[tp] == 5  # Faust's read offset is the committed one again
+        assert first == {fine: rec[9:11]}, "records ahead of the sought offset were delivered"
+        assert sought == [(early, 5)] and stale.n == 2
+        assert consumer._read_offset[early] == 5
         second, _ = await FaustConsumer._wait_next_records(consumer, 1.0)
-        assert second == {tp: [5, 6, 7]}
+        assert second == {early: rec[5:8]}, "a fetch no seek overtook is delivered as it is"
 
     asyncio.run(run())
