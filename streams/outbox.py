@@ -6,13 +6,12 @@ same-disk restart trusts the disk. So whatever a row records as done (a trigger 
 matured) must not be durable before, respectively must be durable before, the output that does it:
 
 1. **triggers and change events** are sent and flushed first: a kill before the rows land redoes
-   them from the old rows (at-least-once, the same ids). The previous release's changelog messages
-   are awaited here too (see below);
+   them from the old rows (at-least-once, the same ids);
 2. **the rows** are written (local RocksDB and changelog) and flushed: nothing of the batch can be
    replayed over them from an older changelog message any more;
-3. **the watermarks** are written only then (``write(..., last=True)``): they judge whether an
-   event is late, and a watermark that is durable while a row of the same batch is not would,
-   after a takeover, refuse that user's redelivered events as late;
+3. **the watermarks** are written only then (``write(..., last=True)``) and flushed: they judge
+   whether an event is late, and a watermark that is durable while a row of the same batch is not
+   would, after a takeover, refuse that user's redelivered events as late;
 4. **training examples** are sent last: a kill before they leave loses them (at-most-once), but
    no restart can mature them a second time, so the trainer never learns one twice.
 
@@ -20,17 +19,16 @@ matured) must not be durable before, respectively must be durable before, the ou
 futures of its own sends and of the changelog messages its writes cause (:meth:`watch`), not
 Faust's ``producer.flush()``, which returns once its buffer has been idle for 0.1 s.
 
-A restart on the same disk replays the changelog from the last offset whose acknowledgement Faust
-recorded over the local RocksDB. Were a batch's rows written locally while an older batch's
-messages were still unacknowledged, that replay would put the older values back over the newer
-ones (rows and watermarks each on their own changelog, so out of step). Step 1 therefore waits
-for the previous release's changelog messages: the replay can then only hold messages of the last
-batch, whose values the disk already has.
+A release returns, and so lets Faust acknowledge and later commit the batch's source offsets,
+only once the rows' and watermarks' changelog messages are acknowledged: Faust's own flush before
+a commit returns after 0.1 s of idleness, so a commit could cover events whose rows a SIGKILL then
+lost, and a worker taking the partition over from the changelog never saw them again. It also
+means a restart on the same disk, which replays unacknowledged changelog messages over the local
+RocksDB, can only replay values the disk already has.
 
-Steps 1, 2 and 4 each wait for a broker round trip, 1 mostly for nothing (its messages were
-acknowledged while the batch was computed). The ingest agent, the idle clock and the erasure
-agent hold :attr:`Outbox.lock` while they work, so no other writer sees or overwrites a row that
-is held here.
+Steps 2 and 3 each wait for a broker round trip, and step 1 in a batch with outputs. The ingest
+agent, the idle clock and the erasure agent hold :attr:`Outbox.lock` while they work, so no other
+writer sees or overwrites a row that is held here.
 """
 
 from __future__ import annotations
@@ -104,8 +102,8 @@ class Outbox:
         if self.last:
             await self._delivered()  # the rows first: see the module docstring
             self._write(self.last)
+        await self._delivered()  # the batch is acknowledged (and committed) only after its rows
         if self.late:
-            await self._delivered()  # the rows' changelog messages first: see the module docstring
             for topic, key, value in self.late:
                 topic.send_soon(key=key, value=value)
             self.late.clear()
