@@ -196,7 +196,7 @@ def test_a_release_returns_only_once_its_rows_and_watermarks_are_acknowledged() 
     commit must never cover events whose rows a SIGKILL could still lose."""
 
     async def run() -> None:
-        log, table, box, ev = one_row("changes")
+        log, _table, box, ev = one_row("changes")
         marks = FakeTable(log)
         box.watch(marks)
         token = in_partition(ev)
