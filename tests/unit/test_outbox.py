@@ -167,14 +167,20 @@ def test_a_write_outside_a_partition_is_refused() -> None:
         box.write(FakeTable(Log()), "u1", b"row")
 
 
+def with_mark() -> tuple[Log, FakeTable, Outbox, Event, FakeTable]:
+    """:func:`one_row` plus a held watermark write (``src|0``) to a second table."""
+    log, table, box, ev = one_row("changes")
+    marks = FakeTable(log)
+    box.watch(marks)
+    token = in_partition(ev)
+    box.write(marks, "src|0", b"42", last=True)
+    _current_event.reset(token)
+    return log, table, box, ev, marks
+
+
 def test_watermarks_are_written_only_once_the_rows_are_acknowledged() -> None:
     async def run() -> None:
-        log, table, box, ev = one_row("changes")
-        marks = FakeTable(log)
-        box.watch(marks)
-        token = in_partition(ev)
-        box.write(marks, "src|0", b"42", last=True)
-        _current_event.reset(token)
+        log, table, box, ev, marks = with_mark()
         assert box.get(marks, "src|0") == (True, b"42")
         task = asyncio.ensure_future(box.release())
         await settle()
@@ -196,12 +202,7 @@ def test_a_release_returns_only_once_its_rows_and_watermarks_are_acknowledged() 
     commit must never cover events whose rows a SIGKILL could still lose."""
 
     async def run() -> None:
-        log, _table, box, ev = one_row("changes")
-        marks = FakeTable(log)
-        box.watch(marks)
-        token = in_partition(ev)
-        box.write(marks, "src|0", b"42", last=True)
-        _current_event.reset(token)
+        log, _table, box, _ev, marks = with_mark()
         task = asyncio.ensure_future(box.release())
         await settle()
         log.futures[0].set_result(None)  # the change event
