@@ -91,8 +91,8 @@ def owner(worker: WorkerProc, user: str) -> str | None:
 
 @pytest.mark.xfail(
     strict=False,
-    reason="QUARANTINED, open bug (issue 10): about 1 run in 4 still shows a survivor's row that lacks "
-    "one of a user's events around a takeover (docs/guarantees.md, 'Open: a takeover can still skip "
+    reason="QUARANTINED, open bug (issue 10): 1 of 3 runs alone and 2 of 2 suite runs still show a "
+    "survivor's row that lacks one of a user's events around a takeover (docs/guarantees.md, 'Open: a takeover can still skip "
     "an event'); it runs and reports XPASS/XFAIL every time",
 )
 def test_survivor_takes_over_and_lookups_stay_correct(
