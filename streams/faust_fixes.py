@@ -1,48 +1,75 @@
 """Two fixes to faust-streaming that the delivery guarantees depend on, installed by ``create_app``.
 
+Both close the ways a rebalance made Faust lose a record: one offset of a partition never reached
+the stream, and the commit moved past it (``test_scale_out.py`` saw a user's row lacking one event;
+the probe that found the paths logged every record handed out, ack, commit and seek).
+
 **A message skipped during a rebalance was committed.** While a rebalance suspends the flow,
 Faust's stream iterator skips the message it is holding ("not flow_control.is_active()" or an old
 generation) and acks it anyway, so that filtered messages do not add to the lag
-(``faust/streams.py``, ``_py_aiter``). The consumer then counts its offset as done, the commit
-covers it, and the seek to the committed offset after the rebalance starts *after* it: the event
-is lost. Seen in ``tests/integration/test_scale_out.py`` as a row holding 49 of a user's first 50
-events (one offset of the partition never reached the handler, and nothing was dead-lettered).
+(``faust/streams.py``, ``_py_aiter``). The consumer counted its offset as done and the commit
+covered it. A message the stream processed, or filtered with ``Skip``, is *tracked* first; a
+message skipped for the rebalance never is. So the consumer counts an untracked message of an
+acking topic as done no longer: it is marked acked (nothing else waits for it), left uncommitted,
+and its partition's next expected offset goes back to it, so the guard below reads it again.
 
-A message the stream processed, or filtered with ``Skip``, is *tracked* first; a message skipped
-for the rebalance never is. So the consumer counts an untracked message of an acking topic as
-done no longer: it is marked acked (nothing else waits for it) and left uncommitted, and the
-seek after the rebalance delivers it again (counted in ``propstream_stale_records_total``).
+**Records reached the stream out of sequence around a seek.** After a rebalance Faust seeks each
+partition to its committed offset c, but records of the old position still arrive afterwards: a
+fetch that was in flight across the seek, the rest of a fetch Faust was handing out record by
+record while the seek ran (recovery resumes the partitions *before* it seeks them), or a record
+Faust's own ``getmany`` dropped when the flow stopped. Faust then delivered c + 1 before c, dropped
+c as "already read" when it came (``DROPPED MESSAGE ROFF``), and its commit, which tolerates a gap
+of one offset at its head (faust-streaming issue #606) or fills gaps it saw, moved past c.
 
-**A fetch in flight across the seek delivered records of the old position.** After a rebalance
-Faust seeks every partition to its committed offset c. A fetch already under way returns records
-from where the partition was read up to before, say c + 1, ahead of c; Faust's read offset jumps to
-c + 1, it drops c as "already read" when the seek's fetch brings it (``DROPPED MESSAGE ROFF``),
-and its commit, which tolerates a gap of one offset at its head (faust-streaming issue #606), moves
-past c: the event is lost. Seen in ``test_scale_out.py`` as one offset skipped on several partitions
-in the first batch after a takeover, and a user's row missing one event. So when a seek overtook a
-fetch, a partition whose fetched records start beyond the offset the seek set is left out of it and
-sought to that offset again: its next fetch starts there. Only a fetch a seek overtook is checked,
-so a partition whose committed offset falls on a gap (a transaction marker) goes on as before.
+So each partition of an acking topic has a *next expected offset*, set by every seek to the
+committed offsets and moved by every record handed out. A record behind it was handed out since
+the seek and is left out; a record beyond it is not handed out, and the partition is sought back
+to the expected offset. If the first fetch after that seek still starts beyond it, the log has
+nothing there (a transaction marker, compaction), and the record is handed out. A handed-out
+record also gets its read offset set, so Faust never drops it as already read. What is left out
+is counted in ``propstream_stale_records_total``.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from faust.transport.consumer import Consumer
+from faust.types import TP
 
 _original_ack = Consumer.ack
-_original_seek = Consumer.perform_seek
+_original_perform_seek = Consumer.perform_seek
+_original_seek = Consumer.seek
 _original_wait = Consumer._wait_next_records
+_original_getmany = Consumer.getmany
 
 
-def _ack(self: Any, message: Any) -> bool:
-    if not message.tracked and not message.acked and self.app.topics.acks_enabled_for(message.topic):
-        message.acked = True
-        _count(self, 1)
-        return False
-    result: bool = _original_ack(self, message)
-    return result
+class _Sequence:
+    """Per consumer: the next expected offset of each guarded partition, and the seeks it made."""
+
+    def __init__(self) -> None:
+        self.expected: dict[TP, int] = {}
+        self.sought: dict[TP, tuple[int, int]] = {}  # tp -> (offset, fetches completed at the seek)
+        self.fetches = 0
+        self.guarded: dict[TP, bool] = {}
+
+
+def _sequence(self: Any) -> _Sequence:
+    seq: _Sequence | None = getattr(self, "_propstream_sequence", None)
+    if seq is None:
+        seq = self._propstream_sequence = _Sequence()
+    return seq
+
+
+def _guarded(self: Any, seq: _Sequence, tp: TP) -> bool:
+    """Source partitions (acking topics); changelogs are read by recovery, which seeks on its own."""
+    known = seq.guarded.get(tp)
+    if known is None:
+        known = seq.guarded[tp] = bool(self.app.topics.acks_enabled_for(tp.topic)) and not (
+            self._is_changelog_tp(tp)
+        )
+    return known
 
 
 def _count(self: Any, n: int) -> None:
@@ -51,27 +78,73 @@ def _count(self: Any, n: int) -> None:
         metrics.stale_records.inc(n)
 
 
+def _ack(self: Any, message: Any) -> bool:
+    if not message.tracked and not message.acked and self.app.topics.acks_enabled_for(message.topic):
+        message.acked = True
+        _count(self, 1)
+        seq = _sequence(self)
+        tp = message.tp
+        expected = seq.expected.get(tp)
+        if expected is None or message.offset < expected:
+            seq.expected[tp] = message.offset  # read it again: the next record is beyond it
+            seq.sought.pop(tp, None)
+        return False
+    result: bool = _original_ack(self, message)
+    return result
+
+
 async def _perform_seek(self: Any) -> None:
-    self._propstream_seeks = getattr(self, "_propstream_seeks", 0) + 1
-    await _original_seek(self)
+    await _original_perform_seek(self)
+    seq = _sequence(self)
+    for tp, offset in self._read_offset.items():
+        if not _guarded(self, seq, tp):
+            continue
+        if offset is None:
+            seq.expected.pop(tp, None)
+        else:
+            seq.expected[tp] = offset
+        seq.sought.pop(tp, None)
 
 
 async def _wait_next_records(self: Any, timeout: float) -> Any:
-    seeks = getattr(self, "_propstream_seeks", 0)
-    records, active = await _original_wait(self, timeout)
-    if records and getattr(self, "_propstream_seeks", 0) != seeks:
-        # a seek ran while this fetch was in flight: a partition whose records do not start where
-        # the seek put Faust's read offset is fetched again from there
-        kept = {}
-        for tp, batch in records.items():
-            expected = self._read_offset.get(tp)
-            if batch and expected is not None and batch[0].offset > expected:
-                _count(self, len(batch))
-                await self.seek(tp, expected)
-            else:
-                kept[tp] = batch
-        return kept, active
-    return records, active
+    result = await _original_wait(self, timeout)
+    _sequence(self).fetches += 1
+    return result
+
+
+async def _getmany(self: Any, timeout: float) -> Any:
+    """Faust's ``getmany``, handing out each guarded partition's records in offset order only."""
+    inner: Any = _original_getmany(self, timeout)  # an async generator (its stub says iterator)
+    seq = _sequence(self)
+    fetch: int | None = None
+    try:
+        async for tp, message in inner:
+            if fetch is None:
+                fetch = seq.fetches  # this call's fetch has completed by its first record
+            if _guarded(self, seq, tp):
+                offset = message.offset
+                want = seq.expected.get(tp)
+                if want is not None and offset != want:
+                    if offset < want:
+                        continue  # handed out since the last seek
+                    sought = seq.sought.get(tp)
+                    if sought is None or sought[0] != want:
+                        _count(self, 1)
+                        # revoked meanwhile (the seek raises): its next owner reads it from the commit
+                        with contextlib.suppress(Exception):
+                            await _original_seek(self, tp, want)
+                        seq.sought[tp] = (want, seq.fetches)
+                        continue
+                    if fetch <= sought[1]:
+                        _count(self, 1)
+                        continue  # the rest of a fetch from before that seek
+                    del seq.sought[tp]  # fetched from ``want`` and starts beyond it: nothing is there
+                elif want is not None:
+                    self._read_offset[tp] = offset  # so Faust does not drop it as already read
+                seq.expected[tp] = offset + 1
+            yield tp, message
+    finally:
+        await inner.aclose()
 
 
 def install() -> None:
@@ -79,3 +152,4 @@ def install() -> None:
     Consumer.ack = _ack  # type: ignore[method-assign]
     Consumer.perform_seek = _perform_seek  # type: ignore[method-assign]
     Consumer._wait_next_records = _wait_next_records  # type: ignore[method-assign]
+    Consumer.getmany = _getmany  # type: ignore[method-assign]

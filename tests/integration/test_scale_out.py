@@ -89,12 +89,6 @@ def owner(worker: WorkerProc, user: str) -> str | None:
     return str(body["served_by"]).rstrip("/").rsplit(":", 1)[1] if status == 200 else None
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="QUARANTINED, open bug (issue 10): 1 of 3 runs alone and 2 of 2 suite runs still show a "
-    "survivor's row that lacks one of a user's events around a takeover (docs/guarantees.md, 'Open: a takeover can still skip "
-    "an event'); it runs and reports XPASS/XFAIL every time",
-)
 def test_survivor_takes_over_and_lookups_stay_correct(
     settings: Settings, make_worker: Any, kafka: str
 ) -> None:
@@ -180,5 +174,6 @@ def test_survivor_takes_over_and_lookups_stay_correct(
     print(
         f"takeover after SIGKILL: {takeover_s:.1f}s; lookups during the run by status: "
         f"{dict(prober.statuses)}; answers older than one seen before: {prober.went_back}; "
-        f"errors seen: {prober.errors[:5]}"
+        f"errors seen: {prober.errors[:5]}; records left for a re-read (stale): "
+        f"{a.metric('propstream_stale_records_total')} + {b.metric('propstream_stale_records_total')}"
     )
