@@ -1,8 +1,11 @@
-"""A batch's records from before a rebalance are dropped, and Faust's consumer never counts them.
+"""No record is lost or reordered around a rebalance: the batch filter and Faust's patched consumer.
 
 Faust's ``take_events`` buffer keeps records across a rebalance. ``current_records`` keeps only
 those of the current consumer generation and marks the others so that Faust's own acknowledgement
-(``Message.ack``, the real class here) never hands their offsets to the consumer's commit.
+(``Message.ack``, the real class here) never hands their offsets to the consumer's commit. The
+tests after ``Client`` run Faust's own consumer methods, patched by ``streams.faust_fixes``, over a
+fake broker client: each source partition's records reach the stream in offset order from the
+sought offset, whatever a seek interrupts.
 """
 
 from __future__ import annotations
