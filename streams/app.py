@@ -37,6 +37,7 @@ from features.user import compute
 from models.scoring import ScoringCore
 from streams.erasure import attach_erasure
 from streams.faults import Faults
+from streams.faust_fixes import current_events
 from streams.faust_fixes import install as install_faust_fixes
 from streams.ingest import DeadLetter, IngestHandler, Record, decode_mark, encode_mark
 from streams.lookup import AsOf, BadQuery, Lookups, PartitionClock, page_query
@@ -93,20 +94,16 @@ def current_records(batch: Any, generation: int) -> tuple[list[Record], int]:
     Faust's ``take_events`` buffer outlives a rebalance, so a batch can hold records fetched before
     it: of partitions another worker owns now, or that this one owns again from their committed
     offset. Processing them wrote rows the new owner also writes, and moved a watermark past records
-    the seek delivers again, which were then refused as late. They are dropped instead, and marked
-    acknowledged without being counted (Faust's consumer records no offset for a message already
-    marked), so no commit covers them: the partition's owner reads them again from the committed
-    offset.
+    the seek delivers again, which were then refused as late. They are dropped instead
+    (:func:`streams.faust_fixes.current_events`): the partition's owner reads them again.
     """
-    out = []
-    stale = 0
-    for ev in batch:
-        m = ev.message
-        if m.generation_id != generation:
-            m.acked = True
-            stale += 1
-        else:
-            out.append(Record(m.topic, m.partition, m.offset, m.key, m.value, ev))
+    events, stale = current_events(batch, generation)
+    out = [
+        Record(
+            ev.message.topic, ev.message.partition, ev.message.offset, ev.message.key, ev.message.value, ev
+        )
+        for ev in events
+    ]
     return out, stale
 
 

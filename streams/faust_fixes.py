@@ -147,6 +147,27 @@ async def _getmany(self: Any, timeout: float) -> Any:
         await inner.aclose()
 
 
+def current_events(batch: Any, generation: int) -> tuple[list[Any], int]:
+    """The events of a ``take_events`` batch of consumer generation ``generation``, and how many
+    were of an older one.
+
+    Faust's ``take_events`` buffer outlives a rebalance, so a batch can hold events fetched before
+    it, of partitions this worker may no longer own. They are dropped and marked acknowledged
+    without being counted (Faust's consumer records no offset for a message already marked), so no
+    commit covers them: whoever owns the partition reads them again from the committed offset.
+    """
+    out = []
+    stale = 0
+    for ev in batch:
+        m = ev.message
+        if m.generation_id != generation:
+            m.acked = True
+            stale += 1
+        else:
+            out.append(ev)
+    return out, stale
+
+
 def install() -> None:
     """Patch Faust's consumer (idempotent): see the module docstring."""
     Consumer.ack = _ack  # type: ignore[method-assign]

@@ -21,6 +21,7 @@ from features.state import Corrupt
 from models.persist import dump
 from models.training import Trainer, decode_message, decode_trainer_state
 from streams.faults import Faults
+from streams.faust_fixes import current_events
 from streams.model_feed import LiveModels
 from streams.model_metrics import ModelMetrics
 from streams.settings import Settings
@@ -74,6 +75,13 @@ def attach_trainer(
         async for batch in stream.take_events(1000, within=0.5):
             if not live.caught_up.is_set():  # a fresh trainer starts from the newest published version
                 await live.caught_up.wait()
+            # a batch fetched before a rebalance: this worker may have lost the training log, and
+            # learning it here (from a stale table copy) could publish a version the new owner does too
+            batch, stale = current_events(batch, app.consumer_generation_id)
+            if stale:
+                faults.metrics.stale_records.inc(stale)
+            if not batch:
+                continue
             token = _current_event.set(weakref.ref(batch[0]))
             try:
                 touched: set[str] = set()

@@ -49,6 +49,19 @@ def test_records_of_an_older_generation_are_dropped_and_never_acknowledged() -> 
     assert consumer.acked == [3, 4], "a dropped record's offset reached the commit"
 
 
+def test_the_trainer_filter_keeps_the_events_themselves_and_drops_the_older_generation() -> None:
+    """``current_events`` (what the trainer agent uses) hands back the batch's own event objects."""
+    from streams.faust_fixes import current_events
+
+    batch: list[Any] = [SimpleNamespace(message=message(o, g)) for o, g in ((8, 4), (9, 5), (10, 5))]
+    events, stale = current_events(batch, generation=5)
+    assert stale == 1 and events == batch[1:]
+    consumer = Consumer()
+    for ev in batch:
+        ev.message.ack(consumer)
+    assert consumer.acked == [9, 10], "a dropped training message's offset reached the commit"
+
+
 def test_a_batch_of_one_generation_is_kept_whole() -> None:
     batch: list[Any] = [SimpleNamespace(message=message(o, 7)) for o in range(4)]
     records, stale = current_records(batch, generation=7)
