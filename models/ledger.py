@@ -21,6 +21,8 @@ state, so replay and live give the same labels.
 
 from __future__ import annotations
 
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import msgspec
@@ -73,13 +75,36 @@ def make_target(name: str, horizon_s: int, sample_every_s: int = 3600, max_pendi
     )
 
 
+def _packed(values: Sequence[float]) -> bytes:
+    return array("d", values).tobytes()
+
+
 class Snapshot(msgspec.Struct, array_like=True):
+    """A scored snapshot waiting for its label.
+
+    The model inputs are stored packed (``vector``: float64 in the model's input order), since a
+    user's ledger is read and written whenever a label matures: a packed vector decodes as one
+    copy, a list of floats as one object per value.
+    """
+
     ts_ms: int
-    features: list[float]  # model inputs, in the model's input order
+    vector: bytes
     score: float
     model_version: int
     label: int = UNKNOWN  # known early (a target event, or churn activity) before the horizon
     resolved_ms: int = 0  # event time the label became known
+
+    @classmethod
+    def of(cls, ts_ms: int, features: Sequence[float], score: float, model_version: int) -> Snapshot:
+        """A new snapshot of the inputs ``features`` (in the model's input order)."""
+        return cls(ts_ms, _packed(features), score, model_version)
+
+    @property
+    def features(self) -> list[float]:
+        """The model inputs, in the model's input order."""
+        values = array("d")
+        values.frombytes(self.vector)
+        return values.tolist()
 
 
 class Matured(msgspec.Struct, array_like=True):
@@ -92,7 +117,7 @@ class Matured(msgspec.Struct, array_like=True):
     resolved_ms: int
 
 
-LEDGER_VERSION = 1
+LEDGER_VERSION = 2  # 2: snapshot inputs packed (1: a list of floats, read and upgraded)
 
 
 class UserLedger(msgspec.Struct, array_like=True):
@@ -103,6 +128,45 @@ class UserLedger(msgspec.Struct, array_like=True):
 
     pending: dict[str, list[Snapshot]] = msgspec.field(default_factory=dict)
     v: int = LEDGER_VERSION
+
+
+class _SnapshotV1(msgspec.Struct, array_like=True):
+    ts_ms: int
+    features: list[float]
+    score: float
+    model_version: int
+    label: int = UNKNOWN
+    resolved_ms: int = 0
+
+
+class _LedgerV1(msgspec.Struct, array_like=True):
+    pending: dict[str, list[_SnapshotV1]] = msgspec.field(default_factory=dict)
+    v: int = 1
+
+
+_v1 = msgspec.msgpack.Decoder(_LedgerV1)
+
+
+def upgrade_v1(raw: bytes) -> UserLedger | None:
+    """A version-1 ledger (inputs as lists) in today's layout; None if ``raw`` is not one.
+
+    So the pending labels of a worker upgraded in place are kept, not dropped as unreadable.
+    """
+    try:
+        old = _v1.decode(raw)
+    except msgspec.DecodeError:
+        return None
+    if old.v != 1:
+        return None
+    return UserLedger(
+        {
+            name: [
+                Snapshot(s.ts_ms, _packed(s.features), s.score, s.model_version, s.label, s.resolved_ms)
+                for s in snaps
+            ]
+            for name, snaps in old.pending.items()
+        }
+    )
 
 
 def due(last_sampled_ms: int | None, target: Target, ts_ms: int) -> bool:

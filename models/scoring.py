@@ -36,6 +36,7 @@ from models.ledger import (
     observe,
     offer,
     open_from,
+    upgrade_v1,
 )
 from models.online import OnlineModel, inputs
 from models.timers import (
@@ -139,8 +140,15 @@ def decode_state(raw: bytes | None) -> ScoreState:
 
 
 def decode_ledger(raw: bytes | None) -> UserLedger:
-    """The stored ledger (an empty one when absent); :class:`Corrupt` for garbage or another version."""
-    return decode_versioned(_led_dec, raw, "ledger", LEDGER_VERSION, UserLedger)
+    """The stored ledger (an empty one when absent, a version-1 one upgraded); :class:`Corrupt` for
+    garbage or another version."""
+    try:
+        return decode_versioned(_led_dec, raw, "ledger", LEDGER_VERSION, UserLedger)
+    except Corrupt:
+        old = upgrade_v1(raw) if raw else None
+        if old is None:
+            raise
+        return old
 
 
 class LazyLedger:
@@ -312,7 +320,7 @@ class ScoringCore:
                     _, x, vec = self._features(st, at_ms)
                     scores = self._scores(vec)
                 m = self.models[t.name]
-                snap = Snapshot(at_ms, vec, scores[self.targets.index(t)], m.version)
+                snap = Snapshot.of(at_ms, vec, scores[self.targets.index(t)], m.version)
                 if offer(ledger.get(), t, snap):
                     ledger.dirty = True
                     offered.append((t, snap))

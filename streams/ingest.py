@@ -389,7 +389,8 @@ class IngestHandler:
                         reject(rec, reason, detail)
                     if done:
                         writes += 1
-                        out[user_id] = [ev for ev, _ in done]
+                        # a producer's own partitioner can send one key to two partitions
+                        out.setdefault(user_id, []).extend(ev for ev, _ in done)
                         for ev, rec in done:
                             key = (rec.topic, ev.type)
                             accepted[key] = accepted.get(key, 0) + 1

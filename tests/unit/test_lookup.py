@@ -138,7 +138,7 @@ def test_scores_report_pending_snapshots_and_a_corrupt_ledger_is_counted() -> No
     backend = MemoryKV()
     rows = UserRows(backend)
     st = state("u", 2, T0)
-    ledger = UserLedger(pending={"purchase": [Snapshot(T0, [], 0.3, 5)] * 2})
+    ledger = UserLedger(pending={"purchase": [Snapshot.of(T0, [], 0.3, 5)] * 2})
     backend.set("u", encode_row([encode_state(st), encode(ScoreState()), encode(ledger)]))
     backend.set("v", encode_row([encode_state(st), b"\xc1", b"\xc1"]))
     look, metrics = lookups(rows)

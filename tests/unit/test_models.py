@@ -16,7 +16,7 @@ CHURN = Target("churn", 14 * 86_400_000, churn=True, sample_every_ms=0)
 
 
 def snap(ts: int) -> Snapshot:
-    return Snapshot(ts, [float(ts)], 0.5, 1)
+    return Snapshot.of(ts, [float(ts)], 0.5, 1)
 
 
 def test_positive_as_soon_as_the_target_happens_learnt_at_the_horizon() -> None:

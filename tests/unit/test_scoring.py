@@ -11,7 +11,7 @@ import msgspec
 import pytest
 
 from features.contract import Event, Rules, parse
-from features.state import FeatureParams, UserState
+from features.state import Corrupt, FeatureParams, UserState
 from features.user import apply, compute, finalize, fold
 from models.changes import ChangeRules
 from models.evaluate import run
@@ -24,6 +24,7 @@ from models.scoring import (
     ScoringCore,
     TargetModel,
     TargetState,
+    decode_ledger,
     decode_state,
     encode,
     input_names,
@@ -291,8 +292,22 @@ def test_score_state_round_trip_and_stale_versions_are_refused() -> None:
     old = msgspec.msgpack.encode(ScoreState(v=0, deadline_ms=9))
     with pytest.raises(Corrupt, match="layout version 0"):
         decode_state(old)
-    led = UserLedger({"purchase": [Snapshot(1, [0.5], 0.25, 3)]})
+    led = UserLedger({"purchase": [Snapshot.of(1, [0.5], 0.25, 3)]})
     assert LazyLedger(lambda: encode(led)).get() == led
+
+
+def test_a_version_1_ledger_with_its_inputs_as_lists_is_read_not_dropped() -> None:
+    # the version-1 layout, written by hand: [{target: [[ts, inputs, score, version, label, resolved]]}, 1]
+    v1 = msgspec.msgpack.encode(
+        [{"purchase": [[7, [0.5, -1.25], 0.25, 3, 1, 9], [8, [2.0, 0.0], 0.5, 4]]}, 1]
+    )
+    got = decode_ledger(v1).pending["purchase"]
+    assert [(s.ts_ms, s.features, s.score, s.model_version, s.label, s.resolved_ms) for s in got] == [
+        (7, [0.5, -1.25], 0.25, 3, 1, 9),
+        (8, [2.0, 0.0], 0.5, 4, -1, 0),
+    ]
+    with pytest.raises(Corrupt, match="ledger"):
+        decode_ledger(msgspec.msgpack.encode([{"purchase": [[7, [0.5], 0.25, 3]]}, 5]))  # no such version
 
 
 # --- the worker path equals the evaluation path -------------------------------------------------

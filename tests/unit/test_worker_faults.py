@@ -226,9 +226,9 @@ def test_every_part_decoder_names_what_it_could_not_read() -> None:
         decode_state(msgspec.msgpack.encode(ScoreState(v=7)))
     with pytest.raises(Corrupt, match="ledger"):
         LazyLedger(lambda: b"\xc1").get()
-    led = UserLedger({"purchase": [Snapshot(1, [0.5], 0.25, 3)]})
+    led = UserLedger({"purchase": [Snapshot.of(1, [0.5], 0.25, 3)]})
     assert LazyLedger(lambda: encode(led)).get() == led
-    assert msgspec.msgpack.decode(encode(led))[-1] == 1  # the ledger carries its layout version
+    assert msgspec.msgpack.decode(encode(led))[-1] == 2  # the ledger carries its layout version (2: packed inputs)
 
 
 # --- idle sources -----------------------------------------------------------------------------
