@@ -47,24 +47,65 @@ def finalize(state: UserState) -> None:
 
 _KEYS: dict[str, tuple[str, ...]] = {w: tuple(f"n_{t}_{w}" for t in COUNTED_TYPES) for w in WINDOWS}
 _TOTALS: dict[str, str] = {w: f"n_events_{w}" for w in WINDOWS}
+_ZEROS: dict[str, float | int | bool | None] = {
+    k: 0 for w in WINDOWS for k in (*_KEYS[w], _TOTALS[w])
+}  # every count, in catalogue order
+# per resolution: its bucket width and the (at most two) windows over it, the wider first:
+# (buckets in the window, type -> feature name, total's name)
+_PLAN = tuple(
+    (
+        field,
+        width,
+        tuple(
+            (n, dict(zip(COUNTED_TYPES, _KEYS[w], strict=True)), _TOTALS[w])
+            for w, (f, _, n) in sorted(WINDOWS.items(), key=lambda kv: -kv[1][2])
+            if f == field
+        ),
+    )
+    for field, (width, _) in KEEP.items()
+)
+assert all(len(windows) <= 2 for _, _, windows in _PLAN), "result() reads at most two windows per resolution"
 
 
 def result(state: UserState, as_of_ms: int) -> dict[str, float | int | bool | None]:
-    # ``buckets.window_sum`` inlined, names precomputed: this runs once per user per batch when scoring
-    out: dict[str, float | int | bool | None] = {}
-    for window, (field, width, n_buckets) in WINDOWS.items():
+    """Every count as of ``as_of_ms`` (at or after the state's latest event, as ``compute`` clamps).
+
+    Runs on every event and timer, so each type's buckets are read in one pass for both windows
+    of their resolution; no bucket lies after ``as_of_ms`` (the state holds nothing later).
+    """
+    out = dict(_ZEROS)
+    for field, width, windows in _PLAN:
         per_type: dict[str, dict[int, int]] = getattr(state, field)
+        if not per_type:
+            continue
         now_idx = as_of_ms // width
-        lo = now_idx - n_buckets
-        total = 0
-        for t, key in zip(COUNTED_TYPES, _KEYS[window], strict=True):
-            n = 0
-            buckets = per_type.get(t)
-            if buckets:
+        wide_n, wide_keys, wide_total = windows[0]
+        lo_wide = now_idx - wide_n
+        if len(windows) == 1:
+            total = 0
+            for t, buckets in per_type.items():
+                n = 0
                 for i, c in buckets.items():
-                    if lo < i <= now_idx:
+                    if i > lo_wide:
                         n += c
-            out[key] = n
-            total += n
-        out[_TOTALS[window]] = total
+                out[wide_keys[t]] = n
+                total += n
+            out[wide_total] = total
+            continue
+        narrow_n, narrow_keys, narrow_total = windows[1]
+        lo_narrow = now_idx - narrow_n
+        total_wide = total_narrow = 0
+        for t, buckets in per_type.items():
+            wide = narrow = 0
+            for i, c in buckets.items():
+                if i > lo_wide:
+                    wide += c
+                    if i > lo_narrow:
+                        narrow += c
+            out[wide_keys[t]] = wide
+            out[narrow_keys[t]] = narrow
+            total_wide += wide
+            total_narrow += narrow
+        out[wide_total] = total_wide
+        out[narrow_total] = total_narrow
     return out

@@ -155,6 +155,11 @@ class ScoreStage:
         self._json = msgspec.json.Encoder()
         self._msgpack = msgspec.msgpack.Encoder()
         self._batch_scores: dict[str, list[float]] = {}
+        # Users read while the current partition's batch runs: its events, timers and horizons
+        # reuse one decoded state per user instead of reading and decoding it once each. Only
+        # this stage writes these rows meanwhile, and it writes through, so the stored value and
+        # the decoded one agree; a failed user is dropped (it may be half-changed).
+        self._open: dict[str, UserScoring] = {}
         self._changes = 0
         score_edges = uniform_edges(0.0, 1.0, 10)
         self.score_drift = {t.name: DriftMonitor(score_edges) for t in core.targets}
@@ -162,9 +167,22 @@ class ScoreStage:
 
     # --- per user ----------------------------------------------------------------------------
     def begin_user(self, user_id: str) -> UserScoring:
-        raw = self.scores.get(user_id)
-        ledger = LazyLedger(lambda: self.ledgers.get(user_id), lambda exc: self.faults.corrupt(exc, user_id))
-        return UserScoring(user_id, raw, self._state(user_id, raw), ledger)
+        u = self._open.get(user_id)
+        if u is None:
+            raw = self.scores.get(user_id)
+            ledger = LazyLedger(
+                lambda: self.ledgers.get(user_id), lambda exc: self.faults.corrupt(exc, user_id)
+            )
+            u = self._open[user_id] = UserScoring(user_id, raw, self._state(user_id, raw), ledger)
+        return u
+
+    def drop_user(self, user_id: str) -> None:
+        """The user's work failed: its decoded state may be half-changed, so it is read afresh."""
+        self._open.pop(user_id, None)
+
+    def end_partition(self) -> None:
+        """The partition's batch is done: other writers (another worker, a lookup) may come next."""
+        self._open.clear()
 
     def _state(self, user_id: str, raw: bytes | None) -> ScoreState:
         try:
@@ -255,15 +273,20 @@ class ScoreStage:
             else:
                 self.ledgers.delete(u.user_id)
             u.ledger.dirty = False
+        self._push_deadline(u, partition)
+        due = u.state.timer_ms
+        part = self.parts.get(partition)
+        if due and (u.timer_ms == 0 or due < u.timer_ms) and part is not None:
+            heapq.heappush(part.timers, (due, u.user_id))
+        u.timer_ms = due
+
+    def _push_deadline(self, u: UserScoring, partition: int) -> None:
+        """A new earliest horizon of the user goes into the partition's horizon heap."""
         part = self.parts.get(partition)
         end = u.state.deadline_ms
         if end and end != u.deadline_ms and part is not None:
             heapq.heappush(part.deadlines, (end, u.user_id))
         u.deadline_ms = end
-        due = u.state.timer_ms
-        if due and (u.timer_ms == 0 or due < u.timer_ms) and part is not None:
-            heapq.heappush(part.timers, (due, u.user_id))
-        u.timer_ms = due
 
     # --- per partition -------------------------------------------------------------------------
     def index(self, partition: int) -> PartitionIndex:
@@ -321,6 +344,7 @@ class ScoreStage:
                 if u.state.timer_ms:
                     heapq.heappush(heap, (u.state.timer_ms, user))
             except Exception as exc:  # nothing of it was written or sent
+                self.drop_user(user)
                 self.faults.failed("timer", exc, user)
                 continue
             self._publish(u, out)
@@ -333,27 +357,53 @@ class ScoreStage:
         return part is not None and bool(part.timers) and part.timers[0][0] <= clock_ms
 
     def expire_partition(self, partition: int, clock_ms: int) -> int:
-        """Send every snapshot whose horizon is before ``clock_ms`` to the trainer; returns how many."""
+        """Send every snapshot whose horizon is before ``clock_ms`` to the trainer; returns how many.
+
+        In horizon order, one horizon at a time, so the trainer's order does not depend on the
+        batching; each user touched is written once at the end (a user with several horizons
+        passing would otherwise be encoded once per horizon), then the examples are sent.
+        """
         heap = self.index(partition).deadlines
-        sent = 0
+        matured: list[tuple[str, list[Matured]]] = []
+        touched: dict[str, UserScoring] = {}
+        failed: set[str] = set()
         while heap and heap[0][0] < clock_ms:
             end, user = heapq.heappop(heap)
+            if user in failed:
+                continue
             try:
                 u = self.begin_user(user)
                 if u.state.deadline_ms != end:
                     continue  # stale entry: the user's earliest horizon moved
-                matured = self.core.expire(user, u.state, u.ledger, end + 1)  # one horizon at a time
-                self._save(u, partition)
-            except Exception as exc:  # nothing of it was written; re-indexed when the partition moves
-                self.faults.failed("expire", exc, user)
+                matured.append((user, self.core.expire(user, u.state, u.ledger, end + 1)))
+                touched[user] = u
+                self._push_deadline(u, partition)  # its next horizon may pass in this same call
+            except Exception as exc:  # nothing of it is written or sent; re-indexed when the partition moves
+                failed.add(user)
+                self._lost(user, exc)
+        for user, u in touched.items():
+            if user in failed:
                 continue
-            for m in matured:
-                self._send(m)
-                sent += 1
+            try:
+                self._save(u, partition)
+            except Exception as exc:
+                failed.add(user)
+                self._lost(user, exc)
+        sent = 0
+        for user, ms in matured:
+            if user not in failed:
+                for m in ms:
+                    self._send(m)
+                    sent += 1
         return sent
+
+    def _lost(self, user: str, exc: Exception) -> None:
+        self.drop_user(user)
+        self.faults.failed("expire", exc, user)
 
     def forget_user(self, user_id: str) -> None:
         """Drop a user's score state and pending labels (retention; tombstones on the changelogs)."""
+        self._open.pop(user_id, None)
         self.scores.delete(user_id)
         self.ledgers.delete(user_id)
 

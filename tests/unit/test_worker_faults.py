@@ -228,7 +228,9 @@ def test_every_part_decoder_names_what_it_could_not_read() -> None:
         LazyLedger(lambda: b"\xc1").get()
     led = UserLedger({"purchase": [Snapshot.of(1, [0.5], 0.25, 3)]})
     assert LazyLedger(lambda: encode(led)).get() == led
-    assert msgspec.msgpack.decode(encode(led))[-1] == 2  # the ledger carries its layout version (2: packed inputs)
+    assert (
+        msgspec.msgpack.decode(encode(led))[-1] == 2
+    )  # the ledger carries its layout version (2: packed inputs)
 
 
 # --- idle sources -----------------------------------------------------------------------------
@@ -257,3 +259,82 @@ def test_a_source_that_never_delivered_holds_back_until_read_and_idle() -> None:
     assert w.of(0, now_ms=500) == 0 and w.of(0, now_ms=5_000) == 0  # b may still be on its way
     read["b"] = True  # an orders-only deployment: b has nothing at all
     assert w.of(0, now_ms=500) == 0 and w.of(0, now_ms=5_000) == 5_000
+
+
+# --- horizons passing ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_horizons_passing_in_one_batch_go_out_in_horizon_order_and_a_failing_user_sends_none(
+    fail: bool,
+) -> None:
+    examples: list[bytes] = []
+    s = Settings(
+        targets="purchase:2h", sample_every_s=600, rescore_after="", min_positives=0, min_negatives=0
+    )
+    table, marks = MemoryKV(), MemoryStore()
+    rows = UserRows(table)
+    h = build(s, RowStore(rows, marks), PartKV(rows, SCORES), PartKV(rows, LEDGER), examples=examples)
+    # a and b each get three snapshots, 10 minutes apart, interleaved in time
+    batch = []
+    for k in range(3):
+        for j, user in enumerate(("a", "b")):
+            ts = T + k * 10 * 60_000 + j * 60_000
+            batch += [
+                rec(topic, pv(100 * k + 10 * j + i, ts, user, kind))
+                for i, (topic, kind) in enumerate(SOURCES)
+            ]
+    h.process(batch)
+    assert not examples
+    stage = h.stage
+    assert stage is not None
+    real = stage.core.expire
+    calls: list[str] = []
+
+    def fails_on_bs_second(user: str, *args: Any) -> Any:
+        calls.append(user)
+        if fail and user == "b" and calls.count("b") == 2:
+            raise RuntimeError("injected")
+        return real(user, *args)
+
+    stage.core.expire = fails_on_bs_second  # type: ignore[method-assign]
+    b_before = table.data["b"]
+    h.process(everywhere(T + 5 * HOUR, 900))  # every horizon (+2 h) has passed, and the lateness floor too
+    stage.core.expire = real  # type: ignore[method-assign]
+    sent = [msgspec.msgpack.decode(e) for e in examples]
+    times = [ex[2] for ex in sent]  # [tag, target, snapshot time, ...]
+    if not fail:  # both users' snapshots, interleaved by horizon across users
+        assert times == [T + k * 10 * 60_000 + j * 60_000 for k in range(3) for j in range(2)]
+        assert decode_row(table.data["b"])[LEDGER] == b""
+        return
+    # only a's three snapshots (b failed on its second horizon: none of b's), oldest horizon first
+    assert times == [T, T + 10 * 60_000, T + 20 * 60_000]
+    assert decode_row(table.data["b"])[LEDGER] == decode_row(b_before)[LEDGER]  # b's ledger as it was
+    assert decode_row(table.data["a"])[LEDGER] == b""  # a's is empty: everything matured
+    assert h.metrics.registry.get_sample_value("propstream_processing_errors_total", {"stage": "expire"}) == 1
+
+
+def test_a_user_whose_events_failed_is_read_afresh_when_its_horizon_passes_in_the_same_batch() -> None:
+    w = Worker(targets="purchase:2h", sample_every_s=600, rescore_after="")
+    w.process([*everywhere(T, 0, "clock"), rec("events.clickstream", pv(5, T, "bad"))])
+    stage = w.handler.stage
+    assert stage is not None
+    real = stage.on_event
+
+    def fails_for_bad(u: Any, st: UserState, ev: Any) -> None:
+        real(u, st, ev)  # the snapshot at this event is taken, then the user fails
+        if ev.user_id == "bad":
+            raise RuntimeError("injected")
+
+    stage.on_event = fails_for_bad  # type: ignore[method-assign]
+    # bad's snapshot at T matures in this batch (the clock passes T + 2 h + the 1 h lateness)
+    w.process(
+        [rec("events.clickstream", pv(6, T + 4 * HOUR, "bad"), offset=3), *everywhere(T + 4 * HOUR, 10)]
+    )
+    stage.on_event = real  # type: ignore[method-assign]
+    assert [d.reason for d in w.dead] == ["processing_error"]
+    row = decode_row(w.table.data["bad"])
+    # the matured snapshot left; the one the failed event took was never written
+    assert row[LEDGER] == b""
+    assert decode_state(row[SCORES]).targets["purchase"].sampled_ms == T
+    assert w.features("bad").events == 1
