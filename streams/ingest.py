@@ -266,8 +266,6 @@ class IngestHandler:
         self.last_seen: dict[int, int] = {}  # per partition: wall ms of its last batch
         self.fires_per_batch = settings.timer_fires_per_batch or None
         self.fire_budget: int | None = None  # what this batch or tick may still fire (None: no bound)
-        # feature states this partition's batch wrote, decoded: its timers read them again
-        self._written: dict[str, UserState] = {}
 
     def process(self, batch: Sequence[Record]) -> dict[str, list[Event]]:
         """Process one batch; returns the accepted events per user (for scoring downstream).
@@ -380,12 +378,8 @@ class IngestHandler:
                             store.set(user_id, codec.encode(st))
                         if stage is not None and scoring is not None and (done or scoring.fired):
                             stage.end_user(scoring, p)
-                        if done:
-                            self._written[user_id] = st
                     except Exception as exc:  # a bug or a value no check foresaw: this user only
                         store.discard(user_id)
-                        if stage is not None:
-                            stage.drop_user(user_id)
                         self.faults.failed("user", exc, user_id)
                         detail = describe(exc)
                         for rec in dict.fromkeys(r for _, r, _ in items):
@@ -428,9 +422,6 @@ class IngestHandler:
         evicted = self._sweep(p) if self.ttl_ms else 0
         for topic in moved:
             self._save_mark(topic, p)
-        self._written.clear()
-        if stage is not None:
-            stage.end_partition()
         return evicted
 
     def tick(self) -> int:
@@ -461,9 +452,6 @@ class IngestHandler:
 
     def _features_of(self, user_id: str) -> UserState | None:
         """The user's stored feature state (None: none); unreadable state is counted and None."""
-        st = self._written.get(user_id)
-        if st is not None:
-            return st
         try:
             raw = self.store.get(user_id)
             return codec.decode(raw) if raw else None
@@ -504,7 +492,6 @@ class IngestHandler:
             except Corrupt:
                 continue  # counted when the user's next event reads it; retention judges readable state
             if last_ms < cutoff:
-                self._written.pop(user_id, None)
                 self.store.delete(user_id)
                 if self.stage is not None:
                     self.stage.forget_user(user_id)

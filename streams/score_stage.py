@@ -155,11 +155,6 @@ class ScoreStage:
         self._json = msgspec.json.Encoder()
         self._msgpack = msgspec.msgpack.Encoder()
         self._batch_scores: dict[str, list[float]] = {}
-        # Users read while the current partition's batch runs: its events, timers and horizons
-        # reuse one decoded state per user instead of reading and decoding it once each. Only
-        # this stage writes these rows meanwhile, and it writes through, so the stored value and
-        # the decoded one agree; a failed user is dropped (it may be half-changed).
-        self._open: dict[str, UserScoring] = {}
         self._changes = 0
         score_edges = uniform_edges(0.0, 1.0, 10)
         self.score_drift = {t.name: DriftMonitor(score_edges) for t in core.targets}
@@ -167,22 +162,9 @@ class ScoreStage:
 
     # --- per user ----------------------------------------------------------------------------
     def begin_user(self, user_id: str) -> UserScoring:
-        u = self._open.get(user_id)
-        if u is None:
-            raw = self.scores.get(user_id)
-            ledger = LazyLedger(
-                lambda: self.ledgers.get(user_id), lambda exc: self.faults.corrupt(exc, user_id)
-            )
-            u = self._open[user_id] = UserScoring(user_id, raw, self._state(user_id, raw), ledger)
-        return u
-
-    def drop_user(self, user_id: str) -> None:
-        """The user's work failed: its decoded state may be half-changed, so it is read afresh."""
-        self._open.pop(user_id, None)
-
-    def end_partition(self) -> None:
-        """The partition's batch is done: other writers (another worker, a lookup) may come next."""
-        self._open.clear()
+        raw = self.scores.get(user_id)
+        ledger = LazyLedger(lambda: self.ledgers.get(user_id), lambda exc: self.faults.corrupt(exc, user_id))
+        return UserScoring(user_id, raw, self._state(user_id, raw), ledger)
 
     def _state(self, user_id: str, raw: bytes | None) -> ScoreState:
         try:
@@ -344,7 +326,6 @@ class ScoreStage:
                 if u.state.timer_ms:
                     heapq.heappush(heap, (u.state.timer_ms, user))
             except Exception as exc:  # nothing of it was written or sent
-                self.drop_user(user)
                 self.faults.failed("timer", exc, user)
                 continue
             self._publish(u, out)
@@ -372,7 +353,7 @@ class ScoreStage:
             if user in failed:
                 continue
             try:
-                u = self.begin_user(user)
+                u = touched.get(user) or self.begin_user(user)  # one read per user, as its write
                 if u.state.deadline_ms != end:
                     continue  # stale entry: the user's earliest horizon moved
                 matured.append((user, self.core.expire(user, u.state, u.ledger, end + 1)))
@@ -398,12 +379,10 @@ class ScoreStage:
         return sent
 
     def _lost(self, user: str, exc: Exception) -> None:
-        self.drop_user(user)
         self.faults.failed("expire", exc, user)
 
     def forget_user(self, user_id: str) -> None:
         """Drop a user's score state and pending labels (retention; tombstones on the changelogs)."""
-        self._open.pop(user_id, None)
         self.scores.delete(user_id)
         self.ledgers.delete(user_id)
 
