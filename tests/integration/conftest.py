@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ def env(kafka: str) -> dict[str, str]:
         "PROPSTREAM_TOPIC_MODELS": f"{uid}.models",
         "PROPSTREAM_TOPIC_ERASURE": f"{uid}.erasure",
         "PROPSTREAM_TOPIC_ERASURE_DONE": f"{uid}.erasure.done",
-        "PROPSTREAM_LOG_LEVEL": "warning",
+        "PROPSTREAM_LOG_LEVEL": "info",  # rebalances and recovery: a failing test prints the tail
     }
 
 
@@ -53,7 +54,7 @@ def settings(env: dict[str, str]) -> Settings:
 
 @pytest.fixture()
 def make_worker(
-    env: dict[str, str], settings: Settings, tmp_path: Path
+    env: dict[str, str], settings: Settings, tmp_path: Path, request: pytest.FixtureRequest
 ) -> Iterator[Callable[..., WorkerProc]]:
     workers: list[WorkerProc] = []
 
@@ -67,3 +68,19 @@ def make_worker(
     yield make
     for w in workers:
         w.kill()
+    report = getattr(request.node, "propstream_call_report", None)
+    if report is not None and report.failed:  # CI keeps no tmp dirs: the logs go into the report
+        for w in workers:
+            tail = w.log.read_text(errors="replace")[-15000:] if w.log.exists() else "(no log)"
+            sys.stderr.write(f"\n----- {w.log.name} (last 15000 chars) -----\n{tail}\n")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Keep the call phase's report on the item, so ``make_worker`` knows in teardown it failed."""
+    report = yield
+    if report.when == "call":
+        item.propstream_call_report = report  # type: ignore[attr-defined]
+    return report
