@@ -11,7 +11,10 @@ generation) and acks it anyway, so that filtered messages do not add to the lag
 covered it. A message the stream processed, or filtered with ``Skip``, is *tracked* first; a
 message skipped for the rebalance never is. So the consumer counts an untracked message of an
 acking topic as done no longer: it is marked acked (nothing else waits for it), left uncommitted,
-and its partition's next expected offset goes back to it, so the guard below reads it again.
+and its partition's next expected offset goes back to it, so the guard below reads it again: the
+next fetch seeks the partition back to it. (Waiting for a later record to trigger that seek left a
+quiet partition's last record unread: an erasure request sent during a worker's recovery was
+never acted on, ``test_bad_bytes.py`` in CI.)
 
 **Records reached the stream out of sequence around a seek.** After a rebalance Faust seeks each
 partition to its committed offset c, but records of the old position still arrive afterwards: a
@@ -53,6 +56,7 @@ class _Sequence:
         self.sought: dict[TP, tuple[int, int]] = {}  # tp -> (offset, fetches completed at the seek)
         self.fetches = 0
         self.guarded: dict[TP, bool] = {}
+        self.rewind: set[TP] = set()  # partitions a skipped record sends back, sought on the next fetch
 
 
 def _sequence(self: Any) -> _Sequence:
@@ -88,6 +92,7 @@ def _ack(self: Any, message: Any) -> bool:
         if expected is None or message.offset < expected:
             seq.expected[tp] = message.offset  # read it again: the next record is beyond it
             seq.sought.pop(tp, None)
+            seq.rewind.add(tp)  # and if none comes (a quiet partition), the next fetch seeks it
         return False
     result: bool = _original_ack(self, message)
     return result
@@ -104,6 +109,7 @@ async def _perform_seek(self: Any) -> None:
         else:
             seq.expected[tp] = offset
         seq.sought.pop(tp, None)
+        seq.rewind.discard(tp)
 
 
 async def _wait_next_records(self: Any, timeout: float) -> Any:
@@ -112,10 +118,34 @@ async def _wait_next_records(self: Any, timeout: float) -> Any:
     return result
 
 
+async def _seek_expected(self: Any, seq: _Sequence, tp: TP, want: int) -> None:
+    """Seek ``tp`` back to ``want``; the fetches completed so far are from before the seek."""
+    # revoked meanwhile (the seek raises): its next owner reads it from the commit
+    with contextlib.suppress(Exception):
+        await _original_seek(self, tp, want)
+    seq.sought[tp] = (want, seq.fetches)
+
+
+async def _rewind(self: Any, seq: _Sequence) -> None:
+    """Seek each partition whose record the stream skipped back to it, unless a later record did.
+
+    Without this, a skipped record is read again only once a later one arrives on its partition,
+    which on a quiet partition (an erasure request, a user's last event) may be never.
+    """
+    for tp in sorted(seq.rewind):
+        want = seq.expected.get(tp)
+        sought = seq.sought.get(tp)
+        if want is not None and (sought is None or sought[0] != want):
+            await _seek_expected(self, seq, tp, want)
+    seq.rewind.clear()
+
+
 async def _getmany(self: Any, timeout: float) -> Any:
     """Faust's ``getmany``, handing out each guarded partition's records in offset order only."""
-    inner: Any = _original_getmany(self, timeout)  # an async generator (its stub says iterator)
     seq = _sequence(self)
+    if seq.rewind:
+        await _rewind(self, seq)
+    inner: Any = _original_getmany(self, timeout)  # an async generator (its stub says iterator)
     fetch: int | None = None
     try:
         async for tp, message in inner:
@@ -130,10 +160,7 @@ async def _getmany(self: Any, timeout: float) -> Any:
                     sought = seq.sought.get(tp)
                     if sought is None or sought[0] != want:
                         _count(self, 1)
-                        # revoked meanwhile (the seek raises): its next owner reads it from the commit
-                        with contextlib.suppress(Exception):
-                            await _original_seek(self, tp, want)
-                        seq.sought[tp] = (want, seq.fetches)
+                        await _seek_expected(self, seq, tp, want)
                         continue
                     if fetch <= sought[1]:
                         _count(self, 1)

@@ -248,3 +248,22 @@ def test_a_record_skipped_by_the_stream_is_read_again() -> None:
     asyncio.run(client.drain(on_record))
     assert client.delivered[tp] == [5, 6, 6, 7]
     assert client.sought == [(tp, 6)]
+
+
+def test_a_skipped_record_that_was_its_partitions_last_is_read_again_without_a_later_one() -> None:
+    """The stream skips 6, the newest record of a quiet partition (an erasure request during a
+    recovery): no later record arrives to send the partition back, so the next fetch must."""
+    import asyncio
+
+    tp = TP("src", 0)
+    client = Client({tp: 5}, [{tp: [5, 6]}, {tp: [6]}])
+    skipped = message(6, 1)
+
+    async def on_record(tp_: TP, offset: int) -> None:
+        if offset == 6 and len(client.fetches) == 1:
+            client.Faust.ack(client.consumer, skipped)
+
+    asyncio.run(client.seek())
+    asyncio.run(client.drain(on_record))
+    assert client.sought == [(tp, 6)], "the partition was not sought back to the skipped record"
+    assert client.delivered[tp] == [5, 6, 6]
