@@ -89,6 +89,17 @@ class Proc:
             if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
         )
 
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system, every thread) the process has used so far, from /proc."""
+        if self.proc is None:
+            return 0.0
+        try:
+            stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
+        except OSError:
+            return 0.0
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": comm may hold spaces
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
     def rss_mb(self) -> float:
         """Resident memory now, MiB (from /proc)."""
         if self.proc is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from pathlib import Path
 
 import click
 import numpy as np
@@ -60,6 +61,11 @@ def test_rows_hold_the_ratios_and_one_line_per_growth_figure() -> None:
         "naive_events_per_s": 6.0,
         "vs_raw": 0.3,
         "vs_naive": 5.0,
+        "raw_events_per_cpu_s": 200.0,
+        "worker_events_per_cpu_s": 40.0,
+        "naive_events_per_cpu_s": 8.0,
+        "vs_raw_cpu": 0.2,
+        "vs_naive_cpu": 5.0,
         "offered_events_per_s": 5000.0,
         "e2e_p50_ms": 1.0,
         "e2e_p95_ms": 2.0,
@@ -78,4 +84,33 @@ def test_rows_hold_the_ratios_and_one_line_per_growth_figure() -> None:
     }
     names = [r[0] for r in rows(result)]
     assert "pipeline / naive" in names and "pipeline / raw consumer" in names
+    assert "full pipeline per worker CPU second" in names and "pipeline / naive, per CPU second" in names
     assert sum(n.startswith("growth") for n in names) == 6
+
+
+def test_a_process_cpu_seconds_come_from_proc_and_count_its_work(tmp_path: Path) -> None:
+    """``Proc.cpu_s`` (behind the per-CPU-second figures) for a child that spins 0.6 CPU s, then sleeps."""
+    import time
+
+    from streams.bench.proc import Proc
+
+    done = tmp_path / "done"
+    spin = (
+        "import pathlib, time\n"
+        "t = time.process_time()\n"
+        "while time.process_time() - t < 0.6: pass\n"
+        f"pathlib.Path({str(done)!r}).touch()\n"
+        "time.sleep(60)\n"
+    )
+    p = Proc({}, tmp_path / "d", tmp_path / "log", ("-c", spin)).start()
+    try:
+        deadline = time.monotonic() + 60
+        while not done.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert done.exists(), (tmp_path / "log").read_text()
+        used = p.cpu_s()
+        assert 0.6 <= used < 1.2, used  # the spin, plus the interpreter's start
+    finally:
+        assert p.proc is not None
+        p.proc.kill()
+        p.proc.wait()
