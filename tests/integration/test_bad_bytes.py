@@ -125,9 +125,10 @@ def test_bad_bytes_everywhere_are_counted_and_every_agent_keeps_working(
     def counted() -> dict[str, float]:
         return {w: second.metric("propstream_decode_errors_total", what=w) for w in WHAT}
 
-    wait_until(
-        lambda: all(v >= 1 for v in counted().values()), 120, what=f"every kind counted (now {counted()})"
-    )
+    try:
+        wait_until(lambda: all(v >= 1 for v in counted().values()), 120, what="every kind counted")
+    except AssertionError as exc:  # the counts at the end, not at the start of the wait
+        raise AssertionError(f"{exc}; counted then: {counted()}") from None
     wait_until(
         lambda: all(events_of(second, u) >= (2 if u == a.decode() else before[u] + 2) for u in users),
         90,
