@@ -49,6 +49,27 @@ def finalize(state: UserState) -> None:
     commerce.finalize(state)
 
 
+class Finalizer:
+    """:func:`finalize`, skipped for the state it finalized last while that state is unchanged.
+
+    The hot path asks after every event, and again before a snapshot, a trigger and the store
+    write. A state changes only through :func:`apply`, which moves ``events``, so the same object
+    with the same ``events`` and latest time has nothing left to drop.
+    """
+
+    __slots__ = ("_events", "_last_ms", "_state")
+
+    def __init__(self) -> None:
+        self._state: UserState | None = None
+        self._events = self._last_ms = -1
+
+    def __call__(self, state: UserState) -> None:
+        if state is self._state and state.events == self._events and state.last_ms == self._last_ms:
+            return
+        finalize(state)
+        self._state, self._events, self._last_ms = state, state.events, state.last_ms
+
+
 def compute(state: UserState, as_of_ms: int, params: FeatureParams) -> dict[str, FeatureValue]:
     """All features as of ``as_of_ms`` (clamped to the user's latest event: state holds no earlier view)."""
     as_of = max(as_of_ms, state.last_ms)

@@ -21,7 +21,7 @@ import msgspec
 from features.catalogue import NAMES
 from features.contract import Event
 from features.state import Corrupt, FeatureParams, UserState, decode_versioned
-from features.user import FeatureValue, compute, finalize
+from features.user import FeatureValue, Finalizer, compute
 from models.changes import Announced, ChangeRules, detect
 from models.fastscore import FastScorer
 from models.ledger import (
@@ -261,6 +261,7 @@ class ScoringCore:
         self.top_k = top_k
         self.last_inputs: dict[str, float] = {}  # inputs of the latest rescore (drift monitoring)
         self.fast = FastScorer()
+        self.finalize = Finalizer()  # shared with the stage and the handler: one memo per process
         # features of the latest compute(), keyed by the state object and its clock: a rescore right
         # after sampling a snapshot (no event in between) reuses them instead of computing twice
         self._cached: tuple[UserState, int, int, int, dict[str, FeatureValue], dict[str, float], list[float]]
@@ -316,7 +317,7 @@ class ScoringCore:
             if due(ts.sampled_ms if ts.sampled_ms >= 0 else None, t, at_ms):
                 ts.sampled_ms = at_ms
                 if x is None:
-                    finalize(st)  # the worker folds a whole batch before finalising; eval already has
+                    self.finalize(st)  # the worker folds a whole batch before finalising; eval already has
                     _, x, vec = self._features(st, at_ms)
                     scores = self._scores(vec)
                 m = self.models[t.name]
@@ -384,7 +385,7 @@ class ScoringCore:
         self, kind: str, st: UserState, as_of_ms: int, due_ms: int, facts: dict[str, Any]
     ) -> dict[str, Any]:
         """A trigger event's body: what fired, when, the facts a campaign needs, the scores then."""
-        finalize(st)
+        self.finalize(st)
         _, _, vec = self._features(st, as_of_ms)
         scores = {}
         for t, score in zip(self.targets, self._scores(vec), strict=True):
@@ -429,7 +430,7 @@ class ScoringCore:
             return c[4], c[5], c[6]
         feats = compute(st, as_of_ms, self.params)
         x = inputs(feats)
-        vec = [x[k] for k in input_names()]
+        vec = list(x.values())  # inputs() builds its keys in input_names() order, always all of them
         self._cached = (st, st.events, st.last_ms, as_of_ms, feats, x, vec)
         return feats, x, vec
 

@@ -257,6 +257,8 @@ class IngestHandler:
         self.watermarks = Watermarks(settings.source_topics, settings.source_idle_s * 1000, caught_up)
         self.loaded: set[int] = set()
         self.stage = stage  # scoring, labels and change events; None: features only
+        # the stage's finalize skips a state it finalized after the user's last event already
+        self.finalize = stage.core.finalize if stage is not None else finalize
         self.pseudonym = Pseudonymizer(settings.pseudonymize_key)
         self.ttl_ms = int(settings.user_ttl_days * 86_400_000)
         self.sweep_batch = settings.retention_sweep_batch
@@ -374,7 +376,7 @@ class IngestHandler:
                             else:
                                 refused.append((rec, reason, _detail(reason, ev, floor)))
                         if done:
-                            finalize(st)
+                            self.finalize(st)
                             store.set(user_id, codec.encode(st))
                         if stage is not None and scoring is not None and (done or scoring.fired):
                             stage.end_user(scoring, p)

@@ -22,7 +22,6 @@ import msgspec
 
 from features.contract import Event
 from features.state import Corrupt, UserState
-from features.user import finalize
 from models.drift import DriftMonitor, uniform_edges
 from models.ledger import Matured
 from models.scoring import LazyLedger, ScoreState, ScoringCore, decode_state, encode
@@ -179,7 +178,7 @@ class ScoreStage:
         Every event is rescored (not once per batch), so the change events are the same however
         the stream was cut into batches; the features are computed once for both.
         """
-        finalize(st)
+        self.core.finalize(st)
         self.core.on_event(u.state, u.ledger, st, ev, u.triggers)
         scores, changes = self.core.rescore(u.user_id, u.state, st, ev)
         u.changes.extend(changes)

@@ -150,3 +150,38 @@ def test_property_any_batching_and_local_disorder(
         blob = encode(state)
     as_of = max(r["ts"] for r in raw) + delay_ms
     assert_features_equal(compute(decode(blob), as_of, PARAMS), reference_features(raw, as_of))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_finalizer_skips_only_states_nothing_was_folded_into_since(seed: int) -> None:
+    """``Finalizer`` (the hot path's) leaves every state as plain ``finalize`` would, event by event."""
+    from features.user import Finalizer
+
+    raw = random_events(seed, users=1, per_user=120, start_ms=T0, span_ms=40 * DAY)
+    once = Finalizer()
+    memo, plain = UserState(), UserState()
+    for e in events_of(raw):
+        apply(memo, e, PARAMS)
+        apply(plain, e, PARAMS)
+        once(memo)
+        once(memo)  # asked again with nothing folded in: skipped, and nothing is left to drop
+        finalize(plain)
+        assert encode(memo) == encode(plain)
+    other = decode(encode(plain))  # another object, same content: finalised, not skipped
+    other.cd.setdefault("page_view", {})[0] = 1  # a bucket no window reaches: finalize drops it
+    once(other)
+    assert 0 not in other.cd.get("page_view", {})
+
+
+def test_model_inputs_come_in_input_names_order_for_any_state() -> None:
+    """Snapshot vectors are ``list(inputs(...).values())``: every key, in ``input_names()`` order."""
+    from models.online import inputs
+    from models.scoring import input_names
+
+    for seed in range(4):
+        state = fold(
+            events_of(random_events(seed, users=1, per_user=80, start_ms=T0, span_ms=20 * DAY)), PARAMS
+        )
+        for as_of in (state.last_ms, state.last_ms + 3 * DAY):
+            assert tuple(inputs(compute(state, as_of, PARAMS))) == input_names()
+    assert tuple(inputs(compute(UserState(), 0, PARAMS))) == input_names()
