@@ -116,20 +116,21 @@ def run(
         ss = scores[user]
         for m in core.expire(user, ss, ledgers[user], clock_ms):
             snap = m.snapshot
+            vec = snap.features  # unpacked once, for the outcome and the learner
             out.outcomes.append(
                 Outcome(
                     snap.ts_ms,
                     m.resolved_ms,
                     snap.score,
                     m.label,
-                    snap.features,
+                    vec,
                     oracle_at.pop((user, snap.ts_ms), None),
                     (user, snap.ts_ms) in warm_at,
                 )
             )
             warm_at.discard((user, snap.ts_ms))
             if learn:
-                online.learn(dict(zip(out.input_names, snap.features, strict=True)), m.label)
+                online.learn(dict(zip(out.input_names, vec, strict=True)), m.label)
             window.append((snap.score, m.label))
             if trust is not None and len(out.outcomes) % judge_every == 0:
                 live.verdict = trust.judge(figures(window))
