@@ -24,6 +24,13 @@ Faust's own ``getmany`` dropped when the flow stopped. Faust then delivered c + 
 c as "already read" when it came (``DROPPED MESSAGE ROFF``), and its commit, which tolerates a gap
 of one offset at its head (faust-streaming issue #606) or fills gaps it saw, moved past c.
 
+**A buffered record of a paused partition was dropped during recovery.** Recovery pauses the
+source partitions while the fetcher reads the changelogs; the paused set is shared with the
+consumer thread, and a fetch that finds it empty returns every buffered record, which Faust drops
+for the paused partitions with their position moved on. The seek to the committed offsets repairs
+that, except on a partition the group never committed on, so such partitions are sought to their
+log start (the reset policy) after every seek.
+
 So each partition of an acking topic has a *next expected offset*, set by every seek to the
 committed offsets and moved by every record handed out. A record behind it was handed out since
 the seek and is left out; a record beyond it is not handed out, and the partition is sought back
@@ -36,11 +43,13 @@ is counted in ``propstream_stale_records_total``.
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any
 
 from faust.transport.consumer import Consumer
 from faust.types import TP
 
+log = logging.getLogger(__name__)
 _original_ack = Consumer.ack
 _original_perform_seek = Consumer.perform_seek
 _original_seek = Consumer.seek
@@ -101,15 +110,40 @@ def _ack(self: Any, message: Any) -> bool:
 async def _perform_seek(self: Any) -> None:
     await _original_perform_seek(self)
     seq = _sequence(self)
+    fresh = []
     for tp, offset in self._read_offset.items():
         if not _guarded(self, seq, tp):
             continue
         if offset is None:
             seq.expected.pop(tp, None)
+            fresh.append(tp)
         else:
             seq.expected[tp] = offset
         seq.sought.pop(tp, None)
         seq.rewind.discard(tp)
+    if fresh:
+        await _from_the_start(self, fresh)
+
+
+async def _from_the_start(self: Any, tps: list[TP]) -> None:
+    """Seek partitions the group never committed on to their log start, as the reset policy would.
+
+    Recovery keeps the source partitions paused while the fetcher reads the changelogs, and the
+    paused set is shared with the consumer thread: a fetch that finds it empty there returns every
+    buffered record, and Faust drops the ones of paused partitions with their position already
+    moved on. The seek to the committed offsets puts the others back; a partition with nothing
+    committed (an erasure topic nobody wrote to before) was left past the dropped record for good.
+    """
+    try:
+        starts = await self.earliest_offsets(*tps)
+    except Exception as exc:  # the broker went away: the next rebalance's seek tries again
+        log.warning("could not read the log start of %d uncommitted partitions: %r", len(tps), exc)
+        return
+    for tp in tps:
+        start = starts.get(tp)
+        if start is not None:
+            with contextlib.suppress(Exception):  # revoked meanwhile: its next owner reads it
+                await _original_seek(self, tp, start)
 
 
 async def _wait_next_records(self: Any, timeout: float) -> Any:
@@ -136,6 +170,7 @@ async def _rewind(self: Any, seq: _Sequence) -> None:
         want = seq.expected.get(tp)
         sought = seq.sought.get(tp)
         if want is not None and (sought is None or sought[0] != want):
+            log.info("seeking %s[%d] back to %d, a record the stream skipped", tp.topic, tp.partition, want)
             await _seek_expected(self, seq, tp, want)
     seq.rewind.clear()
 
