@@ -261,7 +261,7 @@ class ScoringCore:
         self.top_k = top_k
         self.last_inputs: dict[str, float] = {}  # inputs of the latest rescore (drift monitoring)
         self.fast = FastScorer()
-        self.finalize = Finalizer()  # shared with the stage and the handler: one memo per process
+        self.finalize = Finalizer()  # the stage and the handler call this one too: one memo per core
         # features of the latest compute(), keyed by the state object and its clock: a rescore right
         # after sampling a snapshot (no event in between) reuses them instead of computing twice
         self._cached: tuple[UserState, int, int, int, dict[str, FeatureValue], dict[str, float], list[float]]
@@ -317,7 +317,7 @@ class ScoringCore:
             if due(ts.sampled_ms if ts.sampled_ms >= 0 else None, t, at_ms):
                 ts.sampled_ms = at_ms
                 if x is None:
-                    self.finalize(st)  # the worker folds a whole batch before finalising; eval already has
+                    self.finalize(st)  # free when the caller just finalised (the worker, per event)
                     _, x, vec = self._features(st, at_ms)
                     scores = self._scores(vec)
                 m = self.models[t.name]

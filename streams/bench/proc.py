@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -90,13 +91,16 @@ class Proc:
         )
 
     def cpu_s(self) -> float:
-        """CPU seconds (user + system, every thread) the process has used so far, from /proc."""
+        """CPU seconds (user + system, every thread) the process has used so far, from /proc.
+
+        NaN when it cannot be read (no such process, no /proc), so a rate from it shows as missing.
+        """
         if self.proc is None:
-            return 0.0
+            return math.nan
         try:
             stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
         except OSError:
-            return 0.0
+            return math.nan
         fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": comm may hold spaces
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 

@@ -114,3 +114,12 @@ def test_a_process_cpu_seconds_come_from_proc_and_count_its_work(tmp_path: Path)
         assert p.proc is not None
         p.proc.kill()
         p.proc.wait()
+
+
+def test_cpu_seconds_of_a_process_that_is_not_there_are_missing_not_zero(tmp_path: Path) -> None:
+    """A 0 would make the per-CPU-second rate a huge number; NaN prints as missing ("-")."""
+    from streams.bench.proc import Proc
+
+    p = Proc({}, tmp_path / "d", tmp_path / "log", ("-c", "pass"))
+    assert math.isnan(p.cpu_s())  # never started
+    assert fmt(1000 / max(p.cpu_s() - 0.0, 1e-9)) == "-"
