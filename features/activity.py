@@ -51,20 +51,28 @@ def finalize(state: UserState) -> None:
 
 
 def result(state: UserState, as_of_ms: int, params: FeatureParams) -> dict[str, float | int | bool | None]:
+    """Runs on every event and timer: the sessions are read in one pass (window, sums and the
+    latest), the day buckets in another."""
     lo = as_of_ms - SESSION_WINDOW_MS
-    recent = [s for s in state.sessions.values() if s[1] > lo]
-    n = len(recent)
+    n = n_events = span_ms = 0
+    current: list[int] | None = None  # the latest session (the first of equals, as max() picks)
+    for s in state.sessions.values():
+        if s[1] > lo:
+            n += 1
+            n_events += s[2]
+            span_ms += s[1] - s[0]
+        if current is None or s[1] > current[1]:
+            current = s
     today = as_of_ms // DAY_MS
     last7 = prev7 = 0
-    mid, lo = today - 7, today - 14  # one pass: last7 = (mid, today], prev7 = (lo, mid]
+    mid, lo_d = today - 7, today - 14  # one pass: last7 = (mid, today], prev7 = (lo_d, mid]
     for buckets in state.cd.values():
         for d, c in buckets.items():
             if mid < d <= today:
                 last7 += c
-            elif lo < d <= mid:
+            elif lo_d < d <= mid:
                 prev7 += c
     # the session in progress: the latest one, if its last event is within the session gap
-    current = max(state.sessions.values(), key=lambda s: s[1], default=None)
     if current is not None and as_of_ms - current[1] > params.session_gap_ms:
         current = None
     return {
@@ -79,6 +87,6 @@ def result(state: UserState, as_of_ms: int, params: FeatureParams) -> dict[str, 
         "tenure_days": (as_of_ms - state.first_ms) / DAY_MS if state.first_ms else 0.0,
         "engagement_trend": (last7 - prev7) / (last7 + prev7) if last7 + prev7 else 0.0,
         "sessions_7d": n,
-        "events_per_session_7d": sum(s[2] for s in recent) / n if n else 0.0,
-        "mean_session_duration_s_7d": sum(s[1] - s[0] for s in recent) / n / 1000.0 if n else 0.0,
+        "events_per_session_7d": n_events / n if n else 0.0,
+        "mean_session_duration_s_7d": span_ms / n / 1000.0 if n else 0.0,
     }

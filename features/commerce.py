@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from features.buckets import DAY_MS, HOUR_MS, add, prune, window_sum
+from features.buckets import DAY_MS, HOUR_MS, add, prune
 from features.contract import Event
 from features.state import FeatureParams, UserState
 
@@ -74,6 +74,8 @@ def finalize(state: UserState) -> None:
 
 def _cart(state: UserState) -> tuple[int, float, int]:
     """(items, value, latest add) of the open cart: lines after the latest purchase, netted per product."""
+    if not state.cart:
+        return 0, 0.0, 0
     qty: dict[str, int] = {}
     price: dict[str, tuple[int, float]] = {}
     for ts, pid, dq, p in state.cart:
@@ -156,8 +158,12 @@ def result(state: UserState, as_of_ms: int, params: FeatureParams) -> dict[str, 
     hour = as_of_ms // HOUR_MS
     distinct = 0
     max_unbought = 0
+    lo = hour - VIEW_HOURS
     for pid, buckets in state.views.items():
-        v = window_sum(buckets, hour, VIEW_HOURS)
+        v = 0  # window_sum(buckets, hour, VIEW_HOURS), inlined: runs per product on every event
+        for i, c in buckets.items():
+            if lo < i <= hour:
+                v += c
         if v:
             distinct += 1
             if v > max_unbought and state.bought.get(pid, 0) <= as_of_ms - BOUGHT_MS:

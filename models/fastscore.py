@@ -3,9 +3,9 @@
 The model is ``StandardScaler | LogisticRegression``: ``p = sigmoid(b + sum_i w_i z_i)`` with
 ``z_i = (x_i - m_i) / v_i ** 0.5`` (0 while the variance ``v_i`` is 0). River computes it with two
 dict copies and per-key lookups per call; here the scaler's and the weights' numbers are read once
-per model state into arrays, and a call is a handful of vector operations over all targets. The
-sum runs in the input's key order, sequentially (``cumsum``), as River's ``VectorDict.dot`` does, so
-the score is the same float, not merely a close one (``tests/unit/test_fastscore.py``).
+per model state into term lists, and a call is one loop per target. The sum runs in the input's
+key order, sequentially, as River's ``VectorDict.dot`` does, so the score is the same float, not
+merely a close one (``tests/unit/test_fastscore.py``).
 
 The cache is keyed by the model objects and how many labels each has learnt, so a model that
 learns in place (``propstream eval``) or is hot-swapped (the worker) is re-read on its next score.
@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-
-import numpy as np
 
 from models.online import OnlineModel
 
@@ -55,32 +53,47 @@ def arrays(model: OnlineModel, names: Sequence[str]) -> tuple[list[float], list[
 
 
 class FastScorer:
-    """Scores of several models on one input dict."""
+    """Scores of several models on one input dict.
+
+    Plain Python over per-model term lists: for two models of about 60 inputs, numpy's per-call
+    overhead (array, four vector operations, ``cumsum``) cost twice this loop (32 against 17 us a
+    vector, ``tests/unit/test_fastscore.py`` holds it to River's floats).
+    """
 
     def __init__(self) -> None:
-        self._key: tuple[tuple[str, ...], tuple[tuple[OnlineModel, int], ...]] = ((), ())
-        self._m = self._s = self._w = np.zeros((0, 0))
-        self._b: list[float] = []
+        self._names: tuple[str, ...] = ()
+        self._models: list[OnlineModel] = []
+        self._seen: list[int] = []  # labels each model had learnt when it was read
+        # per model: (input index, mean, scale, weight) of every term that can be non-zero; intercept
+        self._terms: list[tuple[list[tuple[int, float, float, float]], float]] = []
         # the last answer: the scoring core asks twice for one input vector (snapshot, then rescore)
-        self._memo: tuple[object, object, list[float]] = (None, None, [])
+        self._memo: tuple[object, list[float]] = (None, [])
 
     def _load(self, models: Sequence[OnlineModel], names: tuple[str, ...]) -> None:
-        # the model object itself is in the key (not its id): a freed model's id may be reused
-        key = (names, tuple((m, m.positives + m.negatives) for m in models))
-        old_names, old = self._key
+        # the model object itself is compared (not its id): a freed model's id may be reused
+        old = self._models
         if (
-            names == old_names
-            and len(key[1]) == len(old)
-            and all(m is k and n == kn for (m, n), (k, kn) in zip(key[1], old, strict=True))
+            (names is self._names or names == self._names)
+            and len(models) == len(old)
+            and all(
+                m is k and m.positives + m.negatives == n
+                for m, k, n in zip(models, old, self._seen, strict=True)
+            )
         ):
             return
-        rows = [arrays(m, names) for m in models]
-        shape = (len(models), len(names))
-        self._m = np.array([r[0] for r in rows], dtype=float).reshape(shape)
-        self._s = np.array([r[1] for r in rows], dtype=float).reshape(shape)
-        self._w = np.array([r[2] for r in rows], dtype=float).reshape(shape)
-        self._b = [r[3] for r in rows]
-        self._key = key
+        terms = []
+        for m in models:
+            means, scales, ws, bias = arrays(m, names)
+            # a weight of 0 or a variance of 0 (scale inf) makes the term 0: adding it changes no sum
+            live = [
+                (i, mu, s, w)
+                for i, (mu, s, w) in enumerate(zip(means, scales, ws, strict=True))
+                if w and s != math.inf
+            ]
+            terms.append((live, bias))
+        self._names, self._models, self._terms = names, list(models), terms
+        self._seen = [m.positives + m.negatives for m in models]
+        self._memo = (None, [])
 
     def scores(self, models: Sequence[OnlineModel], x: Mapping[str, float]) -> list[float]:
         """``[m.score(x) for m in models]``, the same floats."""
@@ -94,12 +107,14 @@ class FastScorer:
         if not models:
             return []
         self._load(models, names)
-        key, seen, out = self._memo
-        if seen is values and key is self._key:  # the same vector object (held here) and models
+        seen, out = self._memo
+        if seen is values:  # the same vector object (held here) and models
             return list(out)
-        xv = np.array(values, dtype=float)
-        terms = self._w * ((xv - self._m) / self._s)
-        dots = np.cumsum(terms, axis=1)[:, -1].tolist() if len(values) else [0.0] * len(models)
-        out = [sigmoid(d + b) for d, b in zip(dots, self._b, strict=True)]
-        self._memo = (self._key, values, out)
+        out = []
+        for terms, bias in self._terms:
+            dot = 0.0  # summed in input order, one term at a time, as River's VectorDict.dot
+            for i, mean, scale, w in terms:
+                dot += w * ((values[i] - mean) / scale)
+            out.append(sigmoid(dot + bias))
+        self._memo = (values, out)
         return list(out)

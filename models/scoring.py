@@ -13,7 +13,6 @@ import math
 from array import array
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
 import msgspec
@@ -38,7 +37,7 @@ from models.ledger import (
     open_from,
     upgrade_v1,
 )
-from models.online import OnlineModel, inputs
+from models.online import INPUT_NAMES, OnlineModel, input_vector, inputs
 from models.timers import (
     CART_ABANDONED,
     CART_EVENTS,
@@ -56,10 +55,9 @@ from models.trust import NO_GATE, Verdict, combine, labels
 SCORE_STATE_VERSION = 1
 
 
-@lru_cache(maxsize=1)
 def input_names() -> tuple[str, ...]:
     """The model inputs in one fixed order: the order of snapshot vectors and training examples."""
-    return tuple(inputs(compute(UserState(), 0, FeatureParams())))
+    return INPUT_NAMES
 
 
 @dataclass
@@ -259,13 +257,13 @@ class ScoringCore:
         self.rules = rules
         self.models = models  # the caller may swap entries at any time (hot swap)
         self.top_k = top_k
-        self.last_inputs: dict[str, float] = {}  # inputs of the latest rescore (drift monitoring)
+        self.last_vector: list[float] = []  # inputs of the latest rescore, INPUT_NAMES order (drift)
         self.fast = FastScorer()
         self.finalize = Finalizer()  # the stage and the handler call this one too: one memo per core
         # features of the latest compute(), keyed by the state object and its clock: a rescore right
         # after sampling a snapshot (no event in between) reuses them instead of computing twice
-        self._cached: tuple[UserState, int, int, int, dict[str, FeatureValue], dict[str, float], list[float]]
-        self._cached = (UserState(), -1, -1, -1, {}, {}, [])
+        self._cached: tuple[UserState, int, int, int, dict[str, FeatureValue], list[float]]
+        self._cached = (UserState(), -1, -1, -1, {}, [])
 
     @staticmethod
     def target_state(ss: ScoreState, name: str) -> TargetState:
@@ -318,7 +316,7 @@ class ScoringCore:
                 ts.sampled_ms = at_ms
                 if x is None:
                     self.finalize(st)  # free when the caller just finalised (the worker, per event)
-                    _, x, vec = self._features(st, at_ms)
+                    _, vec = self._features(st, at_ms)
                     scores = self._scores(vec)
                 m = self.models[t.name]
                 snap = Snapshot.of(at_ms, vec, scores[self.targets.index(t)], m.version)
@@ -386,7 +384,7 @@ class ScoringCore:
     ) -> dict[str, Any]:
         """A trigger event's body: what fired, when, the facts a campaign needs, the scores then."""
         self.finalize(st)
-        _, _, vec = self._features(st, as_of_ms)
+        _, vec = self._features(st, as_of_ms)
         scores = {}
         for t, score in zip(self.targets, self._scores(vec), strict=True):
             m = self.models[t.name]
@@ -421,18 +419,15 @@ class ScoringCore:
         feats = compute(st, as_of_ms, self.params)
         return feats, inputs(feats)
 
-    def _features(
-        self, st: UserState, as_of_ms: int
-    ) -> tuple[dict[str, FeatureValue], dict[str, float], list[float]]:
-        """Features, inputs and the input vector of ``st`` as of ``as_of_ms`` (cached, see ``__init__``)."""
+    def _features(self, st: UserState, as_of_ms: int) -> tuple[dict[str, FeatureValue], list[float]]:
+        """Features and the input vector of ``st`` as of ``as_of_ms`` (cached, see ``__init__``)."""
         c = self._cached
         if c[0] is st and c[1] == st.events and c[2] == st.last_ms and c[3] == as_of_ms:
-            return c[4], c[5], c[6]
+            return c[4], c[5]
         feats = compute(st, as_of_ms, self.params)
-        x = inputs(feats)
-        vec = list(x.values())  # inputs() builds its keys in input_names() order, always all of them
-        self._cached = (st, st.events, st.last_ms, as_of_ms, feats, x, vec)
-        return feats, x, vec
+        vec = input_vector(feats)
+        self._cached = (st, st.events, st.last_ms, as_of_ms, feats, vec)
+        return feats, vec
 
     def _scores(self, vec: list[float]) -> list[float]:
         """Every target's score, in target order: ``model.score(x)`` each, via ``models.fastscore``."""
@@ -449,8 +444,8 @@ class ScoringCore:
     def _rescore(
         self, user_id: str, ss: ScoreState, st: UserState, as_of_ms: int, cause: dict[str, Any]
     ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        feats, x, vec = self._features(st, as_of_ms)
-        self.last_inputs = x
+        feats, vec = self._features(st, as_of_ms)
+        self.last_vector = vec
         scores: dict[str, float] = {}
         out: list[dict[str, Any]] = []
         for t, score in zip(self.targets, self._scores(vec), strict=True):
@@ -471,6 +466,7 @@ class ScoringCore:
             if ann is ts.announced:
                 continue
             if change is not None:
+                x = dict(zip(INPUT_NAMES, vec, strict=True))  # by name, for the explanation (rare)
                 out.append(
                     {
                         "user_id": user_id,

@@ -12,7 +12,6 @@ whose horizon passed the partition's lateness floor leave the ledger, labelled, 
 from __future__ import annotations
 
 import heapq
-import math
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -24,6 +23,7 @@ from features.contract import Event
 from features.state import Corrupt, UserState
 from models.drift import DriftMonitor, uniform_edges
 from models.ledger import Matured
+from models.online import INPUT_NAMES
 from models.scoring import LazyLedger, ScoreState, ScoringCore, decode_state, encode
 from models.training import Example, inputs_hash
 from streams.faults import Faults
@@ -158,6 +158,7 @@ class ScoreStage:
         score_edges = uniform_edges(0.0, 1.0, 10)
         self.score_drift = {t.name: DriftMonitor(score_edges) for t in core.targets}
         self.input_drift = {name: DriftMonitor(LOG_EDGES) for name in DRIFT_INPUTS}
+        self._drift_at = [(INPUT_NAMES.index(name), m) for name, m in self.input_drift.items()]
 
     # --- per user ----------------------------------------------------------------------------
     def begin_user(self, user_id: str) -> UserScoring:
@@ -184,9 +185,9 @@ class ScoreStage:
         u.changes.extend(changes)
         for target, s in scores.items():
             self._batch_scores.setdefault(target, []).append(s)
-        x = self.core.last_inputs
-        for name, monitor in self.input_drift.items():
-            monitor.observe(x.get(name, math.nan))
+        x = self.core.last_vector
+        for i, monitor in self._drift_at:
+            monitor.observe(x[i])
 
     def fire_user(self, u: UserScoring, st: UserState, clock_ms: int) -> None:
         """Fire the user's timers due by ``clock_ms`` (before an event past them is applied)."""
