@@ -47,16 +47,20 @@ def update(state: UserState, ev: Event) -> None:
             state.bought[ev.product_id] = ts
 
 
-def finalize(state: UserState) -> None:
+def finalize(state: UserState, since_ms: int | None = None) -> None:
+    """Drop orders, views and purchases no window reaches, and cap the rest; the day and hour
+    buckets are skipped when their floor has not moved since ``since_ms`` (``features.user.finalize``)."""
     last_d = state.last_ms // DAY_MS
-    for d in [d for d in state.orders if d <= last_d - ORDER_DAYS]:
-        del state.orders[d]
+    if since_ms is None or since_ms // DAY_MS != last_d:
+        for d in [d for d in state.orders if d <= last_d - ORDER_DAYS]:
+            del state.orders[d]
     last_h = state.last_ms // HOUR_MS
     views = state.views
-    for pid in list(views):
-        prune(views[pid], last_h, VIEW_HOURS)
-        if not views[pid]:
-            del views[pid]
+    if since_ms is None or since_ms // HOUR_MS != last_h:
+        for pid in list(views):
+            prune(views[pid], last_h, VIEW_HOURS)
+            if not views[pid]:
+                del views[pid]
     if len(views) > MAX_PRODUCTS:
         for pid, _ in sorted(views.items(), key=lambda kv: max(kv[1]))[: len(views) - MAX_PRODUCTS]:
             del views[pid]

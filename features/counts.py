@@ -36,11 +36,16 @@ def update(state: UserState, etype: str, ts_ms: int) -> None:
             add(buckets, idx)
 
 
-def finalize(state: UserState) -> None:
+def finalize(state: UserState, since_ms: int | None = None) -> None:
+    """Drop buckets no window reaches; a resolution whose current bucket is the one it had at
+    ``since_ms`` (see ``features.user.finalize``) is skipped: nothing below its floor was added."""
     for field, (width, keep) in KEEP.items():
+        latest = state.last_ms // width
+        if since_ms is not None and since_ms // width == latest:
+            continue
         per_type: dict[str, dict[int, int]] = getattr(state, field)
         for t in list(per_type):
-            prune(per_type[t], state.last_ms // width, keep)
+            prune(per_type[t], latest, keep)
             if not per_type[t]:
                 del per_type[t]
 

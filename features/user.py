@@ -42,11 +42,16 @@ def apply(state: UserState, ev: Event, params: FeatureParams, min_ts_ms: int = 0
     return None
 
 
-def finalize(state: UserState) -> None:
-    """Drop what no future window can reach; call once after a batch of ``apply``."""
-    counts.finalize(state)
+def finalize(state: UserState, since_ms: int | None = None) -> None:
+    """Drop what no future window can reach; call once after a batch of ``apply``.
+
+    ``since_ms``: the state's latest event time when it was last finalised, with nothing but
+    :func:`apply` since (the hot path, :class:`Finalizer`). A bucketed window whose floor has not
+    moved since then has nothing to drop: ``apply`` adds no bucket below it.
+    """
+    counts.finalize(state, since_ms)
     activity.finalize(state)
-    commerce.finalize(state)
+    commerce.finalize(state, since_ms)
 
 
 class Finalizer:
@@ -54,7 +59,8 @@ class Finalizer:
 
     The hot path asks after every event, and again before a snapshot, a trigger and the store
     write. A state changes only through :func:`apply`, which moves ``events``, so the same object
-    with the same ``events`` and latest time has nothing left to drop.
+    with the same ``events`` and latest time has nothing left to drop, and one with a later
+    latest time needs only the windows whose floor moved (``finalize(state, since_ms)``).
     """
 
     __slots__ = ("_events", "_last_ms", "_state")
@@ -64,9 +70,12 @@ class Finalizer:
         self._events = self._last_ms = -1
 
     def __call__(self, state: UserState) -> None:
-        if state is self._state and state.events == self._events and state.last_ms == self._last_ms:
-            return
-        finalize(state)
+        if state is self._state:
+            if state.events == self._events and state.last_ms == self._last_ms:
+                return
+            finalize(state, self._last_ms)
+        else:
+            finalize(state)
         self._state, self._events, self._last_ms = state, state.events, state.last_ms
 
 

@@ -72,15 +72,12 @@ class FastScorer:
     def _load(self, models: Sequence[OnlineModel], names: tuple[str, ...]) -> None:
         # the model object itself is compared (not its id): a freed model's id may be reused
         old = self._models
-        if (
-            (names is self._names or names == self._names)
-            and len(models) == len(old)
-            and all(
-                m is k and m.positives + m.negatives == n
-                for m, k, n in zip(models, old, self._seen, strict=True)
-            )
-        ):
-            return
+        if (names is self._names or names == self._names) and len(models) == len(old):
+            for m, k, n in zip(models, old, self._seen, strict=True):  # a loop: cheaper than all()
+                if m is not k or m.positives + m.negatives != n:
+                    break
+            else:
+                return
         terms = []
         for m in models:
             means, scales, ws, bias = arrays(m, names)

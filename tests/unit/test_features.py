@@ -173,6 +173,33 @@ def test_the_finalizer_skips_only_states_nothing_was_folded_into_since(seed: int
     assert 0 not in other.cd.get("page_view", {})
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_the_finalizer_drops_what_plain_finalize_drops_with_late_events_and_caps(seed: int) -> None:
+    """Partial finalising (only windows whose floor moved) leaves the state as a full one, also when
+    events come out of order, a day or an hour boundary passes, and the product cap is reached."""
+    from features.user import Finalizer
+
+    rng = random.Random(seed)
+    raw = random_events(seed, users=1, per_user=400, start_ms=T0, span_ms=60 * DAY)
+    for i, r in enumerate(raw):
+        if r.get("product_id"):
+            r["product_id"] = f"p{rng.randrange(160)}"  # past MAX_PRODUCTS distinct products viewed
+        if i and rng.random() < 0.2:  # late: up to two hours before the previous event
+            r["ts"] = max(T0, raw[i - 1]["ts"] - rng.randrange(7_200_000))
+    once = Finalizer()
+    memo, plain, other = UserState(), UserState(), UserState()
+    for e in events_of(raw):
+        apply(memo, e, PARAMS)
+        apply(plain, e, PARAMS)
+        once(memo)
+        if rng.random() < 0.1:  # another state in between: the memo is lost, a full finalize runs
+            apply(other, e, PARAMS)
+            once(other)
+        finalize(plain)
+        assert encode(memo) == encode(plain)
+    assert len(plain.views) > 50  # the product cap and hourly pruning were exercised
+
+
 def test_model_inputs_come_in_input_names_order_for_any_state() -> None:
     """Snapshot vectors are ``list(inputs(...).values())``: every key, in ``input_names()`` order."""
     from models.online import inputs
