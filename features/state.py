@@ -88,6 +88,27 @@ def decode(raw: bytes | None) -> UserState:
     return decode_versioned(_decoder, raw, "features", STATE_VERSION, UserState)
 
 
+class _Head(msgspec.Struct, array_like=True):
+    """The leading fields of a stored :class:`UserState`: msgspec skips the rest unread."""
+
+    v: int = 0
+    first_ms: int = 0
+    last_ms: int = 0
+
+
+_head_decoder = msgspec.msgpack.Decoder(_Head)
+
+
+def last_ms_of(raw: bytes) -> int:
+    """The stored state's latest event time, read from its head only (a tenth of a full decode):
+    the retention sweep asks this of every user it passes. :class:`Corrupt` as :func:`decode`.
+
+    >>> last_ms_of(encode(UserState(last_ms=42)))
+    42
+    """
+    return decode_versioned(_head_decoder, raw, "features", STATE_VERSION, _Head).last_ms
+
+
 def decode_versioned(
     decoder: msgspec.msgpack.Decoder[V], raw: bytes | None, what: str, version: int, empty: Callable[[], V]
 ) -> V:

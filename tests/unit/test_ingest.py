@@ -121,6 +121,25 @@ def test_retention_evicts_inactive_users_a_slice_at_a_time() -> None:
     assert h.metrics.evicted._value.get() == 5 and not dead
 
 
+def test_retention_reads_only_the_head_of_a_recent_state_and_never_evicts_an_unreadable_one() -> None:
+    """The sweep judges most users by the head of their state; an old one is read in full first,
+    and one that cannot be read stays (it is counted when the user's next event reads it)."""
+    import msgspec
+
+    from features.state import STATE_VERSION, last_ms_of
+
+    day = 86_400_000
+    h, store, dead = handler(user_ttl_days=1, retention_sweep_batch=10)
+    h.process([rec("events.clickstream", pv(1, T - 3 * day, user="old"))])
+    # an old state whose head reads but whose body does not (ids must be a map)
+    store.data["broken"] = msgspec.msgpack.encode([STATE_VERSION, T - 3 * day, T - 3 * day, 1, 0, "x"])
+    assert last_ms_of(store.data["broken"]) == T - 3 * day
+    store.data["garbage"] = b"\xc1\xc1"
+    for i in range(3):
+        h.process([rec("events.clickstream", pv(100 + i, T + i, user="active"))])
+    assert sorted(store.data) == ["active", "broken", "garbage"] and not dead
+
+
 def test_retention_off_keeps_everyone() -> None:
     h, store, _ = handler(user_ttl_days=0)
     h.process([rec("events.clickstream", pv(1, T - 500 * 86_400_000, user="a"))])
