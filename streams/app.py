@@ -117,9 +117,18 @@ class FaustKV:
 
     def get(self, key: str) -> bytes | None:
         held, value = self.outbox.get(self.table, key)
-        if not held:
-            value = self.table.get(key)
-        out: bytes | None = value
+        if held:
+            out: bytes | None = value
+            return out
+        ref = _current_event.get(None)
+        event = ref() if ref is not None else None
+        if event is not None:
+            # Inside a partition's work: that partition's RocksDB, read once. The table's own get
+            # reads it twice (a contains, then the get) through four layers: 3.5% of the worker.
+            db = self.table.data._db_for_partition(event.message.partition)
+            raw: bytes | None = db.get(key.encode())
+            return raw
+        out = self.table.get(key)  # lookups between batches: the table finds the partition
         return out
 
     def set(self, key: str, value: bytes) -> None:
