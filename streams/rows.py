@@ -34,6 +34,22 @@ def encode_row(parts: list[bytes]) -> bytes:
     return _enc.encode(UserRow(parts[0], parts[1], parts[2]))
 
 
+class _FeaturesHead(msgspec.Struct, array_like=True):
+    features: bytes = b""
+
+
+_head = msgspec.msgpack.Decoder(_FeaturesHead)
+
+
+def features_of_row(raw: bytes) -> bytes:
+    """The features part of a stored row, the rest skipped unread (the retention sweep reads
+    hundreds of rows a batch for this part alone); as :func:`decode_row` otherwise."""
+    try:
+        return _head.decode(raw).features
+    except msgspec.DecodeError:
+        return raw  # a UserState written before rows existed
+
+
 def decode_row(raw: bytes | None) -> list[bytes]:
     """The three parts of a stored row; a value of the old features-only table is its features."""
     if not raw:
@@ -106,7 +122,9 @@ class UserRows:
         if user_id in self._deleted:
             return b""
         row = self._rows.get(user_id)
-        return (row if row is not None else decode_row(stored))[part]
+        if row is not None:
+            return row[part]
+        return features_of_row(stored) if part == FEATURES and stored else decode_row(stored)[part]
 
     def discard(self) -> None:
         """Forget unwritten changes (the partition's work failed: the worker stops, see app.py)."""
