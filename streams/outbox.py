@@ -41,6 +41,7 @@ writer sees or overwrites a row that is held here.
 from __future__ import annotations
 
 import asyncio
+import functools
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -62,6 +63,7 @@ class Outbox:
         self.writes: dict[tuple[int, Any], tuple[Any, Any, Any]] = {}  # (table, key) -> (table, event, value)
         self.last: dict[tuple[int, Any], tuple[Any, Any, Any]] = {}  # written once the writes are durable
         self.inflight: list[asyncio.Future[Any]] = []  # sent by a release, not yet known delivered
+        self._known: set[str] = set()  # output topics whose partitions the producer has looked up
         self._watching = False
 
     def watch(self, table: Any) -> None:
@@ -105,7 +107,10 @@ class Outbox:
         """Outputs and writes in the order above. Each step forgets what it has done, so a release
         that was interrupted (cancelled while it waited) can be called again and finishes the rest."""
         if self.early:
-            self.inflight += [topic.send_soon(key=k, value=v) for topic, k, v in self.early]
+            if self.producer is not None:
+                self.inflight += await self._send_outputs(self.producer(), self.early)
+            else:
+                self.inflight += [topic.send_soon(key=k, value=v) for topic, k, v in self.early]
             self.early.clear()
         await self._delivered()
         await self._write(self.writes)
@@ -114,8 +119,11 @@ class Outbox:
             await self._write(self.last)
         await self._delivered()  # the batch is acknowledged (and committed) only after its rows
         if self.late:
-            for topic, key, value in self.late:
-                topic.send_soon(key=key, value=value)
+            if self.producer is not None:
+                await self._send_outputs(self.producer(), self.late)  # not awaited: see step 4
+            else:
+                for topic, key, value in self.late:
+                    topic.send_soon(key=key, value=value)
             self.late.clear()
 
     async def _write(self, writes: dict[tuple[int, Any], tuple[Any, Any, Any]]) -> None:
@@ -168,30 +176,30 @@ class Outbox:
         producer = faust_producer._ensure_producer()
         for (_, p), (table, messages) in per_partition.items():
             topic = table.changelog_topic.get_topic_name()
-            batch, n = producer.create_batch(), 0
-            for kb, message in messages:
-                if batch.append(timestamp=None, key=kb, value=message) is None:
-                    if n == 0:
-                        msg = f"a {len(message or b'')}-byte changelog message of {topic} exceeds a batch"
-                        raise ValueError(msg)
-                    await self._submit(producer, batch, n, table, topic, p)
-                    batch, n = producer.create_batch(), 0
-                    batch.append(timestamp=None, key=kb, value=message)
-                n += 1
-            if n:
-                await self._submit(producer, batch, n, table, topic, p)
+            store = table.data
+            for fut, n in await send_batches(producer, topic, p, messages):
+                fut.add_done_callback(functools.partial(_persisted, store, TP(topic, p), n))
+                self.inflight.append(fut)
 
-    async def _submit(self, producer: Any, batch: Any, n: int, table: Any, topic: str, p: int) -> None:
-        """Send one changelog batch; once acknowledged, the partition's RocksDB records its offset."""
-        fut = await producer.send_batch(batch, topic, partition=p)
-        store = table.data
-
-        def persisted(f: asyncio.Future[Any]) -> None:
-            if not f.cancelled() and f.exception() is None:
-                store.set_persisted_offset(TP(topic, p), f.result().offset + n - 1)
-
-        fut.add_done_callback(persisted)
-        self.inflight.append(fut)
+    async def _send_outputs(self, faust_producer: Any, items: list[tuple[Any, bytes, bytes]]) -> list[Any]:
+        """Outputs in one producer batch per topic partition, each key's partition as the producer's
+        partitioner picks it for a single send (so a key's messages stay on one partition)."""
+        producer = faust_producer._ensure_producer()
+        groups: dict[tuple[str, int], list[tuple[bytes, bytes | None]]] = {}
+        for topic, key, value in items:
+            name = topic.get_topic_name()
+            if name not in self._known:
+                await producer.client._wait_on_metadata(name)
+                self._known.add(name)
+            p = producer._partition(name, None, key, value, key, value)
+            group = groups.get((name, p))
+            if group is None:
+                group = groups[(name, p)] = []
+            group.append((key, value))
+        futures = []
+        for (name, p), messages in groups.items():
+            futures += [fut for fut, _ in await send_batches(producer, name, p, messages)]
+        return futures
 
     async def _delivered(self) -> None:
         """Wait until the broker has every message sent so far; a failed send raises (the caller
@@ -202,3 +210,31 @@ class Outbox:
             for fut in self.inflight:
                 fut.result()
             self.inflight.clear()
+
+
+def _persisted(store: Any, tp: TP, n: int, fut: asyncio.Future[Any]) -> None:
+    """A changelog batch of ``n`` messages is acknowledged: the partition's RocksDB records its last
+    offset, as Faust's own changelog callback does per message (recovery reads on from there)."""
+    if not fut.cancelled() and fut.exception() is None:
+        store.set_persisted_offset(tp, fut.result().offset + n - 1)
+
+
+async def send_batches(
+    producer: Any, topic: str, partition: int, messages: list[tuple[bytes, bytes | None]]
+) -> list[tuple[asyncio.Future[Any], int]]:
+    """``messages`` (key, value; None: a tombstone) in order, in as few of aiokafka's producer batches
+    as fit; each batch's delivery future and how many messages it holds."""
+    out = []
+    batch, n = producer.create_batch(), 0
+    for key, value in messages:
+        if batch.append(timestamp=None, key=key, value=value) is None:
+            if n == 0:
+                msg = f"a {len(value or b'')}-byte message to {topic} does not fit a producer batch"
+                raise ValueError(msg)
+            out.append((await producer.send_batch(batch, topic, partition=partition), n))
+            batch, n = producer.create_batch(), 0
+            batch.append(timestamp=None, key=key, value=value)
+        n += 1
+    if n:
+        out.append((await producer.send_batch(batch, topic, partition=partition), n))
+    return out
