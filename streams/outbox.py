@@ -63,7 +63,6 @@ class Outbox:
         self.writes: dict[tuple[int, Any], tuple[Any, Any, Any]] = {}  # (table, key) -> (table, event, value)
         self.last: dict[tuple[int, Any], tuple[Any, Any, Any]] = {}  # written once the writes are durable
         self.inflight: list[asyncio.Future[Any]] = []  # sent by a release, not yet known delivered
-        self._known: set[str] = set()  # output topics whose partitions the producer has looked up
         self._watching = False
 
     def watch(self, table: Any) -> None:
@@ -107,10 +106,7 @@ class Outbox:
         """Outputs and writes in the order above. Each step forgets what it has done, so a release
         that was interrupted (cancelled while it waited) can be called again and finishes the rest."""
         if self.early:
-            if self.producer is not None:
-                self.inflight += await self._send_outputs(self.producer(), self.early)
-            else:
-                self.inflight += [topic.send_soon(key=k, value=v) for topic, k, v in self.early]
+            self.inflight += [topic.send_soon(key=k, value=v) for topic, k, v in self.early]
             self.early.clear()
         await self._delivered()
         await self._write(self.writes)
@@ -119,11 +115,8 @@ class Outbox:
             await self._write(self.last)
         await self._delivered()  # the batch is acknowledged (and committed) only after its rows
         if self.late:
-            if self.producer is not None:
-                await self._send_outputs(self.producer(), self.late)  # not awaited: see step 4
-            else:
-                for topic, key, value in self.late:
-                    topic.send_soon(key=key, value=value)
+            for topic, key, value in self.late:
+                topic.send_soon(key=key, value=value)
             self.late.clear()
 
     async def _write(self, writes: dict[tuple[int, Any], tuple[Any, Any, Any]]) -> None:
@@ -180,26 +173,6 @@ class Outbox:
             for fut, n in await send_batches(producer, topic, p, messages):
                 fut.add_done_callback(functools.partial(_persisted, store, TP(topic, p), n))
                 self.inflight.append(fut)
-
-    async def _send_outputs(self, faust_producer: Any, items: list[tuple[Any, bytes, bytes]]) -> list[Any]:
-        """Outputs in one producer batch per topic partition, each key's partition as the producer's
-        partitioner picks it for a single send (so a key's messages stay on one partition)."""
-        producer = faust_producer._ensure_producer()
-        groups: dict[tuple[str, int], list[tuple[bytes, bytes | None]]] = {}
-        for topic, key, value in items:
-            name = topic.get_topic_name()
-            if name not in self._known:
-                await producer.client._wait_on_metadata(name)
-                self._known.add(name)
-            p = producer._partition(name, None, key, value, key, value)
-            group = groups.get((name, p))
-            if group is None:
-                group = groups[(name, p)] = []
-            group.append((key, value))
-        futures = []
-        for (name, p), messages in groups.items():
-            futures += [fut for fut, _ in await send_batches(producer, name, p, messages)]
-        return futures
 
     async def _delivered(self) -> None:
         """Wait until the broker has every message sent so far; a failed send raises (the caller
