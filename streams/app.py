@@ -240,7 +240,7 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
     def send_dead_letter(dl: DeadLetter) -> None:
         deadletter.send_soon(key=dl.record.key, value=dl.record.value, headers=dl.headers())
 
-    outbox = Outbox(lambda: app.producer)
+    outbox = Outbox()
     outbox.watch(table)
     outbox.watch(marks)
     rows = UserRows(FaustKV(table, outbox))

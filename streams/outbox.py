@@ -19,13 +19,6 @@ matured) must not be durable before, respectively must be durable before, the ou
 futures of its own sends and of the changelog messages its writes cause (:meth:`watch`), not
 Faust's ``producer.flush()``, which returns once its buffer has been idle for 0.1 s.
 
-Given Faust's producer (the worker), a step's table writes skip Faust's table layers: each goes to
-its partition's RocksDB at once, and its changelog message into one producer batch per changelog
-partition (aiokafka's batch API), whose acknowledgement records the partition's persisted offset as
-Faust's own changelog callback does. Faust's table path sent and tracked every message alone:
-with the table layers, about a sixth of the worker's CPU. Faust's buffer is flushed first, so a
-change made through the table itself (an erasure) reaches the changelog before a later write.
-
 A release returns, and so lets Faust acknowledge and later commit the batch's source offsets,
 only once the rows' and watermarks' changelog messages are acknowledged: Faust's own flush before
 a commit returns after 0.1 s of idleness, so a commit could cover events whose rows a SIGKILL then
@@ -41,13 +34,10 @@ writer sees or overwrites a row that is held here.
 from __future__ import annotations
 
 import asyncio
-import functools
 import weakref
-from collections.abc import Callable
 from typing import Any
 
 from faust.streams import _current_event
-from faust.types import TP
 
 DELETE = object()  # a held write that removes the key
 
@@ -55,8 +45,7 @@ DELETE = object()  # a held write that removes the key
 class Outbox:
     """Held writes (read through by :meth:`get`) and outputs of the batch being processed."""
 
-    def __init__(self, producer: Callable[[], Any] | None = None) -> None:
-        self.producer = producer  # Faust's producer: table writes batched per changelog partition
+    def __init__(self) -> None:
         self.lock = asyncio.Lock()
         self.early: list[tuple[Any, bytes, bytes]] = []  # (topic, key, value): before the rows
         self.late: list[tuple[Any, bytes, bytes]] = []  # after the rows
@@ -109,22 +98,19 @@ class Outbox:
             self.inflight += [topic.send_soon(key=k, value=v) for topic, k, v in self.early]
             self.early.clear()
         await self._delivered()
-        await self._write(self.writes)
+        self._write(self.writes)
         if self.last:
             await self._delivered()  # the rows first: see the module docstring
-            await self._write(self.last)
+            self._write(self.last)
         await self._delivered()  # the batch is acknowledged (and committed) only after its rows
         if self.late:
             for topic, key, value in self.late:
                 topic.send_soon(key=key, value=value)
             self.late.clear()
 
-    async def _write(self, writes: dict[tuple[int, Any], tuple[Any, Any, Any]]) -> None:
+    def _write(self, writes: dict[tuple[int, Any], tuple[Any, Any, Any]]) -> None:
         """Apply held writes, each in its event's partition, keeping their changelog futures."""
         if not writes:
-            return
-        if self.producer is not None:
-            await self._write_direct(self.producer(), writes)
             return
         self._watching = True
         try:
@@ -141,39 +127,6 @@ class Outbox:
             self._watching = False
         writes.clear()
 
-    async def _write_direct(
-        self, faust_producer: Any, writes: dict[tuple[int, Any], tuple[Any, Any, Any]]
-    ) -> None:
-        """The writes to each partition's RocksDB, then their changelog messages in one batch per
-        changelog partition, in write order (see the module docstring)."""
-        per_partition: dict[tuple[int, int], tuple[Any, list[tuple[bytes, bytes | None]]]] = {}
-        for (_, key), (table, event, value) in writes.items():
-            p = event.message.partition
-            store = table.data
-            db = store._db_for_partition(p)
-            kb = key if isinstance(key, bytes) else key.encode()
-            if value is DELETE:
-                db.delete(kb)
-                store._key_index.pop(kb, None)
-                message: bytes | None = None
-            else:
-                db.put(kb, value)
-                store._key_index[kb] = p
-                message = value
-            entry = per_partition.get((id(table), p))
-            if entry is None:
-                entry = per_partition[(id(table), p)] = (table, [])
-            entry[1].append((kb, message))
-        writes.clear()
-        await faust_producer.buffer.flush()  # what went through the table itself goes first
-        producer = faust_producer._ensure_producer()
-        for (_, p), (table, messages) in per_partition.items():
-            topic = table.changelog_topic.get_topic_name()
-            store = table.data
-            for fut, n in await send_batches(producer, topic, p, messages):
-                fut.add_done_callback(functools.partial(_persisted, store, TP(topic, p), n))
-                self.inflight.append(fut)
-
     async def _delivered(self) -> None:
         """Wait until the broker has every message sent so far; a failed send raises (the caller
         stops the worker unacknowledged). ``asyncio.wait``, not ``gather``: a cancelled release must
@@ -183,31 +136,3 @@ class Outbox:
             for fut in self.inflight:
                 fut.result()
             self.inflight.clear()
-
-
-def _persisted(store: Any, tp: TP, n: int, fut: asyncio.Future[Any]) -> None:
-    """A changelog batch of ``n`` messages is acknowledged: the partition's RocksDB records its last
-    offset, as Faust's own changelog callback does per message (recovery reads on from there)."""
-    if not fut.cancelled() and fut.exception() is None:
-        store.set_persisted_offset(tp, fut.result().offset + n - 1)
-
-
-async def send_batches(
-    producer: Any, topic: str, partition: int, messages: list[tuple[bytes, bytes | None]]
-) -> list[tuple[asyncio.Future[Any], int]]:
-    """``messages`` (key, value; None: a tombstone) in order, in as few of aiokafka's producer batches
-    as fit; each batch's delivery future and how many messages it holds."""
-    out = []
-    batch, n = producer.create_batch(), 0
-    for key, value in messages:
-        if batch.append(timestamp=None, key=key, value=value) is None:
-            if n == 0:
-                msg = f"a {len(value or b'')}-byte message to {topic} does not fit a producer batch"
-                raise ValueError(msg)
-            out.append((await producer.send_batch(batch, topic, partition=partition), n))
-            batch, n = producer.create_batch(), 0
-            batch.append(timestamp=None, key=key, value=value)
-        n += 1
-    if n:
-        out.append((await producer.send_batch(batch, topic, partition=partition), n))
-    return out
