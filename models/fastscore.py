@@ -159,5 +159,5 @@ def compiled(
         rows.append(f"(0.0{body}) + {lit(bias)}")
     src = f"def dots(v):\n    return [{', '.join(rows)}]\n"
     scope: dict[str, object] = {"c": tuple(consts)}
-    exec(compile(src, "<fastscore>", "exec"), scope)  # noqa: S102 - our own numbers, not input
+    exec(compile(src, "<fastscore>", "exec"), scope)  # our own numbers, never input
     return scope["dots"]  # type: ignore[return-value]
