@@ -79,12 +79,19 @@ def _packed(values: Sequence[float]) -> bytes:
     return array("d", values).tobytes()
 
 
+DENSE = -1  # ``Snapshot.size`` of a layout-2 snapshot: ``vector`` holds every input
+
+
 class Snapshot(msgspec.Struct, array_like=True):
     """A scored snapshot waiting for its label.
 
-    The model inputs are stored packed (``vector``: float64 in the model's input order), since a
-    user's ledger is read and written whenever a label matures: a packed vector decodes as one
-    copy, a list of floats as one object per value.
+    The model inputs are stored sparse and packed: ``vector`` holds the non-zero ones (float64, in
+    the model's input order), ``at`` their positions (a byte each) and ``size`` how many inputs
+    there are. A user's ledger (up to ``max_pending`` snapshots per target) is part of the row
+    written whenever the user is touched, and about half the inputs of a snapshot are 0 (never
+    seen, empty windows): measured on the simulator, a ledger of 29 snapshots took 15.1 kB dense.
+    A packed vector decodes as one copy, a list of floats as one object per value. A snapshot of
+    layout 2 (dense ``vector``, no ``at``) reads with ``size`` :data:`DENSE`.
     """
 
     ts_ms: int
@@ -93,18 +100,27 @@ class Snapshot(msgspec.Struct, array_like=True):
     model_version: int
     label: int = UNKNOWN  # known early (a target event, or churn activity) before the horizon
     resolved_ms: int = 0  # event time the label became known
+    at: bytes = b""  # positions of the values in ``vector`` (layout 3)
+    size: int = DENSE  # number of inputs (layout 3); DENSE: ``vector`` is every input (layout 2)
 
     @classmethod
     def of(cls, ts_ms: int, features: Sequence[float], score: float, model_version: int) -> Snapshot:
         """A new snapshot of the inputs ``features`` (in the model's input order)."""
-        return cls(ts_ms, _packed(features), score, model_version)
+        at = bytes(i for i, v in enumerate(features) if v != 0.0)  # NaN is kept: NaN != 0
+        vector = _packed([features[i] for i in at])
+        return cls(ts_ms, vector, score, model_version, at=at, size=len(features))
 
     @property
     def features(self) -> list[float]:
-        """The model inputs, in the model's input order."""
+        """The model inputs, in the model's input order (a -0.0 reads as 0.0)."""
         values = array("d")
         values.frombytes(self.vector)
-        return values.tolist()
+        if self.size == DENSE:
+            return values.tolist()
+        out = [0.0] * self.size
+        for i, v in zip(self.at, values, strict=True):
+            out[i] = v
+        return out
 
 
 class Matured(msgspec.Struct, array_like=True):
@@ -117,7 +133,8 @@ class Matured(msgspec.Struct, array_like=True):
     resolved_ms: int
 
 
-LEDGER_VERSION = 2  # 2: snapshot inputs packed (1: a list of floats, read and upgraded)
+LEDGER_VERSION = 3  # 3: inputs sparse (2: packed, dense, read as is; 1: a list of floats, upgraded)
+READABLE_LEDGERS = (2, 3)
 
 
 class UserLedger(msgspec.Struct, array_like=True):

@@ -25,6 +25,7 @@ from models.changes import Announced, ChangeRules, detect
 from models.fastscore import FastScorer
 from models.ledger import (
     LEDGER_VERSION,
+    READABLE_LEDGERS,
     Matured,
     Snapshot,
     Target,
@@ -138,15 +139,25 @@ def decode_state(raw: bytes | None) -> ScoreState:
 
 
 def decode_ledger(raw: bytes | None) -> UserLedger:
-    """The stored ledger (an empty one when absent, a version-1 one upgraded); :class:`Corrupt` for
-    garbage or another version."""
+    """The stored ledger (an empty one when absent; one of layout 2 as it is, its snapshots dense;
+    one of layout 1 upgraded); :class:`Corrupt` for garbage or another version."""
+    if not raw:
+        return UserLedger()
     try:
-        return decode_versioned(_led_dec, raw, "ledger", LEDGER_VERSION, UserLedger)
-    except Corrupt:
-        old = upgrade_v1(raw) if raw else None
+        led = _led_dec.decode(raw)
+    except msgspec.DecodeError as exc:
+        old = upgrade_v1(raw)
         if old is None:
-            raise
+            raise Corrupt(what="ledger", detail=str(exc)) from None
         return old
+    if led.v in READABLE_LEDGERS:
+        led.v = LEDGER_VERSION  # written back in today's layout
+        return led
+    old = upgrade_v1(raw)  # a layout-1 ledger with nothing pending decodes as either
+    if old is None:
+        msg = f"layout version {led.v}, this version reads {', '.join(map(str, READABLE_LEDGERS))}"
+        raise Corrupt(what="ledger", detail=msg)
+    return old
 
 
 class LazyLedger:

@@ -113,6 +113,33 @@ def test_labels_equal_a_brute_force_lookahead_and_replay_equals_live(seed: int) 
 R = ChangeRules(thresholds=(0.2, 0.5), hysteresis=0.03, min_delta=0.15, cooldown_ms=1000)
 
 
+def test_snapshot_inputs_read_back_exactly_and_layout_2_ledgers_still_read() -> None:
+    import math
+    from array import array
+
+    import msgspec
+
+    from models.scoring import decode_ledger, encode
+
+    values = [0.0, 1.5, 0.0, -2.25, float("nan"), 0.0, 1e-300, -0.0, 3.0]
+    got = Snapshot.of(7, values, 0.5, 2).features
+    assert len(got) == len(values) and got[4] != got[4]  # NaN kept
+    assert [v for i, v in enumerate(got) if i != 4] == [v for i, v in enumerate(values) if i != 4]
+    assert math.copysign(1.0, got[7]) == 1.0  # -0.0 is stored as the 0 it equals
+    # zeros cost nothing: 62 inputs with 3 non-zero take far less than 62 float64s
+    sparse = [0.0] * 62
+    sparse[3], sparse[40], sparse[61] = 1.0, 2.0, 3.0
+    assert len(encode(UserLedger({"p": [Snapshot.of(1, sparse, 0.1, 1)]}))) < 62 * 8 / 4
+    # a ledger written by layout 2 (dense float64 inputs, no positions), as msgpack by hand
+    dense = array("d", [0.0, 4.0, 0.5]).tobytes()
+    raw = msgspec.msgpack.encode([{"purchase": [[11, dense, 0.25, 3, -1, 0]]}, 2])
+    led = decode_ledger(raw)
+    assert led.pending["purchase"][0].features == [0.0, 4.0, 0.5]
+    assert led.pending["purchase"][0].score == 0.25 and led.v == 3
+    again = decode_ledger(encode(led))  # written back in layout 3, read again the same
+    assert again.pending["purchase"][0].features == [0.0, 4.0, 0.5]
+
+
 def test_tiers_and_hysteresis() -> None:
     assert [tier_of(s, None, R) for s in (0.1, 0.2, 0.49, 0.5, 0.9)] == [0, 1, 1, 2, 2]
     assert tier_of(0.22, 0, R) == 0 and tier_of(0.23, 0, R) == 1  # must clear 0.2 by 0.03

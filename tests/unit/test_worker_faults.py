@@ -229,8 +229,8 @@ def test_every_part_decoder_names_what_it_could_not_read() -> None:
     led = UserLedger({"purchase": [Snapshot.of(1, [0.5], 0.25, 3)]})
     assert LazyLedger(lambda: encode(led)).get() == led
     assert (
-        msgspec.msgpack.decode(encode(led))[-1] == 2
-    )  # the ledger carries its layout version (2: packed inputs)
+        msgspec.msgpack.decode(encode(led))[-1] == 3
+    )  # the ledger carries its layout version (3: sparse packed inputs)
 
 
 # --- idle sources -----------------------------------------------------------------------------
