@@ -114,7 +114,12 @@ def measure(opts: dict[str, Any], bootstrap: str) -> dict[str, Any]:
             yield e
 
     n = phases.preload(
-        noting_users(simulate(SimConfig(users=users, seed=1, max_events=n))), settings, bootstrap, n
+        noting_users(
+            phases.ending_at(simulate(SimConfig(users=users, seed=1, max_events=n)), int(time.time() * 1000))
+        ),
+        settings,
+        bootstrap,
+        n,
     )
     out.update(events=n, users=users, active_users=len(active))
 

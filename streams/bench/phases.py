@@ -31,6 +31,23 @@ def preload(events: Iterable[Mapping[str, object]], settings: Settings, bootstra
     return publish(events, settings, bootstrap=bootstrap, progress=Progress("  preload", total, every_s=5.0))
 
 
+def ending_at(events: Iterable[dict[str, object]], end_ms: int) -> list[dict[str, object]]:
+    """The events with their times moved so that the newest is at ``end_ms``, gaps and order kept.
+
+    A history cut at ``max_events`` ends days before the end of its simulated span, and the latency
+    phase sends events stamped with the wall clock: its first batch would move every partition's
+    clock days at once and fire every silence point and horizon of every user together (measured:
+    60,000 events of 3,000 users ended 22 days before now, and the e2e p50 was 5.7 s at 1,000/s).
+    Ending the history at the preload makes the latency phase measure a stream that goes on.
+    """
+    out = list(events)
+    if out:
+        shift = end_ms - max(int(e["ts"]) for e in out)  # type: ignore[call-overload]
+        for e in out:
+            e["ts"] = int(e["ts"]) + shift  # type: ignore[call-overload]
+    return out
+
+
 class Rate(NamedTuple):
     """A phase's throughput: events per wall-clock second, and per CPU second of the consuming process.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from pathlib import Path
@@ -123,3 +124,18 @@ def test_cpu_seconds_of_a_process_that_is_not_there_are_missing_not_zero(tmp_pat
     p = Proc({}, tmp_path / "d", tmp_path / "log", ("-c", "pass"))
     assert math.isnan(p.cpu_s())  # never started
     assert fmt(1000 / max(p.cpu_s() - 0.0, 1e-9)) == "-"
+
+
+def test_the_preloaded_history_ends_at_the_preload_keeping_order_and_gaps() -> None:
+    from streams.bench.phases import ending_at
+    from traffic.simulator import SimConfig, simulate
+
+    events = list(simulate(SimConfig(users=50, seed=3, max_events=2_000, start_ms=1_000_000_000_000)))
+    before = [int(e["ts"]) for e in events]  # type: ignore[call-overload]
+    assert 1_700_000_000_000 - max(before) > 86_400_000  # the cut history ends well before "now"
+    moved = ending_at([dict(e) for e in events], 1_700_000_000_000)
+    after = [int(e["ts"]) for e in moved]  # type: ignore[call-overload]
+    assert max(after) == 1_700_000_000_000
+    assert [b - a for a, b in itertools.pairwise(before)] == [b - a for a, b in itertools.pairwise(after)]
+    assert [e["event_id"] for e in moved] == [e["event_id"] for e in events]
+    assert ending_at([], 5) == []
