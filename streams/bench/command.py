@@ -10,6 +10,7 @@ real-data replay when the file is there. Progress goes to stderr, the table to s
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 import tempfile
@@ -223,6 +224,7 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, object]]:
         u = f"{g['users']:,} users"
         out += [
             (f"growth {u}: per-event cost", "us/event", g["us_per_event"]),
+            (f"growth {u}: per timer fire (quiet users)", "us/fire", g.get("us_per_fire", math.nan)),
             (f"growth {u}: peak RSS", "MiB", g["peak_rss_mb"]),
             (f"growth {u}: RocksDB bytes per user", "B/user", g["rocksdb_bytes_per_user"]),
         ]

@@ -249,6 +249,7 @@ def growth(sizes: list[int], events: int, folder: Path, say: Say) -> list[dict[s
         row = json.loads(res.stdout.strip().splitlines()[-1])
         say(
             f"  growth: {users:,} users: {row['us_per_event']:.0f} us/event, "
+            f"{row['us_per_fire']:.0f} us per timer fire ({row['fires']:,}), "
             f"peak RSS {row['peak_rss_mb']:.0f} MiB, {row['rocksdb_bytes_per_user']:.0f} B/user"
         )
         out.append(row)

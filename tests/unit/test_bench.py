@@ -79,14 +79,26 @@ def test_rows_hold_the_ratios_and_one_line_per_growth_figure() -> None:
         "recovery_s": 4.0,
         "recovery_s_per_100k_users": 40.0,
         "growth": [
-            {"users": 10, "us_per_event": 1.0, "peak_rss_mb": 2.0, "rocksdb_bytes_per_user": 3.0},
-            {"users": 100, "us_per_event": 1.0, "peak_rss_mb": 2.0, "rocksdb_bytes_per_user": 3.0},
+            {
+                "users": 10,
+                "us_per_event": 1.0,
+                "us_per_fire": 4.0,
+                "peak_rss_mb": 2.0,
+                "rocksdb_bytes_per_user": 3.0,
+            },
+            {
+                "users": 100,
+                "us_per_event": 1.0,
+                "us_per_fire": 4.0,
+                "peak_rss_mb": 2.0,
+                "rocksdb_bytes_per_user": 3.0,
+            },
         ],
     }
     names = [r[0] for r in rows(result)]
     assert "pipeline / naive" in names and "pipeline / raw consumer" in names
     assert "full pipeline per worker CPU second" in names and "pipeline / naive, per CPU second" in names
-    assert sum(n.startswith("growth") for n in names) == 6
+    assert sum(n.startswith("growth") for n in names) == 8
 
 
 def test_a_process_cpu_seconds_come_from_proc_and_count_its_work(tmp_path: Path) -> None:
@@ -139,3 +151,13 @@ def test_the_preloaded_history_ends_at_the_preload_keeping_order_and_gaps() -> N
     assert [b - a for a, b in itertools.pairwise(before)] == [b - a for a, b in itertools.pairwise(after)]
     assert [e["event_id"] for e in moved] == [e["event_id"] for e in events]
     assert ending_at([], 5) == []
+
+
+def test_growth_times_events_before_any_filled_user_goes_quiet_then_every_fire(tmp_path: Path) -> None:
+    from streams.bench.growth import measure
+
+    row = measure(300, 400, tmp_path / "g")
+    # the fill and the timed events lie within one hour of the fill's start, then the clock passes
+    # two hours: every user's first silence point (1 h) fires once, and only then
+    assert row["fires"] == 300
+    assert row["us_per_event"] > 0 and row["us_per_fire"] > 0
