@@ -162,6 +162,11 @@ def measure(opts: dict[str, Any], bootstrap: str) -> dict[str, Any]:
         nv.stop()
     out["naive_events_per_s"], out["naive_events_per_cpu_s"] = naive
     say(f"  naive: {naive.per_s:,.0f} events/s, {naive.per_cpu_s:,.0f} per CPU second")
+    say(f"[+] peer: Quix Streams, the same per-user rolling counts, over all {n:,} events ...")
+    peer = phases.quix_peer(settings, bootstrap, n, tmp, uid, say)
+    if peer is not None:
+        out["quix_events_per_s"], out["quix_events_per_cpu_s"] = peer
+        out["vs_quix_cpu"] = out["worker_events_per_cpu_s"] / peer.per_cpu_s
     out["vs_raw"] = out["events_per_s"] / out["raw_events_per_s"]
     out["vs_naive"] = out["events_per_s"] / out["naive_events_per_s"]
     # the same ratios per CPU second of the process doing the work: what the noise leaves alone
@@ -209,6 +214,14 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, object]]:
         ("naive baseline per CPU second", "events/CPU-s", r["naive_events_per_cpu_s"]),
         ("pipeline / raw consumer, per CPU second", "ratio", r["vs_raw_cpu"]),
         ("pipeline / naive, per CPU second", "ratio", r["vs_naive_cpu"]),
+    ]
+    if "quix_events_per_cpu_s" in r:  # the peer runs only with the peer extra installed
+        out += [
+            ("Quix Streams peer (rolling counts only)", "events/s", r["quix_events_per_s"]),
+            ("Quix Streams peer per CPU second", "events/CPU-s", r["quix_events_per_cpu_s"]),
+            ("pipeline / Quix peer, per CPU second", "ratio", r["vs_quix_cpu"]),
+        ]
+    out += [
         (f"e2e produce->change p50 @ {r['offered_events_per_s']:,.0f}/s", "ms", r["e2e_p50_ms"]),
         ("e2e produce->change p95", "ms", r["e2e_p95_ms"]),
         ("e2e produce->change p99", "ms", r["e2e_p99_ms"]),

@@ -229,6 +229,33 @@ def latency(
     }
 
 
+def quix_peer(
+    settings: Settings, bootstrap: str, expect: int, folder: Path, group: str, say: Say
+) -> Rate | None:
+    """The Quix Streams peer (``streams/bench/quix_peer.py``) over the preloaded topics, in a process of
+    its own; None (said why) when the ``peer`` extra is absent or the run fails."""
+    import importlib.util
+
+    if importlib.util.find_spec("quixstreams") is None:
+        say("  peer: quixstreams is not installed (pip install 'propstream[peer]'): skipped")
+        return None
+    argv = [sys.executable, "-m", "streams.bench.quix_peer", bootstrap, ",".join(settings.source_topics)]
+    argv += [f"propstream-bench-quix-{group}", str(folder / "quix"), str(expect)]
+    try:
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=1800, check=False)
+    except subprocess.TimeoutExpired:
+        say("  peer: no result in 30 minutes: skipped")
+        return None
+    lines = res.stdout.strip().splitlines()
+    if res.returncode != 0 or not lines:
+        say(f"  peer: failed (exit {res.returncode}): {res.stderr.strip()[-300:]}")
+        return None
+    row = json.loads(lines[-1])
+    rate = Rate(row["events_per_s"], row["events_per_cpu_s"])
+    say(f"  peer: {rate.per_s:,.0f} events/s, {rate.per_cpu_s:,.0f} per CPU second")
+    return rate
+
+
 def growth(sizes: list[int], events: int, folder: Path, say: Say) -> list[dict[str, float]]:
     out = []
     for users in sizes:

@@ -99,6 +99,11 @@ def test_rows_hold_the_ratios_and_one_line_per_growth_figure() -> None:
     assert "pipeline / naive" in names and "pipeline / raw consumer" in names
     assert "full pipeline per worker CPU second" in names and "pipeline / naive, per CPU second" in names
     assert sum(n.startswith("growth") for n in names) == 8
+    assert not any("Quix" in n for n in names)  # the peer did not run: no row, no made-up figure
+    peer = {**result, "quix_events_per_s": 90.0, "quix_events_per_cpu_s": 80.0, "vs_quix_cpu": 0.5}
+    figures = {r[0]: r[2] for r in rows(peer)}
+    assert figures["Quix Streams peer per CPU second"] == 80.0
+    assert figures["pipeline / Quix peer, per CPU second"] == 0.5
 
 
 def test_a_process_cpu_seconds_come_from_proc_and_count_its_work(tmp_path: Path) -> None:
