@@ -215,7 +215,7 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, object]]:
         ("pipeline / raw consumer, per CPU second", "ratio", r["vs_raw_cpu"]),
         ("pipeline / naive, per CPU second", "ratio", r["vs_naive_cpu"]),
     ]
-    if "quix_events_per_cpu_s" in r:  # the peer runs only with the peer extra installed
+    if "quix_events_per_cpu_s" in r:  # the peer runs only where quixstreams is installed
         out += [
             ("Quix Streams peer (rolling counts only)", "events/s", r["quix_events_per_s"]),
             ("Quix Streams peer per CPU second", "events/CPU-s", r["quix_events_per_cpu_s"]),

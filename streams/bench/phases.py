@@ -233,11 +233,11 @@ def quix_peer(
     settings: Settings, bootstrap: str, expect: int, folder: Path, group: str, say: Say
 ) -> Rate | None:
     """The Quix Streams peer (``streams/bench/quix_peer.py``) over the preloaded topics, in a process of
-    its own; None (said why) when the ``peer`` extra is absent or the run fails."""
+    its own; None (said why) when quixstreams is not installed or the run fails."""
     import importlib.util
 
     if importlib.util.find_spec("quixstreams") is None:
-        say("  peer: quixstreams is not installed (pip install 'propstream[peer]'): skipped")
+        say("  peer: quixstreams is not installed (pip install 'quixstreams>=3.28,<4'): skipped")
         return None
     argv = [sys.executable, "-m", "streams.bench.quix_peer", bootstrap, ",".join(settings.source_topics)]
     argv += [f"propstream-bench-quix-{group}", str(folder / "quix"), str(expect)]

@@ -8,7 +8,10 @@ per user and event type, counts per minute, hour and day bucket in Quix's RocksD
 30 days), and the window sums computed per event as ours are. No validation, no scoring, no
 outputs: a lower bound on what a Quix application doing our job would cost.
 
-Needs the ``peer`` extra (``pip install 'propstream[peer]'``); the bench skips it when absent.
+Needs ``pip install 'quixstreams>=3.28,<4'`` beside propstream, and the bench skips it when absent. It
+is not an extra of ours: it pins pydantic below 2.14 and pydantic-settings below 2.16, and an extra
+is locked with everything else (``constraints.txt``), so it would hold the product's own
+dependencies back for a benchmark.
 """
 
 from __future__ import annotations
