@@ -22,7 +22,7 @@ True
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from models.online import OnlineModel
 
@@ -57,11 +57,7 @@ class FastScorer:
 
     Plain Python over per-model term lists: for two models of about 60 inputs, numpy's per-call
     overhead (array, four vector operations, ``cumsum``) cost twice this loop (32 against 17 us a
-    vector, ``tests/unit/test_fastscore.py`` holds it to River's floats). A model state scored
-    ``COMPILE_AFTER`` times is compiled into one expression with its numbers as literals (see
-    :func:`compiled`): the same operations in the same order, so the same floats, in a third of
-    the time. A state that changes sooner (``propstream eval`` learns between scores) never pays
-    for the compile.
+    vector, ``tests/unit/test_fastscore.py`` holds it to River's floats).
     """
 
     def __init__(self) -> None:
@@ -72,8 +68,6 @@ class FastScorer:
         self._terms: list[tuple[list[tuple[int, float, float, float]], float]] = []
         # the last answer: the scoring core asks twice for one input vector (snapshot, then rescore)
         self._memo: tuple[object, list[float]] = (None, [])
-        self._uses = 0  # scores of the loaded state, until it is compiled
-        self._dots: Callable[[Sequence[float]], list[float]] | None = None
 
     def _load(self, models: Sequence[OnlineModel], names: tuple[str, ...]) -> None:
         # the model object itself is compared (not its id): a freed model's id may be reused
@@ -97,8 +91,6 @@ class FastScorer:
         self._names, self._models, self._terms = names, list(models), terms
         self._seen = [m.positives + m.negatives for m in models]
         self._memo = (None, [])
-        self._uses = 0
-        self._dots = None
 
     def scores(self, models: Sequence[OnlineModel], x: Mapping[str, float]) -> list[float]:
         """``[m.score(x) for m in models]``, the same floats."""
@@ -115,49 +107,11 @@ class FastScorer:
         seen, out = self._memo
         if seen is values:  # the same vector object (held here) and models
             return list(out)
-        dots = self._dots
-        if dots is None:
-            self._uses += 1
-            if self._uses >= COMPILE_AFTER:
-                dots = self._dots = compiled(self._terms)
-        if dots is not None:
-            out = [sigmoid(z) for z in dots(values)]
-        else:
-            out = []
-            for terms, bias in self._terms:
-                dot = 0.0  # summed in input order, one term at a time, as River's VectorDict.dot
-                for i, mean, scale, w in terms:
-                    dot += w * ((values[i] - mean) / scale)
-                out.append(sigmoid(dot + bias))
+        out = []
+        for terms, bias in self._terms:
+            dot = 0.0  # summed in input order, one term at a time, as River's VectorDict.dot
+            for i, mean, scale, w in terms:
+                dot += w * ((values[i] - mean) / scale)
+            out.append(sigmoid(dot + bias))
         self._memo = (values, out)
         return list(out)
-
-
-COMPILE_AFTER = 64
-
-
-def compiled(
-    terms: Sequence[tuple[Sequence[tuple[int, float, float, float]], float]],
-) -> Callable[[Sequence[float]], list[float]]:
-    """The logits of ``terms`` as one generated function: ``[((0.0 + w*((v[i]-m)/s)) + ...) + b]``.
-
-    Python adds ``a + b + c`` left to right, so the sum is River's sequential one, term by term;
-    ``repr`` of a float reads back as the same float. A non-finite number (which ``repr`` would
-    not write as a literal) falls back to the loop's own arithmetic through a closure.
-    """
-    consts: list[float] = []
-
-    def lit(x: float) -> str:
-        if math.isfinite(x):
-            return f"({x!r})"
-        consts.append(x)
-        return f"c[{len(consts) - 1}]"
-
-    rows = []
-    for model_terms, bias in terms:
-        body = "".join(f" + {lit(w)} * ((v[{i}] - {lit(m)}) / {lit(s)})" for i, m, s, w in model_terms)
-        rows.append(f"(0.0{body}) + {lit(bias)}")
-    src = f"def dots(v):\n    return [{', '.join(rows)}]\n"
-    scope: dict[str, object] = {"c": tuple(consts)}
-    exec(compile(src, "<fastscore>", "exec"), scope)  # our own numbers, never input
-    return scope["dots"]  # type: ignore[return-value]

@@ -177,10 +177,10 @@ def fire_all(handler: IngestHandler, settings: Settings, clock_ms: int) -> tuple
     then waits (each batch fires at most ``timer_fires_per_batch``); returns (fires, seconds)."""
     stage = handler.stage
     assert stage is not None
-    counter = handler.metrics.registry
+    registry = handler.metrics.registry
 
     def fires() -> float:
-        return counter.get_sample_value("propstream_timer_users_fired_total") or 0.0
+        return registry.get_sample_value("propstream_timer_users_fired_total") or 0.0
 
     before, t0, n = fires(), time.perf_counter(), 0
     while True:

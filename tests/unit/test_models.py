@@ -138,6 +138,10 @@ def test_snapshot_inputs_read_back_exactly_and_layout_2_ledgers_still_read() -> 
     assert led.pending["purchase"][0].score == 0.25 and led.v == 3
     again = decode_ledger(encode(led))  # written back in layout 3, read again the same
     assert again.pending["purchase"][0].features == [0.0, 4.0, 0.5]
+    # a snapshot stores each input's position in one byte: a model of over 256 inputs needs a layout 4
+    from models.online import INPUT_NAMES
+
+    assert len(INPUT_NAMES) <= 256
 
 
 def test_tiers_and_hysteresis() -> None:
