@@ -271,6 +271,7 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
 
     async def ingest(stream: Any) -> None:  # faust's StreamT stub lacks take_events
         async for batch in stream.take_events(settings.batch_size, within=settings.batch_within_s):
+            started_ms = int(time.time() * 1000)  # the outputs' timing header (streams/outbox.py)
             # Score a backlog with the published models, not version 0. The wait is inside the loop:
             # until the stream is iterated it has no channel, and Faust's conductor hands a record
             # that arrives then to nobody (its offset is committed all the same: the event is lost).
@@ -283,6 +284,7 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
                     metrics.stale_records.inc(stale)
                 if not records:
                     continue
+                outbox.started_ms = started_ms
                 try:
                     handler.process(records)
                     await outbox.release()
@@ -301,6 +303,7 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
     async def idle_clock() -> None:
         """Live only: quiet partitions move their event-time clock on, so their timers fire."""
         async with outbox.lock:
+            outbox.started_ms = int(time.time() * 1000)
             try:
                 handler.tick()
             except Exception as exc:

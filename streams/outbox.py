@@ -34,12 +34,22 @@ writer sees or overwrites a row that is held here.
 from __future__ import annotations
 
 import asyncio
+import time
 import weakref
 from typing import Any
 
 from faust.streams import _current_event
 
 DELETE = object()  # a held write that removes the key
+
+
+BATCH_HEADER = "propstream.batch_ms"  # wall ms the worker began the batch that made the output
+SENT_HEADER = "propstream.sent_ms"  # wall ms the worker handed it to its producer
+
+
+def timing_headers(started_ms: int) -> list[tuple[str, bytes]]:
+    """Headers of a change or trigger event that split its latency: batch start, then send."""
+    return [(BATCH_HEADER, str(started_ms).encode()), (SENT_HEADER, str(int(time.time() * 1000)).encode())]
 
 
 class Outbox:
@@ -52,6 +62,7 @@ class Outbox:
         self.writes: dict[tuple[int, Any], tuple[Any, Any, Any]] = {}  # (table, key) -> (table, event, value)
         self.last: dict[tuple[int, Any], tuple[Any, Any, Any]] = {}  # written once the writes are durable
         self.inflight: list[asyncio.Future[Any]] = []  # sent by a release, not yet known delivered
+        self.started_ms = 0  # wall ms the batch began (headers of its outputs: where latency went)
         self._watching = False
 
     def watch(self, table: Any) -> None:
@@ -95,7 +106,8 @@ class Outbox:
         """Outputs and writes in the order above. Each step forgets what it has done, so a release
         that was interrupted (cancelled while it waited) can be called again and finishes the rest."""
         if self.early:
-            self.inflight += [topic.send_soon(key=k, value=v) for topic, k, v in self.early]
+            headers = timing_headers(self.started_ms)
+            self.inflight += [topic.send_soon(key=k, value=v, headers=headers) for topic, k, v in self.early]
             self.early.clear()
         await self._delivered()
         self._write(self.writes)

@@ -6,6 +6,8 @@ state live in the same partition number everywhere (co-partitioning).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
@@ -36,8 +38,13 @@ def topic_specs(settings: Settings) -> dict[str, tuple[int, dict[str, str]]]:
     return specs
 
 
-def ensure_topics(settings: Settings, bootstrap: str | None = None) -> list[str]:
-    """Create missing event topics; returns the names created. Raises on partition mismatch."""
+def ensure_topics(
+    settings: Settings, bootstrap: str | None = None, extra: Mapping[str, str] | None = None
+) -> list[str]:
+    """Create missing event topics; returns the names created. Raises on partition mismatch.
+
+    ``extra``: topic configs added to every topic created (the bench asks for broker append times).
+    """
     servers = bootstrap or settings.broker_url
     admin = KafkaAdminClient(
         bootstrap_servers=servers, client_id="propstream-admin", request_timeout_ms=30000
@@ -52,7 +59,10 @@ def ensure_topics(settings: Settings, bootstrap: str | None = None) -> list[str]
                 admin.create_topics(
                     [
                         NewTopic(
-                            t, num_partitions=wanted[t][0], replication_factor=1, topic_configs=wanted[t][1]
+                            t,
+                            num_partitions=wanted[t][0],
+                            replication_factor=1,
+                            topic_configs={**wanted[t][1], **(extra or {})},
                         )
                         for t in missing
                     ]

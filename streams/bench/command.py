@@ -24,10 +24,12 @@ import click
 
 from streams.bench import phases
 from streams.bench.proc import Proc
-from streams.bench.stats import machine, profile_top, table
+from streams.bench.stats import fmt, machine, profile_top, table
 from streams.cli_common import DURATION_HELP, Duration, stop_broker_after
 from streams.settings import Settings
 
+# the bench's topics stamp records with the broker's append time: the latency split reads it
+APPEND_TIME = {"message.timestamp.type": "LogAppendTime"}
 REAL = Path("../shared/data/taobao_timeslice/user_behavior_timeslice.csv")
 
 
@@ -104,7 +106,7 @@ def measure(opts: dict[str, Any], bootstrap: str) -> dict[str, Any]:
     users = max(1000, n // 20)
     env = run_env(uid, bootstrap, "sim")
     settings = settings_of(env)
-    ensure_topics(settings, bootstrap)
+    ensure_topics(settings, bootstrap, extra=APPEND_TIME)
     say(f"bench: broker {bootstrap}, state in {tmp}")
     say(f"[1/7] preloading {n:,} simulated events of {users:,} users ...")
     active: set[object] = set()
@@ -226,6 +228,11 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, object]]:
         ("e2e produce->change p95", "ms", r["e2e_p95_ms"]),
         ("e2e produce->change p99", "ms", r["e2e_p99_ms"]),
         ("change events measured", "count", r["changes"]),
+        *(
+            (f"  {label} p50 / p99", "ms", f"{fmt(st['p50_ms'])} / {fmt(st['p99_ms'])}")
+            for name, label in phases.STAGES
+            if (st := r.get("stages", {}).get(name)) is not None
+        ),
         ("feature lookup p50 (HTTP, under load)", "ms", r["lookup_p50_ms"]),
         ("feature lookup p99 (HTTP, under load)", "ms", r["lookup_p99_ms"]),
         ("feature lookups unanswered in 10 s", "count", r["lookup_timeouts"]),

@@ -139,29 +139,69 @@ def live_events(users: list[str], n: int, seed: int) -> list[dict[str, object]]:
     return out
 
 
+STAGES = (
+    ("produce", "producer -> broker append"),
+    ("to_batch", "append -> batch start in the worker"),
+    ("batch", "batch processing"),
+    ("out_append", "change-event send -> append"),
+    ("to_bench", "append -> the bench's consumer"),
+)
+
+
+def stage_split(
+    sent_ms: float, appended_ms: int, headers: Mapping[str, bytes], out_append_ms: int, seen_ms: float
+) -> dict[str, float] | None:
+    """One change event's latency, stage by stage (ms), from the five times it passed; None when the
+    event lacks the worker's timing headers. Broker times are the topics' ``LogAppendTime``.
+
+    >>> h = {"propstream.batch_ms": b"1010", "propstream.sent_ms": b"1040"}
+    >>> stage_split(1000.0, 1002, h, 1045, 1046.5)
+    {'produce': 2.0, 'to_batch': 8.0, 'batch': 30.0, 'out_append': 5.0, 'to_bench': 1.5}
+    """
+    from streams.outbox import BATCH_HEADER, SENT_HEADER
+
+    try:
+        batch, sent = int(headers[BATCH_HEADER]), int(headers[SENT_HEADER])
+    except (KeyError, ValueError):
+        return None
+    times = (sent_ms, appended_ms, batch, sent, out_append_ms, seen_ms)
+    return {name: float(times[i + 1] - times[i]) for i, (name, _) in enumerate(STAGES)}
+
+
 def latency(
     proc: Proc, settings: Settings, bootstrap: str, users: list[str], rate: float, seconds: float, say: Say
 ) -> dict[str, Any]:
-    """Offer ``rate`` events/s for ``seconds``: produce -> change event consumed, and lookups meanwhile."""
-    sent: dict[str, float] = {}
+    """Offer ``rate`` events/s for ``seconds``: produce -> change event consumed, split by stage, and
+    lookups meanwhile. The bench's topics keep broker append times (``LogAppendTime``), so the
+    producer's acknowledgement and the change event's record carry when each reached the log."""
+    sent: dict[str, float] = {}  # event id -> wall ms sent
+    appended: dict[str, int] = {}  # event id -> broker append ms
     seen: list[float] = []
+    stages: dict[str, list[float]] = {name: [] for name, _ in STAGES}
     stop = threading.Event()
     consumer = KafkaConsumer(
         settings.topic_changes,
         bootstrap_servers=bootstrap,
         auto_offset_reset="latest",
         enable_auto_commit=False,
+        fetch_max_wait_ms=10,
     )
     consumer.poll(timeout_ms=1000)  # join before producing, so no change is missed
 
     def read_changes() -> None:
         while not stop.is_set():
             for records in consumer.poll(timeout_ms=200).values():
-                now = time.time()
+                now = time.time() * 1000
                 for r in records:
-                    t = sent.get(json.loads(r.value).get("event_id", ""))
-                    if t is not None:
-                        seen.append((now - t) * 1000)
+                    eid = json.loads(r.value).get("event_id", "")
+                    t = sent.get(eid)
+                    if t is None:
+                        continue
+                    seen.append(now - t)
+                    at = appended.get(eid)
+                    split = None if at is None else stage_split(t, at, dict(r.headers), r.timestamp, now)
+                    for name, ms in (split or {}).items():
+                        stages[name].append(ms)
 
     lookups: list[float] = []
     timeouts = 0
@@ -192,6 +232,13 @@ def latency(
     producer = make_producer(bootstrap)
     enc = msgspec.json.Encoder()
     events = live_events(users, int(rate * seconds), seed=11)
+
+    def on_append(eid: str) -> Callable[[Any], None]:
+        def done(meta: Any) -> None:
+            appended[eid] = meta.timestamp
+
+        return done
+
     t_start = time.monotonic()
     last = t_start
     for i, ev in enumerate(events):
@@ -200,8 +247,11 @@ def latency(
             time.sleep(ahead)
         now = time.time()
         ev["ts"] = int(now * 1000)
-        sent[str(ev["event_id"])] = now
-        producer.send(topic_for(ev["type"], settings), key=str(ev["user_id"]).encode(), value=enc.encode(ev))
+        eid = str(ev["event_id"])
+        sent[eid] = now * 1000
+        key = str(ev["user_id"]).encode()
+        fut = producer.send(topic_for(ev["type"], settings), key=key, value=enc.encode(ev))
+        fut.add_callback(on_append(eid))
         if time.monotonic() - last > 5:
             last = time.monotonic()
             say(
@@ -216,7 +266,7 @@ def latency(
         th.join(5)
     producer.close()
     consumer.close()
-    return {
+    out: dict[str, Any] = {
         "offered_events_per_s": offered,
         "changes": len(seen),
         "e2e_p50_ms": percentile(seen, 50),
@@ -227,6 +277,11 @@ def latency(
         "lookup_p50_ms": percentile(lookups, 50),
         "lookup_p99_ms": percentile(lookups, 99),
     }
+    out["stages"] = {
+        name: {"p50_ms": percentile(v, 50), "p99_ms": percentile(v, 99), "n": len(v)}
+        for name, v in stages.items()
+    }
+    return out
 
 
 def quix_peer(

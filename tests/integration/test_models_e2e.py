@@ -84,6 +84,7 @@ def tier_allowed(tier: str, score: float) -> bool:
 def test_change_events_validate_and_follow_the_rules(
     settings: Settings, make_worker: Any, kafka: str
 ) -> None:
+    started_ms = time.time() * 1000
     worker = make_worker(**LEARNING).start()
     events = sim(users=300, days=12, seed=11)
     cut = int(len(events) * 0.7)
@@ -118,6 +119,10 @@ def test_change_events_validate_and_follow_the_rules(
         if ch["target"] == "churn":
             assert ch["reason"] == f"churn_risk_{ch['direction']}"
         assert len(ch["top_factors"]) == 5
+        # where its latency went: the batch began, the change was encoded, sent, then appended
+        h = dict(msg.headers)
+        batch_ms, sent_ms = int(h["propstream.batch_ms"]), int(h["propstream.sent_ms"])
+        assert started_ms <= batch_ms <= ch["emit_ts_ms"] <= sent_ms <= msg.timestamp + 1, (h, ch)
 
     user = json.loads(msgs[-1].value)["user_id"]
     status, body = worker.get(f"/users/{user}")

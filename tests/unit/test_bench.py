@@ -104,6 +104,10 @@ def test_rows_hold_the_ratios_and_one_line_per_growth_figure() -> None:
     figures = {r[0]: r[2] for r in rows(peer)}
     assert figures["Quix Streams peer per CPU second"] == 80.0
     assert figures["pipeline / Quix peer, per CPU second"] == 0.5
+    split = {**result, "stages": {"batch": {"p50_ms": 12.0, "p99_ms": 1500.0, "n": 3}}}
+    figures = {r[0]: r[2] for r in rows(split)}
+    assert figures["  batch processing p50 / p99"] == "12 / 1,500"  # only the stages measured
+    assert not any("append -> batch start" in n for n in figures)
 
 
 def test_a_process_cpu_seconds_come_from_proc_and_count_its_work(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ test sees what was sent, written and awaited, and when (the broker is the integr
 from __future__ import annotations
 
 import asyncio
+import time
 import weakref
 from typing import Any
 
@@ -37,8 +38,11 @@ class FakeTopic:
     def __init__(self, name: str, log: Log) -> None:
         self.name, self.log = name, log
 
-    def send_soon(self, key: bytes, value: bytes) -> asyncio.Future[None]:
+    def send_soon(
+        self, key: bytes, value: bytes, headers: list[tuple[str, bytes]] | None = None
+    ) -> asyncio.Future[None]:
         self.log.entries.append((f"send {self.name}", key))
+        self.headers = headers
         return self.log.future()
 
 
@@ -213,5 +217,28 @@ def test_a_release_returns_only_once_its_rows_and_watermarks_are_acknowledged() 
         assert not task.done(), "returned with the watermark's message unacknowledged"
         log.ack_all()
         await task
+
+    asyncio.run(run())
+
+
+def test_outputs_carry_when_their_batch_began_and_when_they_were_sent() -> None:
+    """The timing headers the bench splits latency by: batch start as the caller set it, then a send
+    time taken at the release (read against the wall clock around it)."""
+
+    async def run() -> None:
+        log = Log()
+        box = Outbox()
+        topic = FakeTopic("changes", log)
+        box.started_ms = 1_700_000_000_123
+        box.send_early(topic, b"u1", b"x")
+        before = int(time.time() * 1000)
+        task = asyncio.ensure_future(box.release())
+        await settle()
+        after = int(time.time() * 1000)
+        log.ack_all()
+        await task
+        headers = dict(topic.headers or [])
+        assert headers["propstream.batch_ms"] == b"1700000000123"
+        assert before <= int(headers["propstream.sent_ms"]) <= after
 
     asyncio.run(run())
