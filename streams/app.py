@@ -203,7 +203,7 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
         web_host=settings.web_host,
         web_port=settings.web_port,
         canonical_url=f"http://{settings.web_advertise or settings.web_host}:{settings.web_port}",
-        web_in_thread=False,
+        web_in_thread=False,  # faust's web thread crashes its conductor (a mode Event of another loop)
         producer_linger_ms=5,
         # One changelog message per user and table per batch: fill large produce requests (Faust's
         # default is 16 KiB) so the broker sees a few big requests per batch, not hundreds.
@@ -237,13 +237,18 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
     source = app.topic(*settings.source_topics, key_serializer="raw", value_serializer="raw")
     deadletter = app.topic(settings.topic_deadletter, key_serializer="raw", value_serializer="raw")
 
-    def send_dead_letter(dl: DeadLetter) -> None:
-        deadletter.send_soon(key=dl.record.key, value=dl.record.value, headers=dl.headers())
-
     outbox = Outbox()
+
+    def send_dead_letter(dl: DeadLetter) -> None:  # at the batch's end, with its other outputs
+        outbox.send_early(deadletter, dl.record.key, dl.record.value, dl.headers())
+
     outbox.watch(table)
     outbox.watch(marks)
     rows = UserRows(FaustKV(table, outbox))
+    # The HTTP API's own rows: lookups run on the loop while a batch is processed in its thread
+    # (batch_in_thread), and must neither see nor add to the row cache of the partition being
+    # processed. They read what is stored, or held by the outbox.
+    lookup_rows = UserRows(FaustKV(table, outbox))
     stage, live = _scoring(app, settings, metrics, faults, rows, outbox)
     store = RowStore(rows, FaustMarks(marks, outbox))
     pseudonym = Pseudonymizer(settings.pseudonymize_key)  # lookups and erasure take raw ids
@@ -286,7 +291,7 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
                     continue
                 outbox.started_ms = started_ms
                 try:
-                    handler.process(records)
+                    await off_loop(handler.process, records)
                     await outbox.release()
                 except asyncio.CancelledError as exc:
                     # Faust acks the batch on the way out (take_events): finish its writes first,
@@ -299,13 +304,29 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
                 except BaseException as exc:
                     stop_unacked(exc, records)
 
+    async def off_loop(fun: Any, *args: Any) -> Any:
+        """``fun(*args)`` in a thread (``batch_in_thread``), so lookups, fetches and heartbeats go on
+        meanwhile; awaited to its end even when cancelled: nothing else may touch the handler's
+        state while it runs (revocations, ticks and erasures wait for ``outbox.lock``)."""
+        if not settings.batch_in_thread:
+            return fun(*args)
+        work = asyncio.ensure_future(asyncio.to_thread(fun, *args))
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            await asyncio.wait([work])
+            failure = work.exception()
+            if failure is not None:
+                raise failure from None
+            raise
+
     @app.timer(1.0)
     async def idle_clock() -> None:
         """Live only: quiet partitions move their event-time clock on, so their timers fire."""
         async with outbox.lock:
             outbox.started_ms = int(time.time() * 1000)
             try:
-                handler.tick()
+                await off_loop(handler.tick)
             except Exception as exc:
                 faults.failed("tick", exc)
             try:
@@ -315,7 +336,8 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def on_revoked_ingest(app: Any, revoked: set[Any], **kwargs: Any) -> None:
-        handler.forget_partitions({tp.partition for tp in revoked if tp.topic in settings.source_topics})
+        async with outbox.lock:  # after the batch in hand: its thread reads these partitions' state
+            handler.forget_partitions({tp.partition for tp in revoked if tp.topic in settings.source_topics})
 
     app.agent(source, name="ingest")(ingest)
     params = settings.feature_params()
@@ -333,7 +355,7 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
         denied = unauthorized(web, request)
         if denied is not None:
             return denied
-        raw = rows.get(pseudonym(user_id), FEATURES)
+        raw = lookup_rows.get(pseudonym(user_id), FEATURES)
         if raw is None:
             return error(web, 404, "unknown_user", f"no features for user {user_id!r} on this cluster")
         try:
@@ -383,7 +405,7 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
 
     # scores and features as of an event time (streams/lookup.py): the partition's clock by default
     clock = PartitionClock(handler.watermarks.clock, store, settings.source_topics)
-    lookups = Lookups(stage.core, rows, clock, faults, settings.partitions)
+    lookups = Lookups(stage.core, lookup_rows, clock, faults, settings.partitions)
     bad_as_of = "as_of must be epoch ms or ISO-8601 with offset"
     changelog = table.changelog_topic.get_topic_name()
 
@@ -624,6 +646,7 @@ def _scoring(
     live = LiveModels(
         settings, lambda name, m, snap: model_metrics.record_model(name, m, snap.quality), faults
     )
+    live.lock = outbox.lock  # versions swap in between batches, never inside one
     for name, m in live.models.items():
         model_metrics.record_model(name, m, {})
 
@@ -671,7 +694,8 @@ def _scoring(
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def on_revoked(app: Any, revoked: set[Any], **kwargs: Any) -> None:
-        stage.forget({tp.partition for tp in revoked if tp.topic in settings.source_topics})
+        async with outbox.lock:  # after the batch in hand (its thread may be reading the heaps)
+            stage.forget({tp.partition for tp in revoked if tp.topic in settings.source_topics})
         trainers.clear()  # the next owner of the training log may move on: reload from the table
 
     return stage, live

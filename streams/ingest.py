@@ -203,7 +203,8 @@ class Watermarks:
 
     def clock(self, partition: int) -> int:
         """The partition's event-time clock: newest event time on any of its topics."""
-        values = [ts for (_, p), ts in self.newest.items() if p == partition]
+        # list(): a copy taken at once, as lookups read this from the web thread while it grows
+        values = [ts for (_, p), ts in list(self.newest.items()) if p == partition]
         return max([*values, self.wall.get(partition, 0)]) if values or partition in self.wall else 0
 
     def advance(self, topic: str, partition: int, ts_ms: int, now_ms: int = 0) -> bool:

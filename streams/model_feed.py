@@ -9,6 +9,7 @@ comes with the trust gate's verdict on the quality it was published with (``mode
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 
@@ -46,6 +47,7 @@ class LiveModels:
         self.snapshots: dict[str, ModelSnapshot] = {}
         self.caught_up = asyncio.Event()
         self.refused = 0
+        self.lock: asyncio.Lock | None = None  # held while a batch is processed (the worker's outbox)
 
     def apply(self, raw: bytes | None, where: str = "") -> bool:
         """Take one message of the models topic; True if it swapped a model in.
@@ -119,9 +121,11 @@ class LiveModels:
             ends = await consumer.end_offsets(tps)
             while True:
                 batch = await consumer.getmany(*tps, timeout_ms=500)
-                for messages in batch.values():
-                    for msg in messages:
-                        self.apply(msg.value, f"{msg.topic}[{msg.partition}]@{msg.offset}")
+                if batch:
+                    async with self.lock or contextlib.nullcontext():
+                        for messages in batch.values():
+                            for msg in messages:
+                                self.apply(msg.value, f"{msg.topic}[{msg.partition}]@{msg.offset}")
                 if not self.caught_up.is_set():
                     positions = [await consumer.position(tp) for tp in tps]
                     if all(pos >= ends[tp] for pos, tp in zip(positions, tps, strict=True)):

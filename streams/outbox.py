@@ -57,7 +57,8 @@ class Outbox:
 
     def __init__(self) -> None:
         self.lock = asyncio.Lock()
-        self.early: list[tuple[Any, bytes, bytes]] = []  # (topic, key, value): before the rows
+        # (topic, key, value, headers): before the rows; headers None: the timing headers
+        self.early: list[tuple[Any, bytes | None, bytes, list[tuple[str, bytes]] | None]] = []
         self.late: list[tuple[Any, bytes, bytes]] = []  # after the rows
         self.writes: dict[tuple[int, Any], tuple[Any, Any, Any]] = {}  # (table, key) -> (table, event, value)
         self.last: dict[tuple[int, Any], tuple[Any, Any, Any]] = {}  # written once the writes are durable
@@ -96,8 +97,10 @@ class Outbox:
         value = held[2]
         return True, (None if value is DELETE else value)
 
-    def send_early(self, topic: Any, key: bytes, value: bytes) -> None:
-        self.early.append((topic, key, value))
+    def send_early(
+        self, topic: Any, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]] | None = None
+    ) -> None:
+        self.early.append((topic, key, value, headers))
 
     def send_late(self, topic: Any, key: bytes, value: bytes) -> None:
         self.late.append((topic, key, value))
@@ -106,8 +109,11 @@ class Outbox:
         """Outputs and writes in the order above. Each step forgets what it has done, so a release
         that was interrupted (cancelled while it waited) can be called again and finishes the rest."""
         if self.early:
-            headers = timing_headers(self.started_ms)
-            self.inflight += [topic.send_soon(key=k, value=v, headers=headers) for topic, k, v in self.early]
+            timing = timing_headers(self.started_ms)
+            self.inflight += [
+                topic.send_soon(key=k, value=v, headers=timing if h is None else h)
+                for topic, k, v, h in self.early
+            ]
             self.early.clear()
         await self._delivered()
         self._write(self.writes)

@@ -138,6 +138,11 @@ class Settings(BaseSettings):
     batch_size: int = Field(2000, ge=1, description="Events taken per batch on the hot path.")
     batch_within_s: FloatSeconds = Field(0.05, gt=0, description="Max wait to fill a batch." + IN_SECONDS)
     api_token: SecretStr | None = Field(None, description="Bearer token required for lookups, if set.")
+    batch_in_thread: bool = Field(
+        True,
+        description="Process each batch in a thread while the event loop goes on serving lookups, "
+        "fetches and heartbeats (false: on the loop, which then waits for the batch).",
+    )
 
     # --- Privacy -----------------------------------------------------------------------------
     pseudonymize_key: SecretStr | None = Field(

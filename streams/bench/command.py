@@ -228,6 +228,8 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, object]]:
         ("e2e produce->change p95", "ms", r["e2e_p95_ms"]),
         ("e2e produce->change p99", "ms", r["e2e_p99_ms"]),
         ("change events measured", "count", r["changes"]),
+        ("worker CPU while offered that load", "CPU-s/s", r.get("worker_cpu_per_s", math.nan)),
+        ("machine busy meanwhile (all cores)", "share", r.get("machine_busy_share", math.nan)),
         *(
             (f"  {label} p50 / p99", "ms", f"{fmt(st['p50_ms'])} / {fmt(st['p99_ms'])}")
             for name, label in phases.STAGES

@@ -20,7 +20,7 @@ import msgspec
 from kafka import KafkaConsumer
 
 from streams.bench.proc import Proc, wait_until
-from streams.bench.stats import percentile
+from streams.bench.stats import busy_share, cpu_ticks, percentile
 from streams.producer import Progress, make_producer, publish, topic_for
 from streams.settings import Settings
 
@@ -240,6 +240,7 @@ def latency(
         return done
 
     t_start = time.monotonic()
+    cpu_start, ticks = proc.cpu_s(), cpu_ticks()
     last = t_start
     for i, ev in enumerate(events):
         ahead = i / rate - (time.monotonic() - t_start)
@@ -260,6 +261,10 @@ def latency(
             )
     producer.flush()
     offered = len(events) / (time.monotonic() - t_start)
+    # CPU seconds per second of the worker while offered the load: about 1 means its Python
+    # threads are saturated (one GIL), and a backlog, not a slow stage, makes the latency
+    busy = (proc.cpu_s() - cpu_start) / (time.monotonic() - t_start)
+    machine_busy = busy_share(ticks, cpu_ticks())
     time.sleep(3)  # the last batches' change events
     stop.set()
     for th in threads:
@@ -268,6 +273,8 @@ def latency(
     consumer.close()
     out: dict[str, Any] = {
         "offered_events_per_s": offered,
+        "worker_cpu_per_s": busy,
+        "machine_busy_share": machine_busy,
         "changes": len(seen),
         "e2e_p50_ms": percentile(seen, 50),
         "e2e_p95_ms": percentile(seen, 95),

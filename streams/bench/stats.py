@@ -15,6 +15,7 @@ import os
 import platform
 import subprocess
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -99,3 +100,27 @@ def profile_top(collapsed: str, n: int = 15) -> list[tuple[float, float, str]]:
         own[frames[-1]] = own.get(frames[-1], 0) + k
     ranked = sorted(own.items(), key=lambda kv: -kv[1])[:n]
     return [(round(100 * v / total, 1), round(100 * incl[f] / total, 1), f) for f, v in ranked]
+
+
+def cpu_ticks() -> tuple[int, int]:
+    """(busy, total) clock ticks of every core since boot, from /proc/stat; (0, 0) without it.
+
+    Two readings give the share of the machine in use between them: the broker, the bench and
+    the worker share these cores, and a saturated machine explains a latency no stage does.
+    """
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def busy_share(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """Share of all cores busy between two :func:`cpu_ticks` readings (NaN when unreadable).
+
+    >>> busy_share((100, 400), (250, 600))
+    0.75
+    """
+    total = after[1] - before[1]
+    return (after[0] - before[0]) / total if total > 0 else math.nan

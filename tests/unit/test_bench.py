@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import random
 from pathlib import Path
 
@@ -170,3 +171,19 @@ def test_growth_times_events_before_any_filled_user_goes_quiet_then_every_fire(t
     # two hours: every user's first silence point (1 h) fires once, and only then
     assert row["fires"] == 300
     assert row["us_per_event"] > 0 and row["us_per_fire"] > 0
+
+
+def test_machine_ticks_count_a_spin_as_busy() -> None:
+    """``cpu_ticks`` behind the bench's 'machine busy' figure: 0.3 s of CPU spun here is busy time."""
+    import time
+
+    from streams.bench.stats import cpu_ticks
+
+    before = cpu_ticks()
+    t = time.process_time()
+    while time.process_time() - t < 0.3:
+        pass
+    after = cpu_ticks()
+    ticks_per_s = os.sysconf("SC_CLK_TCK")
+    assert after[0] - before[0] >= 0.25 * ticks_per_s  # this process's spin, whatever else ran
+    assert after[1] - before[1] >= after[0] - before[0]
