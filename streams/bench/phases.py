@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 import signal
 import subprocess
@@ -19,7 +20,7 @@ from typing import Any, NamedTuple
 import msgspec
 from kafka import KafkaConsumer
 
-from streams.bench.proc import Proc, wait_until
+from streams.bench.proc import Proc, cpu_s_of, wait_until
 from streams.bench.stats import busy_share, cpu_ticks, percentile
 from streams.producer import Progress, make_producer, publish, topic_for
 from streams.settings import Settings
@@ -168,6 +169,16 @@ def stage_split(
     return {name: float(times[i + 1] - times[i]) for i, (name, _) in enumerate(STAGES)}
 
 
+def broker_pid(bootstrap: str) -> int | None:
+    """The local broker's process when it serves ``bootstrap`` (its CPU is measured); else None."""
+    from streams.broker import LocalBroker
+
+    state = LocalBroker(Settings()).read_state()
+    if state is None or not bootstrap.endswith(f":{state.port}"):
+        return None
+    return state.pid
+
+
 def latency(
     proc: Proc, settings: Settings, bootstrap: str, users: list[str], rate: float, seconds: float, say: Say
 ) -> dict[str, Any]:
@@ -240,7 +251,9 @@ def latency(
         return done
 
     t_start = time.monotonic()
+    broker = broker_pid(bootstrap)
     cpu_start, ticks = proc.cpu_s(), cpu_ticks()
+    own_start, broker_start = time.process_time(), cpu_s_of(broker) if broker else math.nan
     last = t_start
     for i, ev in enumerate(events):
         ahead = i / rate - (time.monotonic() - t_start)
@@ -263,8 +276,11 @@ def latency(
     offered = len(events) / (time.monotonic() - t_start)
     # CPU seconds per second of the worker while offered the load: about 1 means its Python
     # threads are saturated (one GIL), and a backlog, not a slow stage, makes the latency
-    busy = (proc.cpu_s() - cpu_start) / (time.monotonic() - t_start)
+    elapsed = time.monotonic() - t_start
+    busy = (proc.cpu_s() - cpu_start) / elapsed
     machine_busy = busy_share(ticks, cpu_ticks())
+    own = (time.process_time() - own_start) / elapsed  # this process: producer, consumer, lookups
+    broker_busy = (cpu_s_of(broker) - broker_start) / elapsed if broker else math.nan
     time.sleep(3)  # the last batches' change events
     stop.set()
     for th in threads:
@@ -275,6 +291,8 @@ def latency(
         "offered_events_per_s": offered,
         "worker_cpu_per_s": busy,
         "machine_busy_share": machine_busy,
+        "bench_cpu_per_s": own,
+        "broker_cpu_per_s": broker_busy,
         "changes": len(seen),
         "e2e_p50_ms": percentile(seen, 50),
         "e2e_p95_ms": percentile(seen, 95),

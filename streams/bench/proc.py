@@ -31,6 +31,16 @@ def wait_until(check: Callable[[], Any], timeout_s: float, every_s: float = 0.1,
     raise TimeoutError(msg)
 
 
+def cpu_s_of(pid: int) -> float:
+    """CPU seconds (user + system, every thread) process ``pid`` has used so far; NaN if unreadable."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return math.nan
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": comm may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 class Proc:
     """``python -m <module> ...`` with its own HTTP port and state folder; log to a file."""
 
@@ -95,14 +105,7 @@ class Proc:
 
         NaN when it cannot be read (no such process, no /proc), so a rate from it shows as missing.
         """
-        if self.proc is None:
-            return math.nan
-        try:
-            stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
-        except OSError:
-            return math.nan
-        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": comm may hold spaces
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+        return math.nan if self.proc is None else cpu_s_of(self.proc.pid)
 
     def rss_mb(self) -> float:
         """Resident memory now, MiB (from /proc)."""

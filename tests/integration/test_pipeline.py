@@ -161,7 +161,7 @@ def test_bad_input_goes_to_deadletter_and_valid_counted_once(
 
 def test_two_workers_route_lookups_to_the_owner(settings: Settings, make_worker: Any, kafka: str) -> None:
     a = make_worker("a").start()
-    b = make_worker("b").start()
+    b = make_worker("b", PROPSTREAM_BATCH_IN_THREAD="true").start()  # its batches in a thread
     wait_until(lambda: a.ready() and b.ready(), 60, what="both workers ready after the rebalance")
     events = recent_events(4, users=24, per_user=20)
     produce(kafka, router(settings), events)
