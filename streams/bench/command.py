@@ -69,6 +69,15 @@ def worker(env: dict[str, str], tmp: Path, name: str) -> Proc:
     return Proc(env, tmp / name, tmp / f"{name}.log", ("-m", "streams.cli", "worker"))
 
 
+def time_to_ready(w: Proc) -> float:
+    """Seconds from starting ``w`` until it is ready (tables restored, partitions assigned)."""
+    w.start()
+    try:
+        return w.wait_ready()
+    finally:
+        w.stop()
+
+
 def pipeline(
     env: dict[str, str], tmp: Path, n: int, name: str, profile: Path | None = None
 ) -> tuple[Proc, phases.Rate]:
@@ -147,23 +156,13 @@ def measure(opts: dict[str, Any], bootstrap: str) -> dict[str, Any]:
         w.stop()
 
     say("[5/7] recovery: a fresh worker restores every table, then one with nothing to restore ...")
-    r = worker(env, tmp, "recovered")
-    r.start()
-    try:
-        out["recovery_s"] = r.wait_ready()
-    finally:
-        r.stop()
+    out["recovery_s"] = time_to_ready(worker(env, tmp, "recovered"))
     # What any start costs (interpreter, Faust, joining the group, an empty recovery): a fresh
     # worker of a deployment with nothing stored. Only the rest grows with the users restored, so
     # the figure per 100k users is the difference, not the whole time scaled up from a few thousand.
     empty_env = run_env(uid, bootstrap, "empty")
     ensure_topics(settings_of(empty_env), bootstrap)
-    e = worker(empty_env, tmp, "empty")
-    e.start()
-    try:
-        out["recovery_start_s"] = e.wait_ready()
-    finally:
-        e.stop()
+    out["recovery_start_s"] = time_to_ready(worker(empty_env, tmp, "empty"))
     out["recovery_s_per_100k_users"] = (
         max(0.0, out["recovery_s"] - out["recovery_start_s"]) * 100_000 / len(active)
     )
