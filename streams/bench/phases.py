@@ -195,7 +195,6 @@ def latency(
         bootstrap_servers=bootstrap,
         auto_offset_reset="latest",
         enable_auto_commit=False,
-        fetch_max_wait_ms=10,
     )
     consumer.poll(timeout_ms=1000)  # join before producing, so no change is missed
 
