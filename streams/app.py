@@ -9,6 +9,7 @@ several differently configured apps in one interpreter.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import math
@@ -35,6 +36,7 @@ from features.contract import MAX_ID_LEN, parse_time_ms
 from features.state import Corrupt, UserState, decode
 from features.user import compute
 from models.scoring import ScoringCore
+from streams.direct import RecordSink, batch_of
 from streams.erasure import attach_erasure
 from streams.faults import Faults
 from streams.faust_fixes import current_events
@@ -273,6 +275,42 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
         settings, store, send_dead_letter, metrics, stage=stage, faults=faults, caught_up=caught_up
     )
     app.propstream_handler = handler  # type: ignore[attr-defined]
+    sink: RecordSink | None = None
+    if settings.direct_consume:
+        sink = RecordSink(settings.source_topics, max(16384, settings.batch_size * 4))
+        app.propstream_sink = sink  # type: ignore[attr-defined]  # read by streams.faust_fixes
+
+        @app.task
+        async def ingest_direct() -> None:
+            """The hot path: batches of source records straight from the fetches (streams/direct.py)."""
+            assert sink is not None
+            await live.caught_up.wait()  # score a backlog with the published models, not version 0
+            while True:
+                chunks = await sink.take(settings.batch_size)
+                started_ms = int(time.time() * 1000)
+                async with outbox.lock:
+                    # judged after the wait: a rebalance may have come meanwhile
+                    records, offsets, stale = batch_of(sink, chunks, app.consumer_generation_id)
+                    if stale:
+                        metrics.stale_records.inc(stale)
+                    if not records:
+                        continue
+                    outbox.started_ms = started_ms
+                    try:
+                        await off_loop(handler.process, records)
+                        await outbox.release()
+                    except asyncio.CancelledError:
+                        # stopping: finish the writes; nothing is committed, so a restart reads the
+                        # batch again and per-user dedup recognises what was written
+                        with contextlib.suppress(BaseException):
+                            await asyncio.wait_for(outbox.release(), 10.0)
+                        raise
+                    except BaseException as exc:
+                        stop_unacked(exc, records)
+                    # after the rows, outputs and watermarks are acknowledged (release), and the
+                    # producer flushed (training examples): a commit never covers unwritten events
+                    consumer: Any = app.consumer  # Faust's own commit: flush, commit, table offsets
+                    await consumer._commit_offsets(offsets)
 
     async def ingest(stream: Any) -> None:  # faust's StreamT stub lacks take_events
         async for batch in stream.take_events(settings.batch_size, within=settings.batch_within_s):
@@ -338,6 +376,8 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
     async def on_revoked_ingest(app: Any, revoked: set[Any], **kwargs: Any) -> None:
         async with outbox.lock:  # after the batch in hand: its thread reads these partitions' state
             handler.forget_partitions({tp.partition for tp in revoked if tp.topic in settings.source_topics})
+            if sink is not None:  # fetched before the rebalance: each owner reads it from the commit
+                metrics.stale_records.inc(sink.clear())
 
     app.agent(source, name="ingest")(ingest)
     params = settings.feature_params()

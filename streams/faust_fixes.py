@@ -108,6 +108,7 @@ def _ack(self: Any, message: Any) -> bool:
 
 
 async def _perform_seek(self: Any) -> None:
+    generation = self.app.consumer_generation_id  # the one this seek positions the partitions for
     await _original_perform_seek(self)
     seq = _sequence(self)
     fresh = []
@@ -123,6 +124,9 @@ async def _perform_seek(self: Any) -> None:
         seq.rewind.discard(tp)
     if fresh:
         await _from_the_start(self, fresh)
+    sink = getattr(self.app, "propstream_sink", None)
+    if sink is not None:  # streams.direct takes records of this generation from now on
+        sink.open_generation = generation
 
 
 async def _from_the_start(self: Any, tps: list[TP]) -> None:
@@ -148,8 +152,61 @@ async def _from_the_start(self: Any, tps: list[TP]) -> None:
 
 async def _wait_next_records(self: Any, timeout: float) -> Any:
     result = await _original_wait(self, timeout)
-    _sequence(self).fetches += 1
+    seq = _sequence(self)
+    seq.fetches += 1
+    sink = getattr(self.app, "propstream_sink", None)
+    records = result[0]
+    if sink is not None and records:
+        await _divert(self, seq, sink, records)
     return result
+
+
+async def _divert(self: Any, seq: _Sequence, sink: Any, records: Any) -> None:
+    """Take the sink's topics out of a fetch (``streams.direct``), before Faust makes a message of
+    each record: in offset order per partition from the last seek, as ``_getmany`` hands them out,
+    and only once the current generation's seek is done (records of an older position before it)."""
+    generation = self.app.consumer_generation_id
+    open_ = sink.open_generation == generation and self.flow_active
+    for tp in [tp for tp in records if tp.topic in sink.topics]:
+        raw = records.pop(tp)
+        if not open_:
+            _count(self, len(raw))  # read again from the committed offset, which the seek sets
+            continue
+        kept = await _in_sequence(self, seq, tp, raw)
+        if kept:
+            sink.put(generation, tp, kept)
+    await sink.room()
+
+
+async def _in_sequence(self: Any, seq: _Sequence, tp: TP, raw: list[Any]) -> list[Any]:
+    """The records of ``raw`` that follow the partition's next expected offset (see ``_getmany``)."""
+    want = seq.expected.get(tp)
+    if want is not None:
+        behind = 0
+        while behind < len(raw) and raw[behind].offset < want:
+            behind += 1  # handed out since the last seek
+        if behind:
+            _count(self, behind)
+            raw = raw[behind:]
+        if not raw:
+            return []
+        if raw[0].offset != want:
+            sought = seq.sought.get(tp)
+            if sought is None or sought[0] != want:
+                _count(self, len(raw))
+                await _seek_expected(self, seq, tp, want)
+                return []
+            if seq.fetches <= sought[1]:
+                _count(self, len(raw))
+                return []  # the rest of a fetch from before that seek
+            del seq.sought[tp]  # fetched from ``want`` and starts beyond it: nothing is there
+    kept = raw
+    if kept[-1].offset - kept[0].offset + 1 != len(kept):  # a gap (a transaction marker): up to it
+        end = next(i for i in range(1, len(kept)) if kept[i].offset != kept[i - 1].offset + 1)
+        kept = kept[:end]  # the rest is beyond the expected offset: the next fetch seeks back
+    seq.expected[tp] = kept[-1].offset + 1
+    self._read_offset[tp] = kept[-1].offset
+    return kept
 
 
 async def _seek_expected(self: Any, seq: _Sequence, tp: TP, want: int) -> None:

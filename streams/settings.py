@@ -136,7 +136,15 @@ class Settings(BaseSettings):
         None, description="Worker state (RocksDB). Default: <home>/worker-<web_port>."
     )
     batch_size: int = Field(2000, ge=1, description="Events taken per batch on the hot path.")
-    batch_within_s: FloatSeconds = Field(0.05, gt=0, description="Max wait to fill a batch." + IN_SECONDS)
+    batch_within_s: FloatSeconds = Field(
+        0.05, gt=0, description="Max wait to fill a batch (Faust's stream only)." + IN_SECONDS
+    )
+    direct_consume: bool = Field(
+        True,
+        description="Take source records out of Faust's fetches in batches and commit their offsets "
+        "after each batch (streams/direct.py), skipping Faust's per-message stream; false: Faust's "
+        "stream and take_events.",
+    )
     api_token: SecretStr | None = Field(None, description="Bearer token required for lookups, if set.")
     batch_in_thread: bool = Field(
         False,
