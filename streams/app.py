@@ -36,7 +36,7 @@ from features.contract import MAX_ID_LEN, parse_time_ms
 from features.state import Corrupt, UserState, decode
 from features.user import compute
 from models.scoring import ScoringCore
-from streams.direct import RecordSink, batch_of
+from streams.direct import Committer, RecordSink, batch_of
 from streams.erasure import attach_erasure
 from streams.faults import Faults
 from streams.faust_fixes import current_events
@@ -276,9 +276,16 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
     )
     app.propstream_handler = handler  # type: ignore[attr-defined]
     sink: RecordSink | None = None
+    committer: Committer | None = None
     if settings.direct_consume:
         sink = RecordSink(settings.source_topics, max(16384, settings.batch_size * 4))
         app.propstream_sink = sink  # type: ignore[attr-defined]  # read by streams.faust_fixes
+
+        async def commit(offsets: dict[TP, int]) -> None:
+            consumer: Any = app.consumer  # Faust's own commit: flush, commit, table offsets
+            await consumer._commit_offsets(offsets)
+
+        committer = Committer(commit, lambda exc: faults.failed("commit", exc))
 
         @app.task
         async def ingest_direct() -> None:
@@ -307,10 +314,10 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
                         raise
                     except BaseException as exc:
                         stop_unacked(exc, records)
-                    # after the rows, outputs and watermarks are acknowledged (release), and the
-                    # producer flushed (training examples): a commit never covers unwritten events
-                    consumer: Any = app.consumer  # Faust's own commit: flush, commit, table offsets
-                    await consumer._commit_offsets(offsets)
+                    # after the rows, outputs and watermarks are acknowledged (release); Faust's
+                    # commit flushes the producer first (training examples)
+                    assert committer is not None
+                    committer.add(offsets)
 
     async def ingest(stream: Any) -> None:  # faust's StreamT stub lacks take_events
         async for batch in stream.take_events(settings.batch_size, within=settings.batch_within_s):
@@ -378,6 +385,8 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
             handler.forget_partitions({tp.partition for tp in revoked if tp.topic in settings.source_topics})
             if sink is not None:  # fetched before the rebalance: each owner reads it from the commit
                 metrics.stale_records.inc(sink.clear())
+            if committer is not None:  # what was processed, committed by the old generation
+                await committer.drain()
 
     app.agent(source, name="ingest")(ingest)
     params = settings.feature_params()

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from faust.types import TP
@@ -144,3 +144,41 @@ def batch_of(
         out.extend(Record(topic, partition, r.offset, r.key, r.value, ctx) for r in records)
         offsets[tp] = records[-1].offset + 1
     return out, offsets, stale
+
+
+class Committer:
+    """Commits offsets in the background, one commit at a time, so the next batch is processed while
+    the broker answers; offsets that pile up meanwhile go out merged in the next commit.
+
+    Each batch hands its offsets over only once its rows and outputs are acknowledged, so any commit
+    covers written events only. A revocation drains it (:meth:`drain`) while the old generation can
+    still commit. A commit that fails leaves its offsets to be read again: at-least-once, counted.
+    """
+
+    def __init__(
+        self, commit: Callable[[dict[TP, int]], Awaitable[Any]], failed: Callable[[BaseException], None]
+    ):
+        self.commit = commit
+        self.failed = failed
+        self.pending: dict[TP, int] = {}
+        self.task: asyncio.Future[None] | None = None
+
+    def add(self, offsets: dict[TP, int]) -> None:
+        self.pending.update(offsets)
+        if self.task is None or self.task.done():
+            self.task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        while self.pending:
+            offsets, self.pending = self.pending, {}
+            try:
+                await self.commit(offsets)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the partitions' next reader gets these records again
+                self.failed(exc)
+
+    async def drain(self) -> None:
+        """Until every offset handed over is committed (or its commit failed)."""
+        while self.task is not None and not self.task.done():
+            await asyncio.wait([self.task])
