@@ -240,6 +240,7 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
     deadletter = app.topic(settings.topic_deadletter, key_serializer="raw", value_serializer="raw")
 
     outbox = Outbox()
+    outbox.failed = lambda exc: stop_unacked(exc, [])  # a batch's rows or outputs were not written
 
     def send_dead_letter(dl: DeadLetter) -> None:  # at the batch's end, with its other outputs
         outbox.send_early(deadletter, dl.record.key, dl.record.value, dl.headers())
@@ -254,7 +255,7 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
     stage, live = _scoring(app, settings, metrics, faults, rows, outbox)
     store = RowStore(rows, FaustMarks(marks, outbox))
     pseudonym = Pseudonymizer(settings.pseudonymize_key)  # lookups and erasure take raw ids
-    attach_erasure(app, settings, table, pseudonym, faults, outbox.lock)
+    attach_erasure(app, settings, table, pseudonym, faults, outbox)
 
     def caught_up(topic: str, partition: int) -> bool:
         """Has this worker read everything of the topic partition so far (no lag)?"""
@@ -302,10 +303,10 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
                         metrics.stale_records.inc(stale)
                     if not records:
                         continue
+                    await outbox.room()  # at most one batch still being released
                     outbox.started_ms = started_ms
                     try:
                         await off_loop(handler.process, records)
-                        await outbox.release()
                     except asyncio.CancelledError:
                         # stopping: finish the writes; nothing is committed, so a restart reads the
                         # batch again and per-user dedup recognises what was written
@@ -314,10 +315,10 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
                         raise
                     except BaseException as exc:
                         stop_unacked(exc, records)
-                    # after the rows, outputs and watermarks are acknowledged (release); Faust's
-                    # commit flushes the producer first (training examples)
+                    # committed once its rows, outputs and watermarks are acknowledged; meanwhile
+                    # the next batch is processed (Faust's commit flushes the producer first)
                     assert committer is not None
-                    committer.add(offsets)
+                    outbox.release_behind(functools.partial(committer.add, offsets))
 
     async def ingest(stream: Any) -> None:  # faust's StreamT stub lacks take_events
         async for batch in stream.take_events(settings.batch_size, within=settings.batch_within_s):
@@ -382,6 +383,7 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def on_revoked_ingest(app: Any, revoked: set[Any], **kwargs: Any) -> None:
         async with outbox.lock:  # after the batch in hand: its thread reads these partitions' state
+            await outbox.drain()  # the batches processed so far, written, then committed below
             handler.forget_partitions({tp.partition for tp in revoked if tp.topic in settings.source_topics})
             if sink is not None:  # fetched before the rebalance: each owner reads it from the commit
                 metrics.stale_records.inc(sink.clear())

@@ -9,7 +9,6 @@ Kafka too. See :mod:`streams.privacy` and ``docs/guarantees.md``.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -18,6 +17,7 @@ from typing import Any
 import faust
 
 from streams.faults import Faults
+from streams.outbox import Outbox
 from streams.privacy import Pseudonymizer, parse_request
 from streams.rows import decode_row
 from streams.settings import Settings
@@ -32,12 +32,12 @@ def attach_erasure(
     table: Any,
     pseudonym: Pseudonymizer,
     faults: Faults,
-    lock: asyncio.Lock,
+    outbox: Outbox,
 ) -> None:
     """Add the erasure agent over the per-user rows ``table`` (features, scores and ledger in one value).
 
-    It deletes under the ingest batch's ``lock`` (``streams/outbox.py``), so a row the batch still
-    holds cannot be written back after the tombstone."""
+    It deletes under the ingest batch's lock once every processed batch is released
+    (``streams/outbox.py``), so a row a batch still holds cannot be written back after the tombstone."""
     requests = app.topic(settings.topic_erasure, key_serializer="raw", value_serializer="raw")
     changes = app.topic(settings.topic_changes, key_serializer="raw", value_serializer="raw")
     triggers = app.topic(settings.topic_triggers, key_serializer="raw", value_serializer="raw")
@@ -52,7 +52,8 @@ def attach_erasure(
                 continue
             raw_id, request_id = parsed
             user = pseudonym(raw_id)
-            async with lock:
+            async with outbox.lock:
+                await outbox.drain()
                 raw = table.get(user)
                 removed = [n for n, part in zip(PARTS, decode_row(raw), strict=True) if part] if raw else []
                 if raw is not None:

@@ -27,8 +27,12 @@ means a restart on the same disk, which replays unacknowledged changelog message
 RocksDB, can only replay values the disk already has.
 
 Steps 2 and 3 each wait for a broker round trip, and step 1 in a batch with outputs. The ingest
-agent, the idle clock and the erasure agent hold :attr:`Outbox.lock` while they work, so no other
-writer sees or overwrites a row that is held here.
+loop does not wait for them: it seals the batch (:meth:`Outbox.release_behind`) and processes the
+next one meanwhile, which reads the rows the sealed batches still hold (:meth:`Outbox.get`). Sealed
+batches are released one after another in order, and each one's offsets are committed only once
+its own release is done. The ingest loop, the idle clock and the erasure agent hold
+:attr:`Outbox.lock` while they work, and the last two, like a revocation, wait for every sealed
+batch first (:meth:`Outbox.drain`), so no other writer sees or overwrites a row that is held here.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from __future__ import annotations
 import asyncio
 import time
 import weakref
+from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from faust.streams import _current_event
@@ -52,10 +58,25 @@ def timing_headers(started_ms: int) -> list[tuple[str, bytes]]:
     return [(BATCH_HEADER, str(started_ms).encode()), (SENT_HEADER, str(int(time.time() * 1000)).encode())]
 
 
-class Outbox:
-    """Held writes (read through by :meth:`get`) and outputs of the batch being processed."""
+class _Sealed:
+    """One batch's held writes and outputs, waiting for (or in) its release."""
 
-    def __init__(self) -> None:
+    __slots__ = ("early", "last", "late", "on_done", "started_ms", "writes")
+
+    def __init__(self, outbox: Outbox, on_done: Callable[[], None] | None) -> None:
+        self.early = outbox.early
+        self.late = outbox.late
+        self.writes = outbox.writes
+        self.last = outbox.last
+        self.started_ms = outbox.started_ms
+        self.on_done = on_done
+
+
+class Outbox:
+    """Held writes (read through by :meth:`get`) and outputs of the batch being processed, and of
+    the batches processed before it whose release is still under way (:meth:`release_behind`)."""
+
+    def __init__(self, behind: int = 1) -> None:
         self.lock = asyncio.Lock()
         # (topic, key, value, headers): before the rows; headers None: the timing headers
         self.early: list[tuple[Any, bytes | None, bytes, list[tuple[str, bytes]] | None]] = []
@@ -64,6 +85,10 @@ class Outbox:
         self.last: dict[tuple[int, Any], tuple[Any, Any, Any]] = {}  # written once the writes are durable
         self.inflight: list[asyncio.Future[Any]] = []  # sent by a release, not yet known delivered
         self.started_ms = 0  # wall ms the batch began (headers of its outputs: where latency went)
+        self.sealed: deque[_Sealed] = deque()  # processed batches, released oldest first
+        self.behind = behind  # sealed batches a new batch may be processed beside
+        self.failed: Callable[[BaseException], None] | None = None  # a background release failed
+        self._releasing: asyncio.Future[None] | None = None
         self._watching = False
 
     def watch(self, table: Any) -> None:
@@ -90,8 +115,15 @@ class Outbox:
         (self.last if last else self.writes)[(id(table), key)] = (table, event, value)
 
     def get(self, table: Any, key: Any) -> tuple[bool, Any]:
-        """(held, value) of a held write to ``table[key]``; value None for a held delete."""
-        held = self.writes.get((id(table), key)) or self.last.get((id(table), key))
+        """(held, value) of a held write to ``table[key]``, the newest batch's first; value None for
+        a held delete. A sealed batch's writes leave it only once they are in the table."""
+        k = (id(table), key)
+        held = self.writes.get(k) or self.last.get(k)
+        if held is None and self.sealed:
+            for b in reversed(tuple(self.sealed)):  # a copy: a batch may be processed in a thread
+                held = b.writes.get(k) or b.last.get(k)
+                if held is not None:
+                    break
         if held is None:
             return False, None
         value = held[2]
@@ -105,26 +137,70 @@ class Outbox:
     def send_late(self, topic: Any, key: bytes, value: bytes) -> None:
         self.late.append((topic, key, value))
 
+    def _seal(self, on_done: Callable[[], None] | None = None) -> None:
+        """The batch's writes and outputs join the release queue; the next batch starts empty."""
+        if self.early or self.late or self.writes or self.last or on_done is not None:
+            self.sealed.append(_Sealed(self, on_done))
+            self.early, self.late, self.writes, self.last = [], [], {}, {}
+
     async def release(self) -> None:
-        """Outputs and writes in the order above. Each step forgets what it has done, so a release
-        that was interrupted (cancelled while it waited) can be called again and finishes the rest."""
-        if self.early:
-            timing = timing_headers(self.started_ms)
+        """Release the batch in hand and every one before it, in order; returns when all are done.
+        Each step forgets what it has done, so a release that was interrupted (cancelled while it
+        waited) can be called again and finishes the rest."""
+        self._seal()
+        await self.drain()
+
+    def release_behind(self, on_done: Callable[[], None]) -> None:
+        """Release the batch in hand in the background, after those before it, so the next batch
+        is processed meanwhile; ``on_done`` once its rows and watermarks are acknowledged (the
+        commit of its offsets). A failure goes to :attr:`failed` (the worker stops unacknowledged)."""
+        self._seal(on_done)
+        if self._releasing is None or self._releasing.done():
+            self._releasing = asyncio.ensure_future(self._release_all(background=True))
+
+    async def room(self) -> None:
+        """Until at most :attr:`behind` batches wait for their release (a bound on held state)."""
+        while len(self.sealed) > self.behind and self._releasing is not None and not self._releasing.done():
+            await asyncio.wait([self._releasing], timeout=0.05)
+
+    async def drain(self) -> None:
+        """Until every sealed batch is released (a revocation, an erasure, a tick)."""
+        if self._releasing is not None and not self._releasing.done():
+            await asyncio.wait([self._releasing])  # not cancelled with a cancelled caller
+        await self._release_all()
+
+    async def _release_all(self, background: bool = False) -> None:
+        try:
+            while self.sealed:
+                b = self.sealed[0]
+                await self._release(b)
+                self.sealed.popleft()
+                if b.on_done is not None:
+                    b.on_done()
+        except Exception as exc:
+            if not background or self.failed is None:
+                raise
+            self.failed(exc)
+
+    async def _release(self, b: _Sealed) -> None:
+        """Outputs and writes in the order above."""
+        if b.early:
+            timing = timing_headers(b.started_ms)
             self.inflight += [
                 topic.send_soon(key=k, value=v, headers=timing if h is None else h)
-                for topic, k, v, h in self.early
+                for topic, k, v, h in b.early
             ]
-            self.early.clear()
+            b.early.clear()
         await self._delivered()
-        self._write(self.writes)
-        if self.last:
+        self._write(b.writes)
+        if b.last:
             await self._delivered()  # the rows first: see the module docstring
-            self._write(self.last)
+            self._write(b.last)
         await self._delivered()  # the batch is acknowledged (and committed) only after its rows
-        if self.late:
-            for topic, key, value in self.late:
+        if b.late:
+            for topic, key, value in b.late:
                 topic.send_soon(key=key, value=value)
-            self.late.clear()
+            b.late.clear()
 
     def _write(self, writes: dict[tuple[int, Any], tuple[Any, Any, Any]]) -> None:
         """Apply held writes, each in its event's partition, keeping their changelog futures."""

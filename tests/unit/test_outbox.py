@@ -242,3 +242,68 @@ def test_outputs_carry_when_their_batch_began_and_when_they_were_sent() -> None:
         assert before <= int(headers["propstream.sent_ms"]) <= after
 
     asyncio.run(run())
+
+
+def test_batches_released_behind_are_read_through_and_committed_in_order_after_their_rows() -> None:
+    """The next batch reads what a batch still being released holds, newest first; each batch's
+    ``on_done`` (its commit) comes only once its own rows and watermarks are acknowledged, and the
+    batches' writes reach the table in batch order."""
+
+    async def run() -> None:
+        log = Log()
+        table, marks = FakeTable(log), FakeTable(log)
+        box = Outbox()
+        box.watch(table)
+        box.watch(marks)
+        done: list[int] = []
+        ev = Event()
+
+        def batch(n: int, value: bytes) -> None:
+            token = in_partition(ev)
+            box.write(table, "u1", value)
+            box.write(marks, "m", n, last=True)
+            _current_event.reset(token)
+            box.release_behind(lambda: done.append(n))
+
+        batch(1, b"one")
+        assert box.get(table, "u1") == (True, b"one"), "a sealed batch's row is not read through"
+        batch(2, b"two")  # processed while batch 1 waits for its broker round trips
+        assert box.get(table, "u1") == (True, b"two"), "an older batch's row shadowed the newer"
+        await settle()
+        assert done == [] and table.get("u1") == b"one" and "m" not in marks
+        log.ack_all()  # batch 1's rows
+        await settle()
+        assert marks.get("m") == 1 and done == []  # its watermark is written, not yet acknowledged
+        log.ack_all()
+        await settle()
+        assert done == [1] and table.get("u1") == b"two", "batch 2 did not follow batch 1"
+        log.ack_all()
+        await settle()
+        log.ack_all()
+        await asyncio.wait_for(box.drain(), 1.0)
+        assert done == [1, 2] and marks.get("m") == 2 and not box.sealed
+        assert [e for e in log.entries if e[0] == "write"] == [
+            ("write", ("u1", ev)),
+            ("write", ("m", ev)),
+            ("write", ("u1", ev)),
+            ("write", ("m", ev)),
+        ]
+
+    asyncio.run(run())
+
+
+def test_a_failed_background_release_is_reported_and_commits_nothing() -> None:
+    async def run() -> None:
+        log, table, box, _ = one_row("changes")
+        failures: list[BaseException] = []
+        box.failed = failures.append
+        done: list[int] = []
+        box.release_behind(lambda: done.append(1))
+        await settle()
+        for fut in log.futures:
+            fut.set_exception(RuntimeError("broker gone"))
+        await settle()
+        assert [str(f) for f in failures] == ["broker gone"] and done == []
+        assert "u1" not in table, "the rows were written although their outputs were not sent"
+
+    asyncio.run(run())
