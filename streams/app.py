@@ -9,7 +9,6 @@ several differently configured apps in one interpreter.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import math
@@ -36,7 +35,7 @@ from features.contract import MAX_ID_LEN, parse_time_ms
 from features.state import Corrupt, UserState, decode
 from features.user import compute
 from models.scoring import ScoringCore
-from streams.direct import Committer, RecordSink, batch_of
+from streams.direct import Committer, DirectIngest, RecordSink
 from streams.erasure import attach_erasure
 from streams.faults import Faults
 from streams.faust_fixes import current_events
@@ -288,37 +287,23 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
 
         committer = Committer(commit, lambda exc: faults.failed("commit", exc))
 
+        direct = DirectIngest(
+            sink,
+            outbox,
+            committer,
+            lambda records: off_loop(handler.process, records),  # defined below
+            lambda: app.consumer_generation_id,
+            metrics.stale_records.inc,
+            stop_unacked,
+            settings.batch_size,
+            behind=settings.batch_in_thread,
+        )
+
         @app.task
         async def ingest_direct() -> None:
             """The hot path: batches of source records straight from the fetches (streams/direct.py)."""
-            assert sink is not None
             await live.caught_up.wait()  # score a backlog with the published models, not version 0
-            while True:
-                chunks = await sink.take(settings.batch_size)
-                started_ms = int(time.time() * 1000)
-                async with outbox.lock:
-                    # judged after the wait: a rebalance may have come meanwhile
-                    records, offsets, stale = batch_of(sink, chunks, app.consumer_generation_id)
-                    if stale:
-                        metrics.stale_records.inc(stale)
-                    if not records:
-                        continue
-                    await outbox.room()  # at most one batch still being released
-                    outbox.started_ms = started_ms
-                    try:
-                        await off_loop(handler.process, records)
-                    except asyncio.CancelledError:
-                        # stopping: finish the writes; nothing is committed, so a restart reads the
-                        # batch again and per-user dedup recognises what was written
-                        with contextlib.suppress(BaseException):
-                            await asyncio.wait_for(outbox.release(), 10.0)
-                        raise
-                    except BaseException as exc:
-                        stop_unacked(exc, records)
-                    # committed once its rows, outputs and watermarks are acknowledged; meanwhile
-                    # the next batch is processed (Faust's commit flushes the producer first)
-                    assert committer is not None
-                    outbox.release_behind(functools.partial(committer.add, offsets))
+            await direct.run()
 
     async def ingest(stream: Any) -> None:  # faust's StreamT stub lacks take_events
         async for batch in stream.take_events(settings.batch_size, within=settings.batch_within_s):

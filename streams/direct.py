@@ -21,6 +21,9 @@ Across a rebalance:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
@@ -28,6 +31,7 @@ from typing import Any
 from faust.types import TP
 
 from streams.ingest import Record
+from streams.outbox import Outbox
 
 
 class Message:
@@ -182,3 +186,69 @@ class Committer:
         """Until every offset handed over is committed (or its commit failed)."""
         while self.task is not None and not self.task.done():
             await asyncio.wait([self.task])
+
+
+class DirectIngest:
+    """The hot path, stage by stage: take what the fetches left in the sink, keep the current
+    generation's records, process them (``process``: the ingest handler, maybe in a thread), release
+    the batch's rows and outputs (``streams/outbox.py``), then commit its offsets."""
+
+    def __init__(
+        self,
+        sink: RecordSink,
+        outbox: Outbox,
+        committer: Committer,
+        process: Callable[[list[Record]], Awaitable[Any]],
+        generation: Callable[[], int],
+        stale: Callable[[int], None],
+        stop: Callable[[BaseException, list[Record]], None],
+        batch_size: int,
+        behind: bool,
+    ) -> None:
+        self.sink = sink
+        self.outbox = outbox
+        self.committer = committer
+        self.process = process
+        self.generation = generation
+        self.stale = stale
+        self.stop = stop  # a batch failed outside any one user: the worker stops uncommitted
+        self.batch_size = batch_size
+        self.behind = behind  # release a batch while the next is processed (processing in a thread)
+
+    async def run(self) -> None:
+        while True:
+            chunks = await self.sink.take(self.batch_size)
+            async with self.outbox.lock:  # judged after the wait: a rebalance may have come meanwhile
+                await self.batch(chunks)
+
+    async def batch(self, chunks: list[tuple[int, TP, list[Any]]]) -> None:
+        outbox = self.outbox
+        started_ms = int(time.time() * 1000)
+        records, offsets, stale = batch_of(self.sink, chunks, self.generation())
+        if stale:
+            self.stale(stale)
+        if not records:
+            return
+        await outbox.room()  # at most one batch still being released
+        outbox.started_ms = started_ms
+        try:
+            await self.process(records)
+        except asyncio.CancelledError:
+            # stopping: finish the writes; nothing is committed, so a restart reads the batch
+            # again and per-user dedup recognises what was written
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(outbox.release(), 10.0)
+            raise
+        except BaseException as exc:
+            self.stop(exc, records)
+        # committed once its rows, outputs and watermarks are acknowledged (Faust's commit
+        # flushes the producer first)
+        done = functools.partial(self.committer.add, offsets)
+        if self.behind:  # the loop releases it while the next batch is processed in its thread
+            outbox.release_behind(done)
+            return
+        try:  # the loop is busy while a batch is processed: release it first
+            await outbox.release()
+        except BaseException as exc:
+            self.stop(exc, records)
+        done()

@@ -9,6 +9,7 @@ The fetch tests run Faust's own ``_wait_next_records`` and ``perform_seek``, pat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from types import SimpleNamespace
 from typing import Any
 
@@ -162,3 +163,57 @@ def test_commits_go_out_one_at_a_time_merged_and_a_drain_waits_for_the_last() ->
 
     asyncio.run(run())
     assert failures == []
+
+
+def test_a_batch_is_processed_then_released_then_committed_and_a_failed_one_is_never_committed() -> None:
+    from streams.direct import Committer, DirectIngest
+    from streams.ingest import Record
+    from streams.outbox import Outbox
+
+    a = TP(SRC, 0)
+    log: list[Any] = []
+
+    async def commit(offsets: dict[TP, int]) -> None:
+        log.append(("commit", dict(offsets)))
+
+    async def process(records: list[Record]) -> None:
+        log.append(("process", [r.offset for r in records]))
+        if records[0].offset == 99:
+            raise RuntimeError("the store is gone")
+
+    def stop(exc: BaseException, records: list[Record]) -> None:
+        log.append(("stop", str(exc)))
+        raise SystemExit(70)  # what os._exit does to the batch: nothing after it runs
+
+    def recs(*offsets: int) -> list[Any]:
+        return [SimpleNamespace(offset=o, key=b"u", value=b"{}") for o in offsets]
+
+    async def run(behind: bool) -> None:
+        log.clear()
+        sink = RecordSink([SRC], limit=100)
+        outbox = Outbox()
+        committer = Committer(commit, lambda exc: log.append(("failed", exc)))
+        ingest = DirectIngest(
+            sink,
+            outbox,
+            committer,
+            process,
+            lambda: 3,
+            lambda n: log.append(("stale", n)),
+            stop,
+            batch_size=10,
+            behind=behind,
+        )
+        await ingest.batch([(2, a, recs(1, 2)), (3, a, recs(3, 4))])
+        await outbox.drain()
+        await committer.drain()
+        assert log == [("stale", 2), ("process", [3, 4]), ("commit", {a: 5})]
+        log.clear()
+        with contextlib.suppress(SystemExit):
+            await ingest.batch([(3, a, recs(99))])
+        await outbox.drain()
+        await committer.drain()
+        assert log == [("process", [99]), ("stop", "the store is gone")], "a failed batch was committed"
+
+    asyncio.run(run(behind=False))
+    asyncio.run(run(behind=True))
