@@ -139,14 +139,30 @@ class FaustKV:
         self.outbox.write(self.table, key, DELETE)
 
     def scan(self, partition: int, after: str | None = None) -> Iterator[tuple[str, bytes]]:
-        """The stored rows: a partition is scanned while its own context is open, before any of
-        its writes of the batch are held (``RowStore`` holds them until the context ends)."""
+        """The rows of ``partition`` in key order, as stored with the outbox's held writes (rows of
+        batches since the last checkpoint) merged in; the batch's own are ``UserRows``' to add."""
         store = self.table.data  # faust's RocksDB store: one database per partition
         db = store._db_for_partition(partition)
         start = after.encode() if after is not None else None
-        for key, value in db.items(from_key=start):
-            if key != start and key != store.offset_key:
-                yield key.decode(), value
+        held = self.outbox.held_keys(self.table, partition, after)
+        i = 0
+        for raw_key, value in db.items(from_key=start):
+            if raw_key == start or raw_key == store.offset_key:
+                continue
+            key = raw_key.decode()
+            while i < len(held) and held[i][0] < key:
+                if held[i][1] is not DELETE:
+                    yield held[i]
+                i += 1
+            if i < len(held) and held[i][0] == key:
+                if held[i][1] is not DELETE:
+                    yield held[i]
+                i += 1
+                continue
+            yield key, value
+        for key, v in held[i:]:
+            if v is not DELETE:
+                yield key, v
 
 
 class QuietMonitor(Monitor):
@@ -238,8 +254,10 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
     source = app.topic(*settings.source_topics, key_serializer="raw", value_serializer="raw")
     deadletter = app.topic(settings.topic_deadletter, key_serializer="raw", value_serializer="raw")
 
-    outbox = Outbox()
-    outbox.failed = lambda exc: stop_unacked(exc, [])  # a batch's rows or outputs were not written
+    # with direct consume rows go out at checkpoints (streams/outbox.py); else after every batch
+    outbox = Outbox(
+        settings.checkpoint_interval_s if settings.direct_consume else 0.0, settings.checkpoint_rows
+    )
 
     def send_dead_letter(dl: DeadLetter) -> None:  # at the batch's end, with its other outputs
         outbox.send_early(deadletter, dl.record.key, dl.record.value, dl.headers())
@@ -296,7 +314,6 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
             metrics.stale_records.inc,
             stop_unacked,
             settings.batch_size,
-            behind=settings.batch_in_thread,
         )
 
         @app.task
@@ -368,13 +385,29 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def on_revoked_ingest(app: Any, revoked: set[Any], **kwargs: Any) -> None:
         async with outbox.lock:  # after the batch in hand: its thread reads these partitions' state
-            await outbox.drain()  # the batches processed so far, written, then committed below
+            await outbox.release()  # a checkpoint: the batches processed so far, committed below
             handler.forget_partitions({tp.partition for tp in revoked if tp.topic in settings.source_topics})
             if sink is not None:  # fetched before the rebalance: each owner reads it from the commit
                 metrics.stale_records.inc(sink.clear())
             if committer is not None:  # what was processed, committed by the old generation
                 await committer.drain()
 
+    stop_consumer = app._stop_consumer
+
+    async def checkpoint_then_stop_consumer() -> None:
+        """A graceful stop writes what the outbox holds and commits it while the consumer, the
+        tables and the producer still run (Faust stops them first thing in ``App.on_stop``)."""
+        try:
+            async with asyncio.timeout(15):
+                async with outbox.lock:
+                    await outbox.release()
+                if committer is not None:
+                    await committer.drain()
+        except Exception as exc:  # the next owner reads the uncommitted records again
+            faults.failed("checkpoint", exc)
+        await stop_consumer()
+
+    app._stop_consumer = checkpoint_then_stop_consumer  # type: ignore[method-assign]
     app.agent(source, name="ingest")(ingest)
     params = settings.feature_params()
 

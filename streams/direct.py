@@ -190,8 +190,9 @@ class Committer:
 
 class DirectIngest:
     """The hot path, stage by stage: take what the fetches left in the sink, keep the current
-    generation's records, process them (``process``: the ingest handler, maybe in a thread), release
-    the batch's rows and outputs (``streams/outbox.py``), then commit its offsets."""
+    generation's records, process them (``process``: the ingest handler, maybe in a thread), send
+    the batch's outputs, and at a checkpoint write the rows held since the last one
+    (``streams/outbox.py``) and then commit the offsets of every batch it covers."""
 
     def __init__(
         self,
@@ -203,7 +204,6 @@ class DirectIngest:
         stale: Callable[[int], None],
         stop: Callable[[BaseException, list[Record]], None],
         batch_size: int,
-        behind: bool,
     ) -> None:
         self.sink = sink
         self.outbox = outbox
@@ -213,7 +213,6 @@ class DirectIngest:
         self.stale = stale
         self.stop = stop  # a batch failed outside any one user: the worker stops uncommitted
         self.batch_size = batch_size
-        self.behind = behind  # release a batch while the next is processed (processing in a thread)
 
     async def run(self) -> None:
         while True:
@@ -229,7 +228,6 @@ class DirectIngest:
             self.stale(stale)
         if not records:
             return
-        await outbox.room()  # at most one batch still being released
         outbox.started_ms = started_ms
         try:
             await self.process(records)
@@ -241,14 +239,12 @@ class DirectIngest:
             raise
         except BaseException as exc:
             self.stop(exc, records)
-        # committed once its rows, outputs and watermarks are acknowledged (Faust's commit
-        # flushes the producer first)
-        done = functools.partial(self.committer.add, offsets)
-        if self.behind:  # the loop releases it while the next batch is processed in its thread
-            outbox.release_behind(done)
-            return
-        try:  # the loop is busy while a batch is processed: release it first
-            await outbox.release()
+        # committed once a checkpoint has its rows, outputs and watermarks acknowledged (Faust's
+        # commit flushes the producer first: the training examples)
+        outbox.after(functools.partial(self.committer.add, offsets))
+        try:
+            await outbox.send_outputs()
+            if outbox.due():
+                await outbox.release()
         except BaseException as exc:
             self.stop(exc, records)
-        done()

@@ -36,8 +36,8 @@ def attach_erasure(
 ) -> None:
     """Add the erasure agent over the per-user rows ``table`` (features, scores and ledger in one value).
 
-    It deletes under the ingest batch's lock once every processed batch is released
-    (``streams/outbox.py``), so a row a batch still holds cannot be written back after the tombstone."""
+    It deletes under the ingest batch's lock after a checkpoint (``streams/outbox.py``), so a row
+    the outbox still holds cannot be written back after the tombstone."""
     requests = app.topic(settings.topic_erasure, key_serializer="raw", value_serializer="raw")
     changes = app.topic(settings.topic_changes, key_serializer="raw", value_serializer="raw")
     triggers = app.topic(settings.topic_triggers, key_serializer="raw", value_serializer="raw")
@@ -53,7 +53,7 @@ def attach_erasure(
             raw_id, request_id = parsed
             user = pseudonym(raw_id)
             async with outbox.lock:
-                await outbox.drain()
+                await outbox.release()  # a checkpoint: no held row can come back after the tombstone
                 raw = table.get(user)
                 removed = [n for n, part in zip(PARTS, decode_row(raw), strict=True) if part] if raw else []
                 if raw is not None:

@@ -26,13 +26,12 @@ lost, and a worker taking the partition over from the changelog never saw them a
 means a restart on the same disk, which replays unacknowledged changelog messages over the local
 RocksDB, can only replay values the disk already has.
 
-Steps 2 and 3 each wait for a broker round trip, and step 1 in a batch with outputs. The ingest
-loop does not wait for them: it seals the batch (:meth:`Outbox.release_behind`) and processes the
-next one meanwhile, which reads the rows the sealed batches still hold (:meth:`Outbox.get`). Sealed
-batches are released one after another in order, and each one's offsets are committed only once
-its own release is done. The ingest loop, the idle clock and the erasure agent hold
-:attr:`Outbox.lock` while they work, and the last two, like a revocation, wait for every sealed
-batch first (:meth:`Outbox.drain`), so no other writer sees or overwrites a row that is held here.
+Steps 2 and 3 each wait for a broker round trip, and step 1 in a batch with outputs. With direct
+consume, step 1 runs after every batch and steps 2-4 at a checkpoint (:class:`Outbox`), so a batch
+waits for one round trip at most and a user's row is written once per checkpoint, not per batch;
+the offsets of the batches a checkpoint covers are committed only after it. The ingest loop, the
+idle clock and the erasure agent hold :attr:`Outbox.lock` while they work, and the last two, like a
+revocation, release (checkpoint) first, so no other writer sees or overwrites a row held here.
 """
 
 from __future__ import annotations
@@ -40,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import time
 import weakref
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -58,25 +56,18 @@ def timing_headers(started_ms: int) -> list[tuple[str, bytes]]:
     return [(BATCH_HEADER, str(started_ms).encode()), (SENT_HEADER, str(int(time.time() * 1000)).encode())]
 
 
-class _Sealed:
-    """One batch's held writes and outputs, waiting for (or in) its release."""
-
-    __slots__ = ("early", "last", "late", "on_done", "started_ms", "writes")
-
-    def __init__(self, outbox: Outbox, on_done: Callable[[], None] | None) -> None:
-        self.early = outbox.early
-        self.late = outbox.late
-        self.writes = outbox.writes
-        self.last = outbox.last
-        self.started_ms = outbox.started_ms
-        self.on_done = on_done
-
-
 class Outbox:
-    """Held writes (read through by :meth:`get`) and outputs of the batch being processed, and of
-    the batches processed before it whose release is still under way (:meth:`release_behind`)."""
+    """Held writes (read through by :meth:`get`) and outputs, released in the order above.
 
-    def __init__(self, behind: int = 1) -> None:
+    The ingest loop of direct consume releases in two parts: each batch's outputs as soon as the
+    batch ends (:meth:`send_outputs`, step 1), and the held writes of every batch since the last
+    one at a *checkpoint* (:meth:`release`, steps 2-4), when :meth:`due`. The rows of a user who
+    is in several batches meanwhile are written once, and a batch waits for at most one broker
+    round trip (its outputs) instead of three. What runs after a checkpoint (:meth:`after`: the
+    commit of the batches' offsets) runs only once its rows and watermarks are acknowledged.
+    """
+
+    def __init__(self, interval_s: float = 0.0, max_rows: int = 0) -> None:
         self.lock = asyncio.Lock()
         # (topic, key, value, headers): before the rows; headers None: the timing headers
         self.early: list[tuple[Any, bytes | None, bytes, list[tuple[str, bytes]] | None]] = []
@@ -85,10 +76,10 @@ class Outbox:
         self.last: dict[tuple[int, Any], tuple[Any, Any, Any]] = {}  # written once the writes are durable
         self.inflight: list[asyncio.Future[Any]] = []  # sent by a release, not yet known delivered
         self.started_ms = 0  # wall ms the batch began (headers of its outputs: where latency went)
-        self.sealed: deque[_Sealed] = deque()  # processed batches, released oldest first
-        self.behind = behind  # sealed batches a new batch may be processed beside
-        self.failed: Callable[[BaseException], None] | None = None  # a background release failed
-        self._releasing: asyncio.Future[None] | None = None
+        self.interval_s = interval_s  # a checkpoint at least this often (0: after every batch)
+        self.max_rows = max_rows  # and whenever this many rows are held (0: no bound)
+        self.checkpoint_at = time.monotonic()
+        self._after: list[Callable[[], None]] = []
         self._watching = False
 
     def watch(self, table: Any) -> None:
@@ -115,19 +106,22 @@ class Outbox:
         (self.last if last else self.writes)[(id(table), key)] = (table, event, value)
 
     def get(self, table: Any, key: Any) -> tuple[bool, Any]:
-        """(held, value) of a held write to ``table[key]``, the newest batch's first; value None for
-        a held delete. A sealed batch's writes leave it only once they are in the table."""
-        k = (id(table), key)
-        held = self.writes.get(k) or self.last.get(k)
-        if held is None and self.sealed:
-            for b in reversed(tuple(self.sealed)):  # a copy: a batch may be processed in a thread
-                held = b.writes.get(k) or b.last.get(k)
-                if held is not None:
-                    break
+        """(held, value) of a held write to ``table[key]``; value None for a held delete."""
+        held = self.writes.get((id(table), key)) or self.last.get((id(table), key))
         if held is None:
             return False, None
         value = held[2]
         return True, (None if value is DELETE else value)
+
+    def held_keys(self, table: Any, partition: int, after: Any = None) -> list[tuple[Any, Any]]:
+        """(key, value or :data:`DELETE`) of every write to ``table`` held for ``partition``, in key
+        order, keys after ``after`` only: a scan of the stored rows merges these in."""
+        tid = id(table)
+        return sorted(
+            (k, v)
+            for (t, k), (_, event, v) in list(self.writes.items())
+            if t == tid and event.message.partition == partition and (after is None or k > after)
+        )
 
     def send_early(
         self, topic: Any, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]] | None = None
@@ -137,70 +131,44 @@ class Outbox:
     def send_late(self, topic: Any, key: bytes, value: bytes) -> None:
         self.late.append((topic, key, value))
 
-    def _seal(self, on_done: Callable[[], None] | None = None) -> None:
-        """The batch's writes and outputs join the release queue; the next batch starts empty."""
-        if self.early or self.late or self.writes or self.last or on_done is not None:
-            self.sealed.append(_Sealed(self, on_done))
-            self.early, self.late, self.writes, self.last = [], [], {}, {}
+    def after(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` once the next checkpoint's rows and watermarks are acknowledged."""
+        self._after.append(fn)
+
+    def due(self) -> bool:
+        """Is a checkpoint due (the interval passed, or the rows held reached the bound)?"""
+        return time.monotonic() - self.checkpoint_at >= self.interval_s or (
+            self.max_rows > 0 and len(self.writes) >= self.max_rows
+        )
+
+    async def send_outputs(self) -> None:
+        """Step 1 for the batch just processed: its outputs leave and are acknowledged now, before
+        any row that records them as done can become durable."""
+        if self.early:
+            timing = timing_headers(self.started_ms)
+            for topic, k, v, h in self.early:
+                self.inflight.append(topic.send_soon(key=k, value=v, headers=timing if h is None else h))
+            self.early.clear()
+        await self._delivered()
 
     async def release(self) -> None:
-        """Release the batch in hand and every one before it, in order; returns when all are done.
-        Each step forgets what it has done, so a release that was interrupted (cancelled while it
-        waited) can be called again and finishes the rest."""
-        self._seal()
-        await self.drain()
-
-    def release_behind(self, on_done: Callable[[], None]) -> None:
-        """Release the batch in hand in the background, after those before it, so the next batch
-        is processed meanwhile; ``on_done`` once its rows and watermarks are acknowledged (the
-        commit of its offsets). A failure goes to :attr:`failed` (the worker stops unacknowledged)."""
-        self._seal(on_done)
-        if self._releasing is None or self._releasing.done():
-            self._releasing = asyncio.ensure_future(self._release_all(background=True))
-
-    async def room(self) -> None:
-        """Until at most :attr:`behind` batches wait for their release (a bound on held state)."""
-        while len(self.sealed) > self.behind and self._releasing is not None and not self._releasing.done():
-            await asyncio.wait([self._releasing], timeout=0.05)
-
-    async def drain(self) -> None:
-        """Until every sealed batch is released (a revocation, an erasure, a tick)."""
-        if self._releasing is not None and not self._releasing.done():
-            await asyncio.wait([self._releasing])  # not cancelled with a cancelled caller
-        await self._release_all()
-
-    async def _release_all(self, background: bool = False) -> None:
-        try:
-            while self.sealed:
-                b = self.sealed[0]
-                await self._release(b)
-                self.sealed.popleft()
-                if b.on_done is not None:
-                    b.on_done()
-        except Exception as exc:
-            if not background or self.failed is None:
-                raise
-            self.failed(exc)
-
-    async def _release(self, b: _Sealed) -> None:
-        """Outputs and writes in the order above."""
-        if b.early:
-            timing = timing_headers(b.started_ms)
-            self.inflight += [
-                topic.send_soon(key=k, value=v, headers=timing if h is None else h)
-                for topic, k, v, h in b.early
-            ]
-            b.early.clear()
-        await self._delivered()
-        self._write(b.writes)
-        if b.last:
+        """A checkpoint: outputs, rows, watermarks and examples in the order above, then what waits
+        for it. Each step forgets what it has done, so a release that was interrupted (cancelled
+        while it waited) can be called again and finishes the rest."""
+        await self.send_outputs()
+        self._write(self.writes)
+        if self.last:
             await self._delivered()  # the rows first: see the module docstring
-            self._write(b.last)
+            self._write(self.last)
         await self._delivered()  # the batch is acknowledged (and committed) only after its rows
-        if b.late:
-            for topic, key, value in b.late:
+        if self.late:
+            for topic, key, value in self.late:
                 topic.send_soon(key=key, value=value)
-            b.late.clear()
+            self.late.clear()
+        self.checkpoint_at = time.monotonic()
+        done, self._after = self._after, []
+        for fn in done:
+            fn()
 
     def _write(self, writes: dict[tuple[int, Any], tuple[Any, Any, Any]]) -> None:
         """Apply held writes, each in its event's partition, keeping their changelog futures."""

@@ -139,6 +139,17 @@ class Settings(BaseSettings):
     batch_within_s: FloatSeconds = Field(
         0.05, gt=0, description="Max wait to fill a batch (Faust's stream only)." + IN_SECONDS
     )
+    checkpoint_interval_s: FloatSeconds = Field(
+        1.0,
+        ge=0,
+        description="Direct consume: rows, watermarks and training examples are written, and the "
+        "offsets committed, at most this long after a batch (outputs leave after every batch). "
+        "Longer: fewer changelog messages, more redelivered after a crash. 0: after every batch."
+        + IN_SECONDS,
+    )
+    checkpoint_rows: int = Field(
+        10_000, ge=1, description="Direct consume: a checkpoint as soon as this many users' rows are held."
+    )
     direct_consume: bool = Field(
         True,
         description="Take source records out of Faust's fetches in batches and commit their offsets "

@@ -233,5 +233,6 @@ def test_retention_evicts_idle_users_from_state_and_changelogs(
     assert worker.metric("propstream_users_evicted_total") == len(idle_users)
     wait_settled(kafka, settings.app_id, settings.source_topics)  # the tombstones are flushed
     last = {m.key: m.value for m in read_topic(kafka, f"{settings.app_id}-features-changelog")}
-    assert all(last[u.encode()] is None for u in idle_users)  # tombstones: gone from Kafka too
+    # gone from Kafka too: a tombstone, or never written (evicted before the checkpoint wrote it)
+    assert all(last.get(u.encode()) is None for u in idle_users)
     assert all(worker.features(e["user_id"]) is not None for e in active[:10])

@@ -165,7 +165,7 @@ def test_commits_go_out_one_at_a_time_merged_and_a_drain_waits_for_the_last() ->
     assert failures == []
 
 
-def test_a_batch_is_processed_then_released_then_committed_and_a_failed_one_is_never_committed() -> None:
+def test_batches_are_committed_only_by_the_checkpoint_after_them_and_a_failed_one_never() -> None:
     from streams.direct import Committer, DirectIngest
     from streams.ingest import Record
     from streams.outbox import Outbox
@@ -188,32 +188,34 @@ def test_a_batch_is_processed_then_released_then_committed_and_a_failed_one_is_n
     def recs(*offsets: int) -> list[Any]:
         return [SimpleNamespace(offset=o, key=b"u", value=b"{}") for o in offsets]
 
-    async def run(behind: bool) -> None:
+    async def run(interval_s: float) -> None:
         log.clear()
         sink = RecordSink([SRC], limit=100)
-        outbox = Outbox()
+        outbox = Outbox(interval_s=interval_s)
         committer = Committer(commit, lambda exc: log.append(("failed", exc)))
         ingest = DirectIngest(
-            sink,
-            outbox,
-            committer,
-            process,
-            lambda: 3,
-            lambda n: log.append(("stale", n)),
-            stop,
-            batch_size=10,
-            behind=behind,
+            sink, outbox, committer, process, lambda: 3, lambda n: log.append(("stale", n)), stop, 10
         )
         await ingest.batch([(2, a, recs(1, 2)), (3, a, recs(3, 4))])
-        await outbox.drain()
+        await ingest.batch([(3, a, recs(5))])
         await committer.drain()
-        assert log == [("stale", 2), ("process", [3, 4]), ("commit", {a: 5})]
+        if interval_s:  # not due yet: nothing committed until the checkpoint
+            assert log == [("stale", 2), ("process", [3, 4]), ("process", [5])]
+            await outbox.release()
+            await committer.drain()
+            assert log[3:] == [("commit", {a: 6})]
+        else:  # a checkpoint after each batch: each batch's offsets handed to the committer at once
+            assert [e for e in log if e[0] != "commit"] == [
+                ("stale", 2),
+                ("process", [3, 4]),
+                ("process", [5]),
+            ]
+            assert [e for e in log if e[0] == "commit"][-1] == ("commit", {a: 6})
         log.clear()
         with contextlib.suppress(SystemExit):
             await ingest.batch([(3, a, recs(99))])
-        await outbox.drain()
         await committer.drain()
         assert log == [("process", [99]), ("stop", "the store is gone")], "a failed batch was committed"
 
-    asyncio.run(run(behind=False))
-    asyncio.run(run(behind=True))
+    asyncio.run(run(3600.0))
+    asyncio.run(run(0.0))

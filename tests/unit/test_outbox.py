@@ -244,66 +244,80 @@ def test_outputs_carry_when_their_batch_began_and_when_they_were_sent() -> None:
     asyncio.run(run())
 
 
-def test_batches_released_behind_are_read_through_and_committed_in_order_after_their_rows() -> None:
-    """The next batch reads what a batch still being released holds, newest first; each batch's
-    ``on_done`` (its commit) comes only once its own rows and watermarks are acknowledged, and the
-    batches' writes reach the table in batch order."""
+def test_outputs_leave_after_each_batch_and_rows_once_per_checkpoint_before_what_waits_for_it() -> None:
+    """Direct consume: a batch's outputs are sent and acknowledged when it ends; its rows stay held
+    (read through by the next batch) until the checkpoint writes each row once, the watermarks
+    after the rows are acknowledged, and only then runs what waits for it (the commit)."""
 
     async def run() -> None:
         log = Log()
         table, marks = FakeTable(log), FakeTable(log)
-        box = Outbox()
+        box = Outbox(interval_s=3600.0)
         box.watch(table)
         box.watch(marks)
+        changes = FakeTopic("changes", log)
         done: list[int] = []
         ev = Event()
 
-        def batch(n: int, value: bytes) -> None:
+        async def batch(n: int, value: bytes) -> None:
             token = in_partition(ev)
             box.write(table, "u1", value)
             box.write(marks, "m", n, last=True)
             _current_event.reset(token)
-            box.release_behind(lambda: done.append(n))
+            box.send_early(changes, b"u1", value)
+            box.after(lambda: done.append(n))
+            sent = asyncio.ensure_future(box.send_outputs())
+            await settle()
+            assert not sent.done(), "a batch ended before its outputs were acknowledged"
+            log.ack_all()
+            await asyncio.wait_for(sent, 1.0)
+            assert not box.due()
 
-        batch(1, b"one")
-        assert box.get(table, "u1") == (True, b"one"), "a sealed batch's row is not read through"
-        batch(2, b"two")  # processed while batch 1 waits for its broker round trips
-        assert box.get(table, "u1") == (True, b"two"), "an older batch's row shadowed the newer"
+        await batch(1, b"one")
+        assert box.get(table, "u1") == (True, b"one") and "u1" not in table
+        await batch(2, b"two")
+        assert box.get(table, "u1") == (True, b"two"), "the newer batch's row is not the one held"
+        assert done == [] and "u1" not in table and "m" not in marks
+        checkpoint = asyncio.ensure_future(box.release())
         await settle()
-        assert done == [] and table.get("u1") == b"one" and "m" not in marks
-        log.ack_all()  # batch 1's rows
-        await settle()
-        assert marks.get("m") == 1 and done == []  # its watermark is written, not yet acknowledged
+        assert table.get("u1") == b"two" and "m" not in marks, "a watermark before its rows"
         log.ack_all()
         await settle()
-        assert done == [1] and table.get("u1") == b"two", "batch 2 did not follow batch 1"
+        assert marks.get("m") == 2 and done == [], "the commit ran before the watermarks were acknowledged"
         log.ack_all()
-        await settle()
-        log.ack_all()
-        await asyncio.wait_for(box.drain(), 1.0)
-        assert done == [1, 2] and marks.get("m") == 2 and not box.sealed
-        assert [e for e in log.entries if e[0] == "write"] == [
-            ("write", ("u1", ev)),
-            ("write", ("m", ev)),
-            ("write", ("u1", ev)),
-            ("write", ("m", ev)),
-        ]
+        await asyncio.wait_for(checkpoint, 1.0)
+        assert done == [1, 2]
+        assert [e for e in log.entries if e[0] == "write"] == [("write", ("u1", ev)), ("write", ("m", ev))]
+        assert [e[0] for e in log.entries].count("send changes") == 2
 
     asyncio.run(run())
 
 
-def test_a_failed_background_release_is_reported_and_commits_nothing() -> None:
+def test_a_checkpoint_is_due_after_the_interval_or_at_the_row_bound() -> None:
+    box = Outbox(interval_s=3600.0, max_rows=2)
+    ev = Event()
+    token = in_partition(ev)
+    table = FakeTable(Log())
+    assert not box.due()
+    box.write(table, "u1", b"x")
+    assert not box.due()
+    box.write(table, "u2", b"x")
+    _current_event.reset(token)
+    assert box.due(), "two rows held at a bound of two"
+    assert Outbox().due(), "no interval: a checkpoint after every batch"
+
+
+def test_a_failed_output_stops_the_checkpoint_before_any_row_and_commits_nothing() -> None:
     async def run() -> None:
         log, table, box, _ = one_row("changes")
-        failures: list[BaseException] = []
-        box.failed = failures.append
         done: list[int] = []
-        box.release_behind(lambda: done.append(1))
+        box.after(lambda: done.append(1))
+        checkpoint = asyncio.ensure_future(box.release())
         await settle()
         for fut in log.futures:
             fut.set_exception(RuntimeError("broker gone"))
-        await settle()
-        assert [str(f) for f in failures] == ["broker gone"] and done == []
-        assert "u1" not in table, "the rows were written although their outputs were not sent"
+        with pytest.raises(RuntimeError, match="broker gone"):
+            await checkpoint
+        assert done == [] and "u1" not in table, "rows written or offsets committed after a lost output"
 
     asyncio.run(run())
