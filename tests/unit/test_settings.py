@@ -13,6 +13,7 @@ from streams.settings import Settings, env_name, unknown_env
 # settings module, so a field that loses the syntax (or a new one without it) fails below.
 DURATIONS = {
     "batch_within_s": "s",
+    "checkpoint_interval_s": "s",
     "max_future_s": "s",
     "allowed_lateness_s": "s",
     "session_gap_s": "s",
