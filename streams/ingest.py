@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from features import state as codec
 from features.contract import REASONS, Event, Rejected, parse
@@ -26,9 +26,9 @@ if TYPE_CHECKING:
     from streams.score_stage import ScoreStage
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
-    """One consumed Kafka message; ``ctx`` is opaque to the handler (the Faust event)."""
+class Record(NamedTuple):
+    """One consumed Kafka message; ``ctx`` is opaque to the handler (the Faust event). A named
+    tuple: one is made per event on the hot path, three times cheaper than a frozen dataclass."""
 
     topic: str
     partition: int
