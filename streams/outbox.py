@@ -37,6 +37,7 @@ revocation, release (checkpoint) first, so no other writer sees or overwrites a 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import time
 import weakref
 from collections.abc import Callable
@@ -80,6 +81,7 @@ class Outbox:
         self.max_rows = max_rows  # and whenever this many rows are held (0: no bound)
         self.checkpoint_at = time.monotonic()
         self._after: list[Callable[[], None]] = []
+        self._keys: dict[tuple[int, int], list[Any]] = {}  # (table, partition) -> held keys, sorted
         self._watching = False
 
     def watch(self, table: Any) -> None:
@@ -103,7 +105,13 @@ class Outbox:
         if event is None:
             msg = "a table write outside any partition's context"
             raise RuntimeError(msg)
-        (self.last if last else self.writes)[(id(table), key)] = (table, event, value)
+        k = (id(table), key)
+        if last:
+            self.last[k] = (table, event, value)
+            return
+        if k not in self.writes:  # kept in key order per partition for scans (held_keys)
+            bisect.insort(self._keys.setdefault((k[0], event.message.partition), []), key)
+        self.writes[k] = (table, event, value)
 
     def get(self, table: Any, key: Any) -> tuple[bool, Any]:
         """(held, value) of a held write to ``table[key]``; value None for a held delete."""
@@ -117,11 +125,12 @@ class Outbox:
         """(key, value or :data:`DELETE`) of every write to ``table`` held for ``partition``, in key
         order, keys after ``after`` only: a scan of the stored rows merges these in."""
         tid = id(table)
-        return sorted(
-            (k, v)
-            for (t, k), (_, event, v) in list(self.writes.items())
-            if t == tid and event.message.partition == partition and (after is None or k > after)
-        )
+        keys = self._keys.get((tid, partition))
+        if not keys:
+            return []
+        start = 0 if after is None else bisect.bisect_right(keys, after)
+        writes = self.writes
+        return [(k, writes[(tid, k)][2]) for k in keys[start:]]
 
     def send_early(
         self, topic: Any, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]] | None = None
@@ -157,6 +166,7 @@ class Outbox:
         while it waited) can be called again and finishes the rest."""
         await self.send_outputs()
         self._write(self.writes)
+        self._keys.clear()
         if self.last:
             await self._delivered()  # the rows first: see the module docstring
             self._write(self.last)

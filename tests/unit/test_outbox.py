@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 import weakref
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -69,7 +70,10 @@ class FakeTable(dict[Any, Any]):
 
 
 class Event:
-    """Stands in for the Faust event that routes a write to its partition."""
+    """Stands in for the Faust event that routes a write to its partition (``message.partition``)."""
+
+    def __init__(self, partition: int = 0) -> None:
+        self.message = SimpleNamespace(partition=partition)
 
 
 def in_partition(event: Event) -> Any:
@@ -321,3 +325,27 @@ def test_a_failed_output_stops_the_checkpoint_before_any_row_and_commits_nothing
         assert done == [] and "u1" not in table, "rows written or offsets committed after a lost output"
 
     asyncio.run(run())
+
+
+def test_held_keys_come_in_key_order_per_partition_and_leave_with_the_checkpoint() -> None:
+    log = Log()
+    table = FakeTable(log)
+    box = Outbox(interval_s=3600.0)
+    box.watch(table)
+    p0, p1 = Event(0), Event(1)
+    for key, ev in (("u5", p0), ("u1", p0), ("u9", p1), ("u3", p0), ("u1", p0)):
+        token = in_partition(ev)
+        box.write(table, key, DELETE if key == "u3" else key.encode())
+        _current_event.reset(token)
+    assert box.held_keys(table, 0) == [("u1", b"u1"), ("u3", DELETE), ("u5", b"u5")]
+    assert box.held_keys(table, 0, after="u1") == [("u3", DELETE), ("u5", b"u5")]
+    assert box.held_keys(table, 1) == [("u9", b"u9")] and box.held_keys(table, 2) == []
+
+    async def checkpoint() -> None:
+        done = asyncio.ensure_future(box.release())
+        await settle()
+        log.ack_all()
+        await asyncio.wait_for(done, 1.0)
+
+    asyncio.run(checkpoint())
+    assert box.held_keys(table, 0) == [] and table == {"u1": b"u1", "u5": b"u5", "u9": b"u9"}
