@@ -160,8 +160,8 @@ class Settings(BaseSettings):
     batch_in_thread: bool = Field(
         False,
         description="Process each batch in a thread while the event loop serves lookups meanwhile: "
-        "lookup p99 about 2.5x lower, but about 11% fewer events per CPU second (the two threads "
-        "share one GIL; docs/benchmarks.md).",
+        "lookup p99 185 -> 115 ms, but 0.79x the events per CPU second (the two threads share one "
+        "GIL; docs/benchmarks.md).",
     )
 
     # --- Privacy -----------------------------------------------------------------------------
