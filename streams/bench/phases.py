@@ -253,6 +253,9 @@ def latency(
     broker = broker_pid(bootstrap)
     cpu_start, ticks = proc.cpu_s(), cpu_ticks()
     own_start, broker_start = time.process_time(), cpu_s_of(broker) if broker else math.nan
+    # batches and events over the phase: the mean batch size tells a queue from a slow stage
+    batches_start = proc.metric("propstream_batch_processing_seconds_count")
+    consumed_start = proc.metric("propstream_events_consumed_total")
     last = t_start
     for i, ev in enumerate(events):
         ahead = i / rate - (time.monotonic() - t_start)
@@ -281,6 +284,8 @@ def latency(
     own = (time.process_time() - own_start) / elapsed  # this process: producer, consumer, lookups
     broker_busy = (cpu_s_of(broker) - broker_start) / elapsed if broker else math.nan
     time.sleep(3)  # the last batches' change events
+    batches = proc.metric("propstream_batch_processing_seconds_count") - batches_start
+    consumed = proc.metric("propstream_events_consumed_total") - consumed_start
     stop.set()
     for th in threads:
         th.join(5)
@@ -289,6 +294,8 @@ def latency(
     out: dict[str, Any] = {
         "offered_events_per_s": offered,
         "worker_cpu_per_s": busy,
+        "batches": batches,
+        "events_per_batch": consumed / batches if batches else math.nan,
         "machine_busy_share": machine_busy,
         "bench_cpu_per_s": own,
         "broker_cpu_per_s": broker_busy,
