@@ -130,6 +130,18 @@ class RecordSink:
         return ctx
 
 
+def by_partition(records: list[Record]) -> list[list[Record]]:
+    """``records`` split by partition (of any topic), each part in the order given."""
+    parts: dict[int, list[Record]] = {}
+    for r in records:
+        part = parts.get(r.partition)
+        if part is None:
+            parts[r.partition] = [r]
+        else:
+            part.append(r)
+    return list(parts.values())
+
+
 def batch_of(
     sink: RecordSink, chunks: list[tuple[int, TP, list[Any]]], generation: int
 ) -> tuple[list[Record], dict[TP, int], int]:
@@ -230,7 +242,15 @@ class DirectIngest:
             return
         outbox.started_ms = started_ms
         try:
-            await self.process(records)
+            # one partition at a time, the loop let go between them: its fetcher drains the
+            # consumer's buffer (so the next fetch starts), lookups are served, and each
+            # partition's outputs leave as it is done. Partitions share no state here.
+            parts = by_partition(records)
+            for i, part in enumerate(parts):
+                await self.process(part)
+                outbox.send_outputs_soon()
+                if i + 1 < len(parts):
+                    await asyncio.sleep(0)
         except asyncio.CancelledError:
             # stopping: finish the writes; nothing is committed, so a restart reads the batch
             # again and per-user dedup recognises what was written

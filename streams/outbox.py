@@ -150,14 +150,18 @@ class Outbox:
             self.max_rows > 0 and len(self.writes) >= self.max_rows
         )
 
-    async def send_outputs(self) -> None:
-        """Step 1 for the batch just processed: its outputs leave and are acknowledged now, before
-        any row that records them as done can become durable."""
+    def send_outputs_soon(self) -> None:
+        """Hand the outputs held so far to the producer; :meth:`send_outputs` waits for them."""
         if self.early:
             timing = timing_headers(self.started_ms)
             for topic, k, v, h in self.early:
                 self.inflight.append(topic.send_soon(key=k, value=v, headers=timing if h is None else h))
             self.early.clear()
+
+    async def send_outputs(self) -> None:
+        """Step 1 for the batch just processed: its outputs leave and are acknowledged now, before
+        any row that records them as done can become durable."""
+        self.send_outputs_soon()
         await self._delivered()
 
     async def release(self) -> None:

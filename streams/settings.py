@@ -294,7 +294,8 @@ class Settings(BaseSettings):
     timer_fires_per_batch: int = Field(
         2_000,
         ge=0,
-        description="Most timers fired per batch (and per idle-clock tick) beyond those of the "
+        description="Most timers fired per batch (per partition of a batch with direct consume, and "
+        "per idle-clock tick) beyond those of the "
         "batch's own users, so a clock that jumps (a backlog, an outage) cannot block the event "
         "loop: the rest fire in the next batches, as of their due time all the same. 0: no bound.",
     )

@@ -219,3 +219,16 @@ def test_batches_are_committed_only_by_the_checkpoint_after_them_and_a_failed_on
 
     asyncio.run(run(3600.0))
     asyncio.run(run(0.0))
+
+
+def test_a_batch_is_split_by_partition_keeping_each_partitions_order_across_topics() -> None:
+    from streams.direct import by_partition
+    from streams.ingest import Record
+
+    records = [
+        Record(t, p, o, b"u", b"{}") for t, p, o in (("a", 0, 5), ("b", 1, 2), ("b", 0, 7), ("a", 1, 3))
+    ]
+    assert [[(r.topic, r.offset) for r in part] for part in by_partition(records)] == [
+        [("a", 5), ("b", 7)],
+        [("b", 2), ("a", 3)],
+    ]
