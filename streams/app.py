@@ -305,23 +305,6 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
 
         committer = Committer(commit, lambda exc: faults.failed("commit", exc))
 
-        direct = DirectIngest(
-            sink,
-            outbox,
-            committer,
-            lambda records: off_loop(handler.process, records),  # defined below
-            lambda: app.consumer_generation_id,
-            metrics.stale_records.inc,
-            stop_unacked,
-            settings.batch_size,
-        )
-
-        @app.task
-        async def ingest_direct() -> None:
-            """The hot path: batches of source records straight from the fetches (streams/direct.py)."""
-            await live.caught_up.wait()  # score a backlog with the published models, not version 0
-            await direct.run()
-
     async def ingest(stream: Any) -> None:  # faust's StreamT stub lacks take_events
         async for batch in stream.take_events(settings.batch_size, within=settings.batch_within_s):
             started_ms = int(time.time() * 1000)  # the outputs' timing header (streams/outbox.py)
@@ -367,6 +350,24 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
             if failure is not None:
                 raise failure from None
             raise
+
+    if sink is not None and committer is not None:
+        direct = DirectIngest(
+            sink,
+            outbox,
+            committer,
+            functools.partial(off_loop, handler.process),
+            lambda: app.consumer_generation_id,
+            metrics.stale_records.inc,
+            stop_unacked,
+            settings.batch_size,
+        )
+
+        @app.task
+        async def ingest_direct() -> None:
+            """The hot path: batches of source records straight from the fetches (streams/direct.py)."""
+            await live.caught_up.wait()  # score a backlog with the published models, not version 0
+            await direct.run()
 
     @app.timer(1.0)
     async def idle_clock() -> None:

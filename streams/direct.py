@@ -5,16 +5,17 @@ no-op agent does about 13k events/s on the bench machine, below what the worker 
 ``direct_consume`` (the default) the worker keeps Faust for what it is good at (group membership,
 assignment, recovery, tables and their changelogs) and takes the source partitions' records out of
 each fetch as aiokafka returns them (``streams.faust_fixes._divert``), into a :class:`RecordSink`.
-The ingest loop (``streams/app.py``) takes them in batches and commits their offsets itself, through
-Faust's group member, once the batch's rows and outputs are acknowledged.
+:class:`DirectIngest` takes them in batches, sends each batch's outputs when it ends, and commits
+the offsets itself, through Faust's group member, after the checkpoint that writes the batch's rows
+(``streams/outbox.py``).
 
 Across a rebalance:
 
 - records are taken only in a consumer generation whose seek to the committed offsets is done
   (Faust's recovery seeks after every assignment), and each partition's only in offset order from
   the offset that seek set, as ``streams.faust_fixes`` does for Faust's own stream;
-- a revocation waits for the batch in hand (which commits its own offsets), then drops everything
-  buffered: the partition's next owner, maybe this worker again, reads it from the commit;
+- a revocation waits for the batch in hand, writes a checkpoint and commits it, then drops
+  everything buffered: the partition's next owner, maybe this worker again, reads it from the commit;
 - a batch keeps only records of the generation it is processed in (:func:`batch_of`).
 """
 
@@ -38,12 +39,11 @@ class Message:
     """What Faust's tables read of the *current event*: its partition picks the RocksDB file and the
     changelog partition of a table write (``FaustMarks.partition``)."""
 
-    __slots__ = ("partition", "topic", "tp")
+    __slots__ = ("partition", "topic")
 
     def __init__(self, topic: str, partition: int) -> None:
         self.topic = topic
         self.partition = partition
-        self.tp = TP(topic, partition)
 
 
 class PartitionEvent:
@@ -130,50 +130,43 @@ class RecordSink:
         return ctx
 
 
-def by_partition(records: list[Record]) -> list[list[Record]]:
-    """``records`` split by partition (of any topic), each part in the order given."""
-    parts: dict[int, list[Record]] = {}
-    for r in records:
-        part = parts.get(r.partition)
-        if part is None:
-            parts[r.partition] = [r]
-        else:
-            part.append(r)
-    return list(parts.values())
-
-
 def batch_of(
     sink: RecordSink, chunks: list[tuple[int, TP, list[Any]]], generation: int
-) -> tuple[list[Record], dict[TP, int], int]:
-    """The records of ``chunks`` fetched in ``generation``, the offsets to commit once they are
-    processed (per partition, the next offset to read), and how many records were of another
-    generation (dropped: the partition's owner reads them again)."""
-    out: list[Record] = []
+) -> tuple[list[list[Record]], dict[TP, int], int]:
+    """The records of ``chunks`` fetched in ``generation``, one list per partition (of any topic, in
+    the order fetched: partitions share no state, so each is processed on its own), the offsets to
+    commit once they are written (per topic partition, the next offset to read), and how many records
+    were of another generation (dropped: the partition's owner reads them again)."""
+    parts: dict[int, list[Record]] = {}
     offsets: dict[TP, int] = {}
     stale = 0
     for gen, tp, records in chunks:
         if gen != generation:
             stale += len(records)
             continue
-        ctx = sink.context(tp.topic, tp.partition)
         topic, partition = tp.topic, tp.partition
-        out.extend(Record(topic, partition, r.offset, r.key, r.value, ctx) for r in records)
+        ctx = sink.context(topic, partition)
+        part = parts.get(partition)
+        if part is None:
+            part = parts[partition] = []
+        part.extend(Record(topic, partition, r.offset, r.key, r.value, ctx) for r in records)
         offsets[tp] = records[-1].offset + 1
-    return out, offsets, stale
+    return list(parts.values()), offsets, stale
 
 
 class Committer:
     """Commits offsets in the background, one commit at a time, so the next batch is processed while
     the broker answers; offsets that pile up meanwhile go out merged in the next commit.
 
-    Each batch hands its offsets over only once its rows and outputs are acknowledged, so any commit
-    covers written events only. A revocation drains it (:meth:`drain`) while the old generation can
-    still commit. A commit that fails leaves its offsets to be read again: at-least-once, counted.
+    A batch's offsets are handed over only after the checkpoint that writes its rows, outputs and
+    watermarks, so any commit covers written events only. A revocation drains it (:meth:`drain`)
+    while the old generation can still commit. A commit that fails leaves its offsets to be read
+    again: at-least-once, counted.
     """
 
     def __init__(
         self, commit: Callable[[dict[TP, int]], Awaitable[Any]], failed: Callable[[BaseException], None]
-    ):
+    ) -> None:
         self.commit = commit
         self.failed = failed
         self.pending: dict[TP, int] = {}
@@ -235,22 +228,22 @@ class DirectIngest:
     async def batch(self, chunks: list[tuple[int, TP, list[Any]]]) -> None:
         outbox = self.outbox
         started_ms = int(time.time() * 1000)
-        records, offsets, stale = batch_of(self.sink, chunks, self.generation())
+        parts, offsets, stale = batch_of(self.sink, chunks, self.generation())
         if stale:
             self.stale(stale)
-        if not records:
+        if not parts:
             return
         outbox.started_ms = started_ms
+        part: list[Record] = parts[0]  # the partition in hand: a failure names it
         try:
             # one partition at a time, the loop let go between them: its fetcher drains the
             # consumer's buffer (so the next fetch starts), lookups are served, and each
-            # partition's outputs leave as it is done. Partitions share no state here.
-            parts = by_partition(records)
+            # partition's outputs leave as it is done
             for i, part in enumerate(parts):
+                if i:
+                    await asyncio.sleep(0)
                 await self.process(part)
                 outbox.send_outputs_soon()
-                if i + 1 < len(parts):
-                    await asyncio.sleep(0)
         except asyncio.CancelledError:
             # stopping: finish the writes; nothing is committed, so a restart reads the batch
             # again and per-user dedup recognises what was written
@@ -258,7 +251,7 @@ class DirectIngest:
                 await asyncio.wait_for(outbox.release(), 10.0)
             raise
         except BaseException as exc:
-            self.stop(exc, records)
+            self.stop(exc, part)
         # committed once a checkpoint has its rows, outputs and watermarks acknowledged (Faust's
         # commit flushes the producer first: the training examples)
         outbox.after(functools.partial(self.committer.add, offsets))
@@ -267,4 +260,4 @@ class DirectIngest:
             if outbox.due():
                 await outbox.release()
         except BaseException as exc:
-            self.stop(exc, records)
+            self.stop(exc, part)

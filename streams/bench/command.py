@@ -241,7 +241,7 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, object]]:
         ("e2e produce->change p99", "ms", r["e2e_p99_ms"]),
         ("change events measured", "count", r["changes"]),
         ("worker CPU while offered that load", "CPU-s/s", r.get("worker_cpu_per_s", math.nan)),
-        ("  events per batch meanwhile (mean)", "count", r.get("events_per_batch", math.nan)),
+        ("  events per handler batch meanwhile (mean)", "count", r.get("events_per_batch", math.nan)),
         ("machine busy meanwhile (all cores)", "share", r.get("machine_busy_share", math.nan)),
         ("  of which the broker", "CPU-s/s", r.get("broker_cpu_per_s", math.nan)),
         ("  of which the bench (producer, consumer, lookups)", "CPU-s/s", r.get("bench_cpu_per_s", math.nan)),

@@ -120,17 +120,21 @@ def test_the_sink_hands_out_at_most_the_limit_and_holds_fetches_while_full() -> 
 
 def test_a_batch_keeps_its_generation_and_commits_the_offset_after_each_partitions_last() -> None:
     sink = RecordSink([SRC], limit=100)
-    a, b = TP(SRC, 0), TP(SRC, 1)
+    a, b, c = TP(SRC, 0), TP(SRC, 1), TP("other", 0)
 
     def recs(*offsets: int) -> list[Any]:
         return [SimpleNamespace(offset=o, key=b"u", value=b"{}") for o in offsets]
 
-    chunks = [(2, a, recs(4, 5)), (1, b, recs(9)), (2, b, recs(3)), (2, a, recs(6))]
-    records, offsets, stale = batch_of(sink, chunks, generation=2)
-    assert [(r.partition, r.offset) for r in records] == [(0, 4), (0, 5), (1, 3), (0, 6)]
-    assert offsets == {a: 7, b: 4} and stale == 1
+    chunks = [(2, a, recs(4, 5)), (1, b, recs(9)), (2, b, recs(3)), (2, c, recs(6))]
+    parts, offsets, stale = batch_of(sink, chunks, generation=2)
+    # one list per partition, each in the order fetched, whatever the topic
+    assert [[(r.topic, r.partition, r.offset) for r in part] for part in parts] == [
+        [(SRC, 0, 4), (SRC, 0, 5), ("other", 0, 6)],
+        [(SRC, 1, 3)],
+    ]
+    assert offsets == {a: 6, b: 4, c: 7} and stale == 1
     # each record's context routes table writes to its own partition (Faust reads .message.partition)
-    assert {r.partition: r.ctx.message.partition for r in records} == {0: 0, 1: 1}
+    assert {r.partition: r.ctx.message.partition for part in parts for r in part} == {0: 0, 1: 1}
 
 
 def test_commits_go_out_one_at_a_time_merged_and_a_drain_waits_for_the_last() -> None:
@@ -219,16 +223,3 @@ def test_batches_are_committed_only_by_the_checkpoint_after_them_and_a_failed_on
 
     asyncio.run(run(3600.0))
     asyncio.run(run(0.0))
-
-
-def test_a_batch_is_split_by_partition_keeping_each_partitions_order_across_topics() -> None:
-    from streams.direct import by_partition
-    from streams.ingest import Record
-
-    records = [
-        Record(t, p, o, b"u", b"{}") for t, p, o in (("a", 0, 5), ("b", 1, 2), ("b", 0, 7), ("a", 1, 3))
-    ]
-    assert [[(r.topic, r.offset) for r in part] for part in by_partition(records)] == [
-        [("a", 5), ("b", 7)],
-        [("b", 2), ("a", 3)],
-    ]
