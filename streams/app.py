@@ -13,10 +13,11 @@ import functools
 import logging
 import math
 import os
+import shutil
+import tempfile
 import time
-import unicodedata
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, NoReturn
 
@@ -30,10 +31,6 @@ from faust.web import Request, Response, View
 from faust.web.exceptions import WebError
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from features.catalogue import NAMES
-from features.contract import MAX_ID_LEN, parse_time_ms
-from features.state import Corrupt, UserState, decode
-from features.user import compute
 from models.scoring import ScoringCore
 from streams.direct import Committer, DirectIngest, RecordSink
 from streams.erasure import attach_erasure
@@ -41,16 +38,19 @@ from streams.faults import Faults
 from streams.faust_fixes import current_events
 from streams.faust_fixes import install as install_faust_fixes
 from streams.ingest import DeadLetter, IngestHandler, Record, decode_mark, encode_mark
-from streams.lookup import AsOf, BadQuery, Lookups, PartitionClock, page_query
+from streams.lookup import BadQuery, Lookups, PartitionClock, page_query, partition_of
 from streams.metrics import Metrics
 from streams.model_feed import LiveModels
 from streams.model_metrics import ModelMetrics
 from streams.outbox import DELETE, Outbox
 from streams.privacy import Pseudonymizer
-from streams.rows import FEATURES, LEDGER, SCORES, PartKV, RowStore, UserRows
+from streams.read_server import LocalReads, ReadServer
+from streams.rows import LEDGER, SCORES, PartKV, RowStore, UserRows
 from streams.score_stage import ScoreStage
 from streams.settings import Settings
 from streams.trainer import attach_trainer
+from streams.user_api import BAD_AS_OF, Answer, UserAnswers, parse_as_of, token_refused, user_id_problem
+from streams.user_api import error as user_error
 
 FEATURE_TABLE = "features"
 EXIT_BATCH_FAILED = 70  # EX_SOFTWARE: the supervisor restarts the worker; its events are redelivered
@@ -204,6 +204,7 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
     """A configured Faust app with its agent, table and views attached."""
     install_faust_fixes()  # a message skipped during a rebalance must not be committed
     servers = bootstrap or settings.broker_url
+    faust_socket = os.path.join(tempfile.mkdtemp(prefix="propstream-web-"), "faust.sock")
     app = faust.App(
         settings.app_id,
         broker=",".join(f"kafka://{s}" for s in servers.split(",")),
@@ -216,7 +217,9 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
         key_serializer="raw",
         value_serializer="raw",
         web_enabled=True,
-        web_bind=settings.web_host,
+        # Faust's views listen on a private Unix socket; the public port is the read server's
+        # (streams/read_server.py), which answers local lookups off the loop and passes the rest on.
+        web_transport=f"unix://{faust_socket}",
         web_host=settings.web_host,
         web_port=settings.web_port,
         canonical_url=f"http://{settings.web_advertise or settings.web_host}:{settings.web_port}",
@@ -412,28 +415,12 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
     app.agent(source, name="ingest")(ingest)
     params = settings.feature_params()
 
+    token = settings.api_token.get_secret_value() if settings.api_token is not None else None
+
     def unauthorized(web: Any, request: Request) -> Response | None:
         """The 401 to answer when a token is configured and the request lacks it."""
-        if settings.api_token is not None:
-            auth = request.headers.get("Authorization", "")
-            if auth != f"Bearer {settings.api_token.get_secret_value()}":
-                return error(web, 401, "unauthorized", "missing or wrong bearer token")
-        return None
-
-    def load_user(web: Any, request: Request, user_id: str) -> UserState | Any:
-        """The user's feature state, or the JSON error to answer (bad token, unknown user)."""
-        denied = unauthorized(web, request)
-        if denied is not None:
-            return denied
-        raw = lookup_rows.get(pseudonym(user_id), FEATURES)
-        if raw is None:
-            return error(web, 404, "unknown_user", f"no features for user {user_id!r} on this cluster")
-        try:
-            return decode(raw)
-        except Corrupt as exc:
-            faults.corrupt(exc, pseudonym(user_id))
-            detail = "this user's stored features are unreadable; their next event starts them afresh"
-            return error(web, 500, "corrupt_state", detail)
+        denied = token_refused(token, request.headers.get("Authorization", ""))
+        return None if denied is None else web.json(denied.body, status=denied.status)
 
     async def routable() -> None:
         """Faust routes a lookup with its producer's metadata of the features changelog, which the
@@ -476,8 +463,51 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
     # scores and features as of an event time (streams/lookup.py): the partition's clock by default
     clock = PartitionClock(handler.watermarks.clock, store, settings.source_topics)
     lookups = Lookups(stage.core, lookup_rows, clock, faults, settings.partitions)
-    bad_as_of = "as_of must be epoch ms or ISO-8601 with offset"
+    served_by = app.conf.canonical_url.human_repr()
+    answers = UserAnswers(stage.core, params, pseudonym, faults, settings.partitions, served_by)
     changelog = table.changelog_topic.get_topic_name()
+
+    def loop_row(key: str, partition: int) -> bytes | None:
+        """A user's row as Faust's views read it, on the loop (the table finds the partition)."""
+        return lookup_rows.backend.get(key)
+
+    # The read server's thread: its own reads of open partitions, and its own clock over them.
+    reads = LocalReads(table, marks, outbox)
+    thread_clock = PartitionClock(handler.watermarks.clock, reads, settings.source_topics)
+
+    def local(
+        user_id: str, as_of: str | None, headers: Mapping[str, str], features_only: bool
+    ) -> Answer | None:
+        """Answered on the read thread when this worker owns the user's partition and nothing is
+        moving; None passes the request to Faust's views (routing, rebalances, recovery)."""
+        denied = token_refused(token, headers.get("Authorization", ""))
+        if denied is not None:
+            return denied
+        problem = user_id_problem(user_id)
+        if problem is not None:
+            return user_error(400, "bad_user_id", problem)
+        p = partition_of(user_id, settings.partitions)
+        if app.rebalancing or not app.tables.recovery.completed.is_set():  # type: ignore[attr-defined]
+            return None
+        if not app.assignor.is_active(TP(changelog, p)):
+            return None
+        return answers.answer(user_id, as_of, reads.row, thread_clock, features_only=features_only)
+
+    served = metrics.lookups.labels
+    front = ReadServer(
+        settings.web_host, settings.web_port, faust_socket, local, lambda how: served(how).inc()
+    )
+    app.propstream_front = front  # type: ignore[attr-defined]
+
+    @app.task
+    async def serve_reads() -> None:
+        """Open the public port: lookups of this worker's users are answered off the loop."""
+        front.start()
+
+    @app.on_before_shutdown.connect  # type: ignore[arg-type]
+    async def close_front(app: Any, **kwargs: Any) -> None:
+        front.stop()
+        shutil.rmtree(os.path.dirname(faust_socket), ignore_errors=True)
 
     def as_of_of(request: Request) -> tuple[bool, int | None]:
         """(True, the requested time or None for the partition's clock), or (False, None) when bad."""
@@ -498,30 +528,14 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
     @app.page("/users/{user_id}")
     class UserView(View):
         """Features plus, per target, score, tier, model version and top factors, as of the user's
-        partition's event-time clock (or ``as_of``; never before the user's last event)."""
+        partition's event-time clock (or ``as_of``; never before the user's last event). The read
+        server answers the users of this worker itself; these views answer what it passes on."""
 
         @checked
         @app.table_route(table=table, match_info="user_id")  # type: ignore[arg-type]
         async def get(self, request: Request, user_id: str) -> Response:
-            ok, requested = as_of_of(request)  # before the user is read: a bad query is a 400 whoever asks
-            if not ok:
-                return error(self, 400, "bad_as_of", bad_as_of)
-            state = load_user(self, request, user_id)
-            if not isinstance(state, UserState):  # faust's Response is no base of aiohttp's
-                return state
-            when = lookups.when(user_id, state, requested)
-            feats, scores = lookups.scores(pseudonym(user_id), state, when.as_of_ms)
-            return self.json(
-                {
-                    "user_id": user_id,
-                    "served_by": app.conf.canonical_url.human_repr(),
-                    **_as_of_fields(when),
-                    "last_event_ms": state.last_ms,
-                    "events": state.events,
-                    "features": {k: feats[k] for k in NAMES},
-                    "scores": scores,
-                }
-            )
+            answer = answers.answer(user_id, request.query.get("as_of"), loop_row, clock)
+            return self.json(answer.body, status=answer.status)
 
     @app.page("/models")
     class ModelsView(View):
@@ -554,24 +568,8 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
         @checked
         @app.table_route(table=table, match_info="user_id")  # type: ignore[arg-type]
         async def get(self, request: Request, user_id: str) -> Response:
-            ok, requested = as_of_of(request)  # before the user is read: a bad query is a 400 whoever asks
-            if not ok:
-                return error(self, 400, "bad_as_of", bad_as_of)
-            state = load_user(self, request, user_id)
-            if not isinstance(state, UserState):  # faust's Response is no base of aiohttp's
-                return state
-            when = lookups.when(user_id, state, requested)
-            feats = compute(state, when.as_of_ms, params)
-            return self.json(
-                {
-                    "user_id": user_id,
-                    "served_by": app.conf.canonical_url.human_repr(),
-                    **_as_of_fields(when),
-                    "last_event_ms": state.last_ms,
-                    "events": state.events,
-                    "features": {k: feats[k] for k in NAMES},
-                }
-            )
+            answer = answers.answer(user_id, request.query.get("as_of"), loop_row, clock, features_only=True)
+            return self.json(answer.body, status=answer.status)
 
     @app.page("/partitions")
     class PartitionsView(View):
@@ -607,7 +605,7 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
                 return error(self, 400, exc.code, str(exc))
             ok, requested = as_of_of(request)
             if not ok:
-                return error(self, 400, "bad_as_of", bad_as_of)
+                return error(self, 400, "bad_as_of", BAD_AS_OF)
             if app.rebalancing or app.in_recovery:
                 return error(self, 503, "not_ready", "partitions are moving or recovering; retry")
             if not app.assignor.is_active(TP(changelog, q.partition)):
@@ -647,17 +645,6 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
     return app
 
 
-def parse_as_of(arg: str) -> int | None:
-    """Epoch ms (ASCII digits only) or ISO-8601 with an offset; None for anything else.
-
-    >>> parse_as_of("1764547200000"), parse_as_of("2025-12-01T00:00:00Z"), parse_as_of("\u00b2")
-    (1764547200000, 1764547200000, None)
-    """
-    if arg.isascii() and arg.isdigit():
-        return parse_time_ms(int(arg))
-    return parse_time_ms(arg)
-
-
 def stop_unacked(exc: BaseException, records: list[Record]) -> NoReturn:
     """A batch failed outside any one user (the store, the producer): stop the process now.
 
@@ -671,34 +658,6 @@ def stop_unacked(exc: BaseException, records: list[Record]) -> NoReturn:
     log.critical("a batch of %d events failed%s; stopping unacknowledged", len(records), where, exc_info=exc)
     logging.shutdown()
     os._exit(EXIT_BATCH_FAILED)
-
-
-def _as_of_fields(when: AsOf) -> dict[str, int | None]:
-    """When a lookup was answered for: ``as_of_ms`` is the time used, ``requested_as_of_ms`` the one
-    asked for (None: the clock), ``clock_ms`` the partition's clock, ``partition`` the user's."""
-    return {
-        "partition": when.partition,
-        "clock_ms": when.clock_ms,
-        "requested_as_of_ms": when.requested_ms,
-        "as_of_ms": when.as_of_ms,
-    }
-
-
-def user_id_problem(user_id: str) -> str | None:
-    """Why a user id in a URL cannot name a user, or None.
-
-    >>> user_id_problem("u-1842"), user_id_problem("a\\nb")
-    (None, 'user id contains control characters')
-    """
-    if not 1 <= len(user_id) <= MAX_ID_LEN:
-        return f"user id must have 1..{MAX_ID_LEN} characters"
-    try:
-        user_id.encode()
-    except UnicodeEncodeError:
-        return "user id is not valid UTF-8"
-    if any(unicodedata.category(c) == "Cc" for c in user_id):
-        return "user id contains control characters"
-    return None
 
 
 def _finite(values: dict[str, float]) -> dict[str, float | None]:

@@ -101,8 +101,21 @@ def user_scores(
     core: ScoringCore, scores: KV, ledgers: KV, faults: Faults, key: str, st: UserState, as_of_ms: int
 ) -> tuple[dict[str, FeatureValue], dict[str, dict[str, Any]]]:
     """:func:`target_scores` of the stored user ``key`` with its score state and pending snapshots."""
-    ss = read_scores(scores.get(key), faults, key)
-    pending = LazyLedger(lambda: ledgers.get(key), lambda exc: faults.corrupt(exc, key)).get().pending
+    return scores_of_parts(core, faults, key, st, as_of_ms, scores.get(key), ledgers.get(key))
+
+
+def scores_of_parts(
+    core: ScoringCore,
+    faults: Faults,
+    key: str,
+    st: UserState,
+    as_of_ms: int,
+    scores_raw: bytes | None,
+    ledger_raw: bytes | None,
+) -> tuple[dict[str, FeatureValue], dict[str, dict[str, Any]]]:
+    """:func:`user_scores` from the stored parts of the user's row, already read."""
+    ss = read_scores(scores_raw, faults, key)
+    pending = LazyLedger(lambda: ledger_raw, lambda exc: faults.corrupt(exc, key)).get().pending
     return target_scores(core, st, ss, as_of_ms, pending)
 
 
@@ -181,6 +194,16 @@ class AsOf(NamedTuple):
     as_of_ms: int  # what features and scores are computed at
 
 
+def as_of_for(partition: int, clock_ms: int, requested_ms: int | None, last_ms: int) -> AsOf:
+    """The time to answer a user at: what was asked (default: the clock), never before its last event.
+
+    >>> as_of_for(3, 500, None, 200).as_of_ms, as_of_for(3, 500, 100, 200).as_of_ms
+    (500, 200)
+    """
+    wanted = clock_ms if requested_ms is None else requested_ms
+    return AsOf(partition, clock_ms, requested_ms, max(wanted, last_ms))
+
+
 class Lookups:
     """Features and scores as of an event time, for one user or a page of a partition's users."""
 
@@ -202,9 +225,7 @@ class Lookups:
     def when(self, user_id: str, st: UserState, requested_ms: int | None) -> AsOf:
         """The time to answer ``user_id`` (the raw id: it picks the partition) at."""
         p = partition_of(user_id, self.partitions)
-        clock = self.clock(p)
-        wanted = clock if requested_ms is None else requested_ms
-        return AsOf(p, clock, requested_ms, max(wanted, st.last_ms))
+        return as_of_for(p, self.clock(p), requested_ms, st.last_ms)
 
     def scores(
         self, key: str, st: UserState, as_of_ms: int

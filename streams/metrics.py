@@ -69,6 +69,14 @@ class Metrics:
             "Coalesced per-user state writes (one per user per batch).",
             registry=r,
         )
+        self.lookups = Counter(
+            "propstream_lookups_total",
+            "Single-user lookups by where they were answered: served=thread on the read server's "
+            "thread, beside the event loop (this worker's users); served=faust passed to Faust's "
+            "views on the loop (routed to the owner, or asked during a rebalance or recovery).",
+            ["served"],
+            registry=r,
+        )
         self.stale_records = Counter(
             "propstream_stale_records_total",
             "Records fetched around a rebalance and not processed (a batch held them from before it, "

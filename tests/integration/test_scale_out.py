@@ -171,6 +171,9 @@ def test_survivor_takes_over_and_lookups_stay_correct(
             assert_features_equal(body["features"], want, f"user {u} via {w.url}")
             served[body["served_by"]] += 1
     assert len(served) == 2, f"the restarted worker owns nothing: {served}"
+    for w in (a, b):  # each answered its own users on its read thread, and routed the other's
+        assert w.metric("propstream_lookups_total", served="thread") > 0, w.url
+        assert w.metric("propstream_lookups_total", served="faust") > 0, w.url
     print(
         f"takeover after SIGKILL: {takeover_s:.1f}s; lookups during the run by status: "
         f"{dict(prober.statuses)}; answers older than one seen before: {prober.went_back}; "
