@@ -244,7 +244,7 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, object]]:
         ("  events per handler batch meanwhile (mean)", "count", r.get("events_per_batch", math.nan)),
         ("machine busy meanwhile (all cores)", "share", r.get("machine_busy_share", math.nan)),
         ("  of which the broker", "CPU-s/s", r.get("broker_cpu_per_s", math.nan)),
-        ("  of which the bench (producer, consumer, lookups)", "CPU-s/s", r.get("bench_cpu_per_s", math.nan)),
+        ("  of which the bench (producer, consumer)", "CPU-s/s", r.get("bench_cpu_per_s", math.nan)),
         *(
             (f"  {label} p50 / p99", "ms", f"{fmt(st['p50_ms'])} / {fmt(st['p99_ms'])}")
             for name, label in phases.STAGES

@@ -11,8 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -213,30 +211,17 @@ def latency(
                     for name, ms in (split or {}).items():
                         stages[name].append(ms)
 
-    lookups: list[float] = []
-    timeouts = 0
-
-    def lookup() -> None:
-        nonlocal timeouts
-        rng = random.Random(7)
-        while not stop.is_set():
-            t0 = time.perf_counter()
-            try:
-                with urllib.request.urlopen(
-                    f"{proc.url}/users/{rng.choice(users)}/features", timeout=10
-                ) as r:
-                    r.read()
-            except urllib.error.HTTPError as exc:  # 404: a simulated user without events yet, still an answer
-                exc.read()
-            except OSError:  # no answer in 10 s (a stalled event loop): counted, its wait kept, go on
-                timeouts += 1
-            lookups.append((time.perf_counter() - t0) * 1000)
-            time.sleep(0.005)
-
-    threads = [
-        threading.Thread(target=read_changes, daemon=True),
-        threading.Thread(target=lookup, daemon=True),
-    ]
+    # lookups from a process of their own: in this one they waited for the GIL behind the producer
+    client = subprocess.Popen(
+        [sys.executable, "-m", "streams.bench.lookup_client", proc.url, str(seconds)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert client.stdin is not None
+    client.stdin.write(json.dumps(users))
+    client.stdin.close()
+    threads = [threading.Thread(target=read_changes, daemon=True)]
     for th in threads:
         th.start()
     producer = make_producer(bootstrap)
@@ -270,10 +255,7 @@ def latency(
         fut.add_callback(on_append(eid))
         if time.monotonic() - last > 5:
             last = time.monotonic()
-            say(
-                f"  latency: {i:,}/{len(events):,} events offered, {len(seen):,} change events, "
-                f"{len(lookups):,} lookups"
-            )
+            say(f"  latency: {i:,}/{len(events):,} events offered, {len(seen):,} change events")
     producer.flush()
     offered = len(events) / (time.monotonic() - t_start)
     # CPU seconds per second of the worker while offered the load: about 1 means its Python
@@ -281,7 +263,7 @@ def latency(
     elapsed = time.monotonic() - t_start
     busy = (proc.cpu_s() - cpu_start) / elapsed
     machine_busy = busy_share(ticks, cpu_ticks())
-    own = (time.process_time() - own_start) / elapsed  # this process: producer, consumer, lookups
+    own = (time.process_time() - own_start) / elapsed  # this process: producer, consumer
     broker_busy = (cpu_s_of(broker) - broker_start) / elapsed if broker else math.nan
     time.sleep(3)  # the last batches' change events
     batches = proc.metric("propstream_batch_processing_seconds_count") - batches_start
@@ -289,6 +271,11 @@ def latency(
     stop.set()
     for th in threads:
         th.join(5)
+    assert client.stdout is not None
+    looked = json.loads(client.stdout.read())
+    client.wait(30)
+    lookups: list[float] = looked["ms"]
+    timeouts: int = looked["timeouts"]
     producer.close()
     consumer.close()
     out: dict[str, Any] = {
