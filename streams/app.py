@@ -49,8 +49,7 @@ from streams.rows import LEDGER, SCORES, PartKV, RowStore, UserRows
 from streams.score_stage import ScoreStage
 from streams.settings import Settings
 from streams.trainer import attach_trainer
-from streams.user_api import BAD_AS_OF, Answer, UserAnswers, parse_as_of, token_refused, user_id_problem
-from streams.user_api import error as user_error
+from streams.user_api import BAD_AS_OF, Answer, UserAnswers, as_of_query, refused, token_refused
 
 FEATURE_TABLE = "features"
 EXIT_BATCH_FAILED = 70  # EX_SOFTWARE: the supervisor restarts the worker; its events are redelivered
@@ -440,12 +439,9 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
 
         @functools.wraps(fun)
         async def get(view: View, request: Request, user_id: str) -> Response:
-            denied = unauthorized(view, request)
+            denied = refused(token, request.headers.get("Authorization", ""), user_id)
             if denied is not None:
-                return denied
-            problem = user_id_problem(user_id)
-            if problem is not None:
-                return error(view, 400, "bad_user_id", problem)
+                return view.json(denied.body, status=denied.status)
             try:
                 await routable()
                 return await fun(view, request, user_id=user_id)
@@ -462,10 +458,18 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
 
     # scores and features as of an event time (streams/lookup.py): the partition's clock by default
     clock = PartitionClock(handler.watermarks.clock, store, settings.source_topics)
-    lookups = Lookups(stage.core, lookup_rows, clock, faults, settings.partitions)
+    lookups = Lookups(stage.core, lookup_rows, clock, faults)
     served_by = app.conf.canonical_url.human_repr()
     answers = UserAnswers(stage.core, params, pseudonym, faults, settings.partitions, served_by)
     changelog = table.changelog_topic.get_topic_name()
+
+    def moving() -> bool:
+        """Are partitions moving or tables recovering? Only the loop's views answer then."""
+        return bool(app.rebalancing or app.in_recovery)
+
+    def owns(partition: int) -> bool:
+        """Is ``partition`` of the features table actively assigned to this worker?"""
+        return bool(app.assignor.is_active(TP(changelog, partition)))
 
     def loop_row(key: str, partition: int) -> bytes | None:
         """A user's row as Faust's views read it, on the loop (the table finds the partition)."""
@@ -480,16 +484,10 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
     ) -> Answer | None:
         """Answered on the read thread when this worker owns the user's partition and nothing is
         moving; None passes the request to Faust's views (routing, rebalances, recovery)."""
-        denied = token_refused(token, headers.get("Authorization", ""))
+        denied = refused(token, headers.get("Authorization", ""), user_id)
         if denied is not None:
             return denied
-        problem = user_id_problem(user_id)
-        if problem is not None:
-            return user_error(400, "bad_user_id", problem)
-        p = partition_of(user_id, settings.partitions)
-        if app.rebalancing or not app.tables.recovery.completed.is_set():  # type: ignore[attr-defined]
-            return None
-        if not app.assignor.is_active(TP(changelog, p)):
+        if moving() or not owns(partition_of(user_id, settings.partitions)):
             return None
         return answers.answer(user_id, as_of, reads.row, thread_clock, features_only=features_only)
 
@@ -508,14 +506,6 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
     async def close_front(app: Any, **kwargs: Any) -> None:
         front.stop()
         shutil.rmtree(os.path.dirname(faust_socket), ignore_errors=True)
-
-    def as_of_of(request: Request) -> tuple[bool, int | None]:
-        """(True, the requested time or None for the partition's clock), or (False, None) when bad."""
-        arg = request.query.get("as_of")
-        if arg is None:
-            return True, None
-        ms = parse_as_of(arg)
-        return ms is not None, ms
 
     def owners() -> dict[int, str]:
         """Partition -> base URL of the worker owning it in the features table (the assignor's view)."""
@@ -603,12 +593,12 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
                 q = page_query(request.query, settings.partitions)
             except BadQuery as exc:
                 return error(self, 400, exc.code, str(exc))
-            ok, requested = as_of_of(request)
+            ok, requested = as_of_query(request.query.get("as_of"))
             if not ok:
                 return error(self, 400, "bad_as_of", BAD_AS_OF)
-            if app.rebalancing or app.in_recovery:
+            if moving():
                 return error(self, 503, "not_ready", "partitions are moving or recovering; retry")
-            if not app.assignor.is_active(TP(changelog, q.partition)):
+            if not owns(q.partition):
                 owner = owners().get(q.partition)
                 body = {"error": "not_owner", "message": f"partition {q.partition} is served by {owner}"}
                 return self.json({**body, "owner": owner}, status=409)

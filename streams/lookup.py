@@ -29,7 +29,7 @@ from features.user import FeatureValue
 from models.changes import TIERS, tier_of
 from models.scoring import LazyLedger, ScoreState, ScoringCore, decode_state, top_factors
 from streams.faults import Faults
-from streams.rows import FEATURES, LEDGER, SCORES, PartKV, UserRows, decode_row
+from streams.rows import FEATURES, SCORES, UserRows, decode_row
 
 if TYPE_CHECKING:
     from streams.score_stage import KV
@@ -205,7 +205,8 @@ def as_of_for(partition: int, clock_ms: int, requested_ms: int | None, last_ms: 
 
 
 class Lookups:
-    """Features and scores as of an event time, for one user or a page of a partition's users."""
+    """Pages of a partition's users with their scores as of an event time (one user's answer is
+    ``streams/user_api.py``'s)."""
 
     def __init__(
         self,
@@ -213,25 +214,11 @@ class Lookups:
         rows: UserRows,
         clock: Callable[[int], int],
         faults: Faults,
-        partitions: int,
     ) -> None:
         self.core = core
         self.rows = rows
-        self.scores_kv, self.ledgers_kv = PartKV(rows, SCORES), PartKV(rows, LEDGER)
         self.clock = clock
         self.faults = faults
-        self.partitions = partitions
-
-    def when(self, user_id: str, st: UserState, requested_ms: int | None) -> AsOf:
-        """The time to answer ``user_id`` (the raw id: it picks the partition) at."""
-        p = partition_of(user_id, self.partitions)
-        return as_of_for(p, self.clock(p), requested_ms, st.last_ms)
-
-    def scores(
-        self, key: str, st: UserState, as_of_ms: int
-    ) -> tuple[dict[str, FeatureValue], dict[str, dict[str, Any]]]:
-        """Features and detailed scores of the stored user ``key`` (a pseudonym when pseudonymised)."""
-        return user_scores(self.core, self.scores_kv, self.ledgers_kv, self.faults, key, st, as_of_ms)
 
     async def page(self, q: PageQuery, as_of_ms: int | None) -> dict[str, Any]:
         """Up to ``q.limit`` users of ``q.partition`` after ``q.after``, scored as of ``as_of_ms``

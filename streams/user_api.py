@@ -44,6 +44,19 @@ def parse_as_of(arg: str) -> int | None:
     return parse_time_ms(arg)
 
 
+def as_of_query(arg: str | None) -> tuple[bool, int | None]:
+    """The ``as_of`` query value: (True, epoch ms or None for the partition's clock), or (False,
+    None) when it is not a time (answered ``400 bad_as_of``, :data:`BAD_AS_OF`).
+
+    >>> as_of_query(None), as_of_query("1764547200000"), as_of_query("yesterday")
+    ((True, None), (True, 1764547200000), (False, None))
+    """
+    if arg is None:
+        return True, None
+    ms = parse_as_of(arg)
+    return ms is not None, ms
+
+
 def token_refused(expected: str | None, authorization: str) -> Answer | None:
     """The 401 to answer when a token is configured and the ``Authorization`` header lacks it.
 
@@ -53,6 +66,16 @@ def token_refused(expected: str | None, authorization: str) -> Answer | None:
     if expected is not None and authorization != f"Bearer {expected}":
         return error(401, "unauthorized", "missing or wrong bearer token")
     return None
+
+
+def refused(expected_token: str | None, authorization: str, user_id: str) -> Answer | None:
+    """What any worker answers a single-user request before reading or routing it: the token
+    first (401), then the id (400: the router hashes it as UTF-8); None: go on."""
+    denied = token_refused(expected_token, authorization)
+    if denied is not None:
+        return denied
+    problem = user_id_problem(user_id)
+    return None if problem is None else error(400, "bad_user_id", problem)
 
 
 def user_id_problem(user_id: str) -> str | None:
@@ -114,11 +137,9 @@ class UserAnswers:
         ``as_of`` is the query's raw value (None: the partition's clock); a bad one is a 400
         whoever owns the user, before the user is read.
         """
-        requested = None
-        if as_of is not None:
-            requested = parse_as_of(as_of)
-            if requested is None:
-                return error(400, "bad_as_of", BAD_AS_OF)
+        ok, requested = as_of_query(as_of)
+        if not ok:
+            return error(400, "bad_as_of", BAD_AS_OF)
         key = self.pseudonym(user_id)
         p = partition_of(user_id, self.partitions)
         parts = decode_row(read_row(key, p))

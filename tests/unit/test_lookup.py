@@ -25,13 +25,15 @@ from streams.lookup import (
     BadQuery,
     Lookups,
     PageQuery,
+    as_of_for,
     decode_cursor,
     encode_cursor,
     page_query,
     partition_of,
+    user_scores,
 )
 from streams.metrics import Metrics
-from streams.rows import UserRows, encode_row
+from streams.rows import LEDGER, SCORES, PartKV, UserRows, encode_row
 from streams.score_stage import MemoryKV
 
 MIN, HOUR, DAY = 60_000, 3_600_000, 86_400_000
@@ -67,12 +69,18 @@ def state(user: str, n: int, start_ms: int) -> UserState:
     return fold(evs, PARAMS)
 
 
-def lookups(
-    rows: UserRows, clock: dict[int, int] | None = None, partitions: int = 4
-) -> tuple[Lookups, Metrics]:
+def lookups(rows: UserRows, clock: dict[int, int] | None = None) -> tuple[Lookups, Metrics]:
     metrics = Metrics()
     clocks = clock or {}
-    return Lookups(core(), rows, lambda p: clocks.get(p, 0), Faults(metrics), partitions), metrics
+    return Lookups(core(), rows, lambda p: clocks.get(p, 0), Faults(metrics)), metrics
+
+
+def scores_of(
+    rows: UserRows, key: str, st: UserState, as_of_ms: int, metrics: Metrics | None = None
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """One stored user's features and detailed scores, as a lookup computes them."""
+    faults = Faults(metrics or Metrics())
+    return user_scores(core(), PartKV(rows, SCORES), PartKV(rows, LEDGER), faults, key, st, as_of_ms)
 
 
 def tier(score: float) -> str:
@@ -101,23 +109,20 @@ def test_partition_of_agrees_with_kafka_python_for_any_id() -> None:
 
 # --- the as-of rule --------------------------------------------------------------------------
 def test_as_of_defaults_to_the_partition_clock_and_never_precedes_the_last_event() -> None:
-    st = state("u", 3, T0 + 10 * HOUR)  # last event at T0 + 10h + 2 min
     last = T0 + 10 * HOUR + 2 * MIN
-    p = partition_of("u", 4)
-    look, _ = lookups(UserRows(MemoryKV()), {p: last + 5 * DAY})
-    assert look.when("u", st, None) == (p, last + 5 * DAY, None, last + 5 * DAY)
-    assert look.when("u", st, last - DAY) == (p, last + 5 * DAY, last - DAY, last)  # before: its last event
-    assert look.when("u", st, last + 9 * DAY) == (p, last + 5 * DAY, last + 9 * DAY, last + 9 * DAY)
-    quiet, _ = lookups(UserRows(MemoryKV()))  # the partition's clock is not known yet
-    assert quiet.when("u", st, None) == (p, 0, None, last)
+    clock = last + 5 * DAY
+    assert as_of_for(2, clock, None, last) == (2, clock, None, clock)
+    assert as_of_for(2, clock, last - DAY, last) == (2, clock, last - DAY, last)  # before: its last event
+    assert as_of_for(2, clock, last + 9 * DAY, last) == (2, clock, last + 9 * DAY, last + 9 * DAY)
+    assert as_of_for(2, 0, None, last) == (2, 0, None, last)  # the partition's clock is not known yet
 
 
 # --- scores ----------------------------------------------------------------------------------
 def test_scores_as_of_a_later_time_count_the_silence() -> None:
     st = state("u", 3, T0 + 10 * HOUR)
     last = st.last_ms
-    look, _ = lookups(UserRows(MemoryKV()))
-    feats, scores = look.scores("u", st, last + 5 * DAY)
+    rows = UserRows(MemoryKV())
+    feats, scores = scores_of(rows, "u", st, last + 5 * DAY)
     assert feats["s_since_last_event"] == 5 * 86400  # hand-worked: five silent days
     assert feats["n_page_view_24h"] == 0 and feats["n_page_view_7d"] == 3
     x = inputs(compute(st, last + 5 * DAY, PARAMS))
@@ -128,7 +133,7 @@ def test_scores_as_of_a_later_time_count_the_silence() -> None:
         assert (s["tier"], s["model_version"], s["warming_up"]) == (tier(want), version, False)
         assert s["pending_snapshots"] == 0 and s["announced_score"] is None
         assert len(s["top_factors"]) == 5
-    _, then = look.scores("u", st, last)
+    _, then = scores_of(rows, "u", st, last)
     # recency moves the scores: purchase falls with silence, churn rises
     assert scores["purchase"]["score"] < then["purchase"]["score"] - 0.05
     assert scores["churn"]["score"] > then["churn"]["score"] + 0.05
@@ -141,10 +146,10 @@ def test_scores_report_pending_snapshots_and_a_corrupt_ledger_is_counted() -> No
     ledger = UserLedger(pending={"purchase": [Snapshot.of(T0, [], 0.3, 5)] * 2})
     backend.set("u", encode_row([encode_state(st), encode(ScoreState()), encode(ledger)]))
     backend.set("v", encode_row([encode_state(st), b"\xc1", b"\xc1"]))
-    look, metrics = lookups(rows)
-    assert look.scores("u", st, st.last_ms)[1]["purchase"]["pending_snapshots"] == 2
-    assert look.scores("u", st, st.last_ms)[1]["churn"]["pending_snapshots"] == 0
-    assert look.scores("v", st, st.last_ms)[1]["purchase"]["pending_snapshots"] == 0
+    metrics = Metrics()
+    assert scores_of(rows, "u", st, st.last_ms, metrics)[1]["purchase"]["pending_snapshots"] == 2
+    assert scores_of(rows, "u", st, st.last_ms, metrics)[1]["churn"]["pending_snapshots"] == 0
+    assert scores_of(rows, "v", st, st.last_ms, metrics)[1]["purchase"]["pending_snapshots"] == 0
     assert metrics.decode_errors.labels("ledger")._value.get() == 1
     assert metrics.decode_errors.labels("scores")._value.get() == 1
 
@@ -275,9 +280,8 @@ def test_a_large_page_hands_the_event_loop_back_while_scoring() -> None:
 
 
 # --- ScoreStage.current: the same per-target dict, as of the user's last event ---------------
-def test_score_stage_current_is_the_lookup_as_of_the_last_event() -> None:
+def test_score_stage_current_scores_as_of_the_last_event() -> None:
     from streams.model_metrics import ModelMetrics
-    from streams.rows import LEDGER, SCORES, PartKV
     from streams.score_stage import ScoreStage
 
     backend = MemoryKV()
@@ -293,8 +297,6 @@ def test_score_stage_current_is_the_lookup_as_of_the_last_event() -> None:
         lambda *a: None,
         ModelMetrics(Metrics().registry),
     )
-    look, _ = lookups(rows)
-    assert stage.current("u", st) == look.scores("u", st, st.last_ms)[1]
     x = inputs(compute(st, st.last_ms, PARAMS))
     assert stage.current("u", st)["purchase"]["score"] == pytest.approx(PURCHASE.score(x), abs=1e-6)
 
