@@ -12,20 +12,20 @@ import re
 
 from models.ledger import Target, make_target
 
-UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+UNITS_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 
 
 def _seconds(text: str, what: str, bare_unit: str) -> float:
     text = text.strip().lower()
-    unit = text[-1:] if text[-1:] in UNITS_S else bare_unit
-    number = text[:-1] if text[-1:] in UNITS_S else text
+    given = next((u for u in UNITS_S if text.endswith(u)), "")  # "ms" before "s"
+    number = text[: -len(given)] if given else text
     try:
-        value = float(number) * UNITS_S[unit]
+        value = float(number) * UNITS_S[given or bare_unit]
     except ValueError:
         value = math.nan
     if not math.isfinite(value):
-        msg = f"{what} {text!r} is not a number with an optional unit s, m, h or d"
+        msg = f"{what} {text!r} is not a number with an optional unit ms, s, m, h or d"
         raise ValueError(msg)
     return value
 

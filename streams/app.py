@@ -232,6 +232,8 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
         stream_buffer_maxsize=max(16384, settings.batch_size * 4),
         consumer_max_fetch_size=8 * 1024 * 1024,
     )
+    app.propstream_fetch_wait_s = settings.fetch_wait_s  # type: ignore[attr-defined]  # streams.faust_fixes
+
     metrics = Metrics()
     faults = Faults(metrics)
     app.propstream_metrics = metrics  # type: ignore[attr-defined]

@@ -1,4 +1,5 @@
-"""Two fixes to faust-streaming that the delivery guarantees depend on, installed by ``create_app``.
+"""Two fixes to faust-streaming that the delivery guarantees depend on, installed by ``create_app``,
+and one that latency depends on (the fetch wait, at the end).
 
 Both close the ways a rebalance made Faust lose a record: one offset of a partition never reached
 the stream, and the commit moved past it (``test_scale_out.py`` saw a user's row lacking one event;
@@ -38,6 +39,12 @@ to the expected offset. If the first fetch after that seek still starts beyond i
 nothing there (a transaction marker, compaction), and the record is handed out. A handed-out
 record also gets its read offset set, so Faust never drops it as already read. What is left out
 is counted in ``propstream_stale_records_total``.
+
+The fetch wait: aiokafka fetches only partitions with nothing buffered, one fetch at a time per
+broker, and the broker holds a fetch up to ``fetch.max.wait.ms`` when its partitions have nothing
+new. Faust fixes that at 1.5 s, so a fetch that happened to cover only quiet partitions (purchases)
+held back the busy partitions' records, just consumed, for 1.5 s. The worker sets
+``Settings.fetch_wait_s`` instead (:func:`_create_worker_consumer`).
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ import logging
 from typing import Any
 
 from faust.transport.consumer import Consumer
+from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.types import TP
 
 log = logging.getLogger(__name__)
@@ -287,8 +295,25 @@ def current_events(batch: Any, generation: int) -> tuple[list[Any], int]:
     return out, stale
 
 
+_original_create = AIOKafkaConsumerThread._create_worker_consumer
+
+
+def _create_worker_consumer(self: Any, transport: Any) -> Any:
+    """Faust's worker consumer with the app's fetch wait (``Settings.fetch_wait_s``) instead of
+    Faust's fixed 1.5 s: aiokafka reads the private attribute when it starts its fetcher."""
+    consumer = _original_create(self, transport)
+    wait_s = getattr(self.app, "propstream_fetch_wait_s", None)
+    if wait_s is not None:
+        if not hasattr(consumer, "_fetch_max_wait_ms"):  # an aiokafka that moved it: fail loudly
+            msg = "aiokafka's consumer has no _fetch_max_wait_ms: update streams.faust_fixes"
+            raise RuntimeError(msg)
+        consumer._fetch_max_wait_ms = max(1, round(wait_s * 1000))
+    return consumer
+
+
 def install() -> None:
     """Patch Faust's consumer (idempotent): see the module docstring."""
+    AIOKafkaConsumerThread._create_worker_consumer = _create_worker_consumer  # type: ignore[method-assign]
     Consumer.ack = _ack  # type: ignore[method-assign]
     Consumer.perform_seek = _perform_seek  # type: ignore[method-assign]
     Consumer._wait_next_records = _wait_next_records  # type: ignore[method-assign]

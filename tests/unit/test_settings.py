@@ -14,6 +14,7 @@ from streams.settings import Settings, env_name, unknown_env
 DURATIONS = {
     "batch_within_s": "s",
     "checkpoint_interval_s": "s",
+    "fetch_wait_s": "s",
     "max_future_s": "s",
     "allowed_lateness_s": "s",
     "session_gap_s": "s",

@@ -57,7 +57,7 @@ def test_horizons(text: str, seconds: int) -> None:
         ("purchase:0.1s", "horizon '0.1s' must be positive"),  # rounds down to 0 seconds
         ("purchase:-1d", "horizon '-1d' must be positive"),
         ("purchase:", "horizon '' is not a number"),
-        ("purchase:7w", "horizon '7w' is not a number with an optional unit s, m, h or d"),
+        ("purchase:7w", "horizon '7w' is not a number with an optional unit ms, s, m, h or d"),
         ("purchase:seven", "horizon 'seven' is not a number"),
         ("", "declare at least one target"),
         (" , ", "declare at least one target"),
@@ -106,6 +106,8 @@ def test_settings_refuse_an_infinite_horizon() -> None:
         ("400", "d", 400 * 86400.0),  # user_ttl_days: a bare number keeps meaning days
         ("12h", "d", 43200.0),
         (" 1.5H ", "s", 5400.0),
+        ("20ms", "s", 0.02),  # "ms" is read before "s" and "m"
+        ("250MS", "d", 0.25),
     ],
 )
 def test_durations(text: str, bare_unit: str, seconds: float) -> None:
@@ -116,7 +118,8 @@ def test_durations(text: str, bare_unit: str, seconds: float) -> None:
     ("text", "reason"),
     [
         ("-1s", "duration '-1s' must not be negative"),
-        ("2x", "duration '2x' is not a number with an optional unit s, m, h or d"),
+        ("2ms5", "duration '2ms5' is not a number"),
+        ("2x", "duration '2x' is not a number with an optional unit ms, s, m, h or d"),
         ("", "duration '' is not a number"),
         ("inf", "duration 'inf' is not a number"),
         ("1e400h", "is not a number"),
