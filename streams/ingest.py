@@ -264,6 +264,8 @@ class IngestHandler:
         self.ttl_ms = int(settings.user_ttl_days * 86_400_000)
         self.sweep_batch = settings.retention_sweep_batch
         self.sweep_after: dict[int, str | None] = {}  # per partition: the last user looked at
+        self.sweep_every_ms = settings.retention_sweep_every_s * 1000
+        self.swept_ms: dict[int, int] = {}  # per partition: wall ms of its last sweep
         self.idle_advance_ms = settings.idle_advance_s * 1000
         self.last_record: dict[int, Record] = {}  # per partition: a record for its context (tick)
         self.last_seen: dict[int, int] = {}  # per partition: wall ms of its last batch
@@ -422,7 +424,10 @@ class IngestHandler:
                 self.fire_budget = budget - fired
             # labels can be final only below the lateness floor: no accepted event is older
             stage.expire_partition(p, clock - self.lateness_ms)
-        evicted = self._sweep(p) if self.ttl_ms else 0
+        evicted = 0
+        if self.ttl_ms and now_ms - self.swept_ms.get(p, now_ms - self.sweep_every_ms) >= self.sweep_every_ms:
+            self.swept_ms[p] = now_ms
+            evicted = self._sweep(p)
         for topic in moved:
             self._save_mark(topic, p)
         return evicted
@@ -473,14 +478,16 @@ class IngestHandler:
             self.loaded.discard(p)
             self.watermarks.forget(p)
             self.sweep_after.pop(p, None)
+            self.swept_ms.pop(p, None)
             self.last_record.pop(p, None)
             self.last_seen.pop(p, None)
 
     def _sweep(self, p: int) -> int:
         """Evict a few users of partition ``p`` inactive for longer than the TTL, in event time.
 
-        A bounded slice per batch (``retention_sweep_batch`` users, resuming where the last one
-        stopped, wrapping around), so retention costs the same whatever the number of users. The
+        A bounded slice per sweep (``retention_sweep_batch`` users, resuming where the last one
+        stopped, wrapping around; at most one sweep per ``retention_sweep_every_s``), so retention
+        costs the same whatever the number of users and however small the batches. The
         caller holds the partition context: deletes write tombstones to the partition's changelogs.
         """
         cutoff = self.watermarks.clock(p) - self.ttl_ms

@@ -12,6 +12,7 @@ whose horizon passed the partition's lateness floor leave the ledger, labelled, 
 from __future__ import annotations
 
 import heapq
+import math
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -36,6 +37,7 @@ TRIGGER_SCHEMA = "propstream.trigger/1"
 # Drift of the main model inputs (log1p-compressed, so one set of edges fits counts, money and
 # durations), beside the score's drift per target. Reference: the first 10,000 values a worker sees.
 DRIFT_INPUTS = ("n_events_24h", "n_events_7d", "session_events", "cart_value", "s_since_last_event")
+PSI_EVERY_S = 1.0  # the drift gauges are computed at most this often (a scrape is every few seconds)
 LOG_EDGES = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 7.0, 10.0, 13.0)
 
 
@@ -155,6 +157,7 @@ class ScoreStage:
         self._msgpack = msgspec.msgpack.Encoder()
         self._batch_scores: dict[str, list[float]] = {}
         self._changes = 0
+        self._psi_at = -math.inf  # monotonic s of the last PSI gauges: at most once a second
         score_edges = uniform_edges(0.0, 1.0, 10)
         self.score_drift = {t.name: DriftMonitor(score_edges) for t in core.targets}
         self.input_drift = {name: DriftMonitor(LOG_EDGES) for name in DRIFT_INPUTS}
@@ -405,10 +408,16 @@ class ScoreStage:
                 monitor = self.score_drift[target]
                 for v in values:
                     monitor.observe(v)
-                self._set_psi(target, "score", monitor)
-            for name, monitor in self.input_drift.items():
-                self._set_psi("all", name, monitor)
             self._batch_scores = {}
+            # the gauges are for a scrape every few seconds, and computing every PSI after each of
+            # the small, many batches of live traffic cost more than the batches' events
+            now = time.monotonic()
+            if now - self._psi_at >= PSI_EVERY_S:
+                self._psi_at = now
+                for target, monitor in self.score_drift.items():
+                    self._set_psi(target, "score", monitor)
+                for name, monitor in self.input_drift.items():
+                    self._set_psi("all", name, monitor)
         if self._changes:
             self.metrics.emit_latency.observe(time.perf_counter() - started)
             self._changes = 0

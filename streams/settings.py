@@ -210,9 +210,16 @@ class Settings(BaseSettings):
     retention_sweep_batch: int = Field(
         50,
         ge=1,
-        description="Users looked at per partition and batch by the retention sweep (50: a worker "
-        "owning 10 partitions at one batch a second passes a million users in about half an hour; "
+        description="Users looked at per partition by each retention sweep (50: a worker owning "
+        "10 partitions, sweeping each once a second, passes a million users in about half an hour; "
         "each user read costs a row read, so 200 cost 3% of the worker's CPU).",
+    )
+    retention_sweep_every_s: FloatSeconds = Field(
+        1.0,
+        ge=0,
+        description="A partition is swept at most this often (wall clock), at the end of a batch or "
+        "an idle tick. Live batches are small and many: a sweep after each one cost more than the "
+        "events. 0: after every batch." + IN_SECONDS,
     )
     source_idle_s: Seconds = Field(
         30,

@@ -108,7 +108,7 @@ def test_watermark_survives_a_restart_through_the_store() -> None:
 
 def test_retention_evicts_inactive_users_a_slice_at_a_time() -> None:
     day = 86_400_000
-    h, store, dead = handler(user_ttl_days=1, retention_sweep_batch=2)
+    h, store, dead = handler(user_ttl_days=1, retention_sweep_batch=2, retention_sweep_every_s=0)
     idle = [f"idle{i}" for i in range(5)]
     h.process([rec("events.clickstream", pv(i, T - 3 * day + i, user=u)) for i, u in enumerate(idle)])
     assert sorted(store.data) == idle  # the clock is the users' own time: nobody is idle yet
@@ -129,7 +129,7 @@ def test_retention_reads_only_the_head_of_a_recent_state_and_never_evicts_an_unr
     from features.state import STATE_VERSION, last_ms_of
 
     day = 86_400_000
-    h, store, dead = handler(user_ttl_days=1, retention_sweep_batch=10)
+    h, store, dead = handler(user_ttl_days=1, retention_sweep_batch=10, retention_sweep_every_s=0)
     h.process([rec("events.clickstream", pv(1, T - 3 * day, user="old"))])
     # an old state whose head reads but whose body does not (ids must be a map)
     store.data["broken"] = msgspec.msgpack.encode([STATE_VERSION, T - 3 * day, T - 3 * day, 1, 0, "x"])
@@ -138,6 +138,24 @@ def test_retention_reads_only_the_head_of_a_recent_state_and_never_evicts_an_unr
     for i in range(3):
         h.process([rec("events.clickstream", pv(100 + i, T + i, user="active"))])
     assert sorted(store.data) == ["active", "broken", "garbage"] and not dead
+
+
+def test_a_partition_is_swept_at_most_once_per_sweep_interval_of_wall_time() -> None:
+    """Live batches are small and many: the sweep runs on the wall clock, not after every batch."""
+    day = 86_400_000
+    now = [NOW_S]
+    store = MemoryStore()
+    s = Settings(allowed_lateness_s=3600, user_ttl_days=1, retention_sweep_batch=1, retention_sweep_every_s="2s")
+    h = IngestHandler(s, store, lambda dl: None, clock=lambda: now[0])
+    h.process([rec("events.clickstream", pv(i, T - 3 * day + i, user=f"idle{i}")) for i in range(3)])
+    sizes = []
+    for i in range(6):  # half a second apart: a sweep (of one user) every fourth batch
+        h.process([rec("events.clickstream", pv(100 + i, T + i, user="active"))])
+        sizes.append(len(store.data))
+        now[0] += 0.5
+    # the idle users' own batch swept (nobody idle then); the next four batches fall within 2 s of
+    # it and do not sweep; the one 2 s after it evicts one user
+    assert sizes == [4, 4, 4, 4, 3, 3], sizes
 
 
 def test_retention_off_keeps_everyone() -> None:

@@ -24,6 +24,7 @@ DURATIONS = {
     "cooldown_s": "s",
     "source_idle_s": "s",
     "idle_advance_s": "s",
+    "retention_sweep_every_s": "s",
     "user_ttl_days": "d",
 }
 

@@ -76,7 +76,7 @@ def everywhere(ts: int, first_id: int, user: str = "clock") -> list[Record]:
 
 
 def test_a_returning_user_in_the_swept_slice_keeps_what_this_batch_wrote() -> None:
-    w = Worker(user_ttl_days=1)
+    w = Worker(user_ttl_days=1, retention_sweep_every_s=0)
     w.process(
         [
             rec("events.clickstream", pv(1, T - 3 * DAY, "idle")),
