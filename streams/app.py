@@ -42,7 +42,7 @@ from streams.lookup import BadQuery, Lookups, PartitionClock, page_query, partit
 from streams.metrics import Metrics
 from streams.model_feed import LiveModels
 from streams.model_metrics import ModelMetrics
-from streams.outbox import DELETE, Outbox
+from streams.outbox import DELETE, Outbox, drain_buffer
 from streams.privacy import Pseudonymizer
 from streams.read_server import LocalReads, ReadServer
 from streams.rows import LEDGER, SCORES, PartKV, RowStore, UserRows
@@ -260,7 +260,9 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
 
     # with direct consume rows go out at checkpoints (streams/outbox.py); else after every batch
     outbox = Outbox(
-        settings.checkpoint_interval_s if settings.direct_consume else 0.0, settings.checkpoint_rows
+        settings.checkpoint_interval_s if settings.direct_consume else 0.0,
+        settings.checkpoint_rows,
+        push=lambda: drain_buffer(app.producer.buffer),
     )
 
     def send_dead_letter(dl: DeadLetter) -> None:  # at the batch's end, with its other outputs
@@ -383,8 +385,10 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
             except Exception as exc:
                 faults.failed("tick", exc)
             try:
-                await outbox.release()
-            except Exception as exc:  # the rows or outputs of the tick could not be written
+                await outbox.send_outputs()
+                if outbox.due():
+                    await outbox.release()
+            except Exception as exc:  # the rows or outputs of a checkpoint could not be written
                 stop_unacked(exc, [])
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]

@@ -243,7 +243,7 @@ class DirectIngest:
                 if i:
                     await asyncio.sleep(0)
                 await self.process(part)
-                outbox.send_outputs_soon()
+                await outbox.send_outputs()
         except asyncio.CancelledError:
             # stopping: finish the writes; nothing is committed, so a restart reads the batch
             # again and per-user dedup recognises what was written
@@ -255,8 +255,7 @@ class DirectIngest:
         # committed once a checkpoint has its rows, outputs and watermarks acknowledged (Faust's
         # commit flushes the producer first: the training examples)
         outbox.after(functools.partial(self.committer.add, offsets))
-        try:
-            await outbox.send_outputs()
+        try:  # no wait for the outputs' acknowledgement: the checkpoint waits for it
             if outbox.due():
                 await outbox.release()
         except BaseException as exc:

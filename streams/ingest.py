@@ -266,6 +266,7 @@ class IngestHandler:
         self.sweep_after: dict[int, str | None] = {}  # per partition: the last user looked at
         self.sweep_every_ms = settings.retention_sweep_every_s * 1000
         self.swept_ms: dict[int, int] = {}  # per partition: wall ms of its last sweep
+        self.sweep_pending: set[int] = set()  # partitions an idle tick sweeps (see _end_partition)
         self.idle_advance_ms = settings.idle_advance_s * 1000
         self.last_record: dict[int, Record] = {}  # per partition: a record for its context (tick)
         self.last_seen: dict[int, int] = {}  # per partition: wall ms of its last batch
@@ -424,12 +425,24 @@ class IngestHandler:
                 self.fire_budget = budget - fired
             # labels can be final only below the lateness floor: no accepted event is older
             stage.expire_partition(p, clock - self.lateness_ms)
-        evicted = 0
-        if self.ttl_ms and now_ms - self.swept_ms.get(p, now_ms - self.sweep_every_ms) >= self.sweep_every_ms:
-            self.swept_ms[p] = now_ms
-            evicted = self._sweep(p)
+        evicted = self._maybe_sweep(p, now_ms)
         for topic in moved:
             self._save_mark(topic, p)
+        return evicted
+
+    def _maybe_sweep(self, p: int, now_ms: int) -> int:
+        """The partition's retention sweep if one is due (``retention_sweep_every_s``); one a batch
+        came too soon for, or a pass not done, is left to an idle tick (``sweep_pending``)."""
+        if not self.ttl_ms:
+            return 0
+        evicted = 0
+        if now_ms - self.swept_ms.get(p, now_ms - self.sweep_every_ms) >= self.sweep_every_ms:
+            self.swept_ms[p] = now_ms
+            evicted = self._sweep(p)
+        if self.swept_ms[p] != now_ms or self.sweep_after.get(p) is not None:
+            self.sweep_pending.add(p)
+        else:
+            self.sweep_pending.discard(p)
         return evicted
 
     def tick(self) -> int:
@@ -438,24 +451,33 @@ class IngestHandler:
         Its event-time clock becomes wall-clock time minus the allowed lateness (never backwards),
         and the timers and horizons that passes fire, so a quiet night still gets its churn and
         cart triggers. A partition whose due timers a fire limit left waiting fires the next of
-        them, clock moved or not. Returns the partitions worked on. Replay and eval never call this.
+        them, clock moved or not, and one whose retention sweep a batch left (too soon after the
+        last, or a pass not done) is swept. Returns the partitions worked on. Replay and eval never
+        call this.
         """
         now_ms = int(self.clock() * 1000)
         self.fire_budget = self.fires_per_batch
         stage = self.stage
-        moved = 0
+        moved = evicted = 0
         for p, rec in list(self.last_record.items()):
             idle_ms = now_ms - self.last_seen.get(p, now_ms)
             quiet = bool(self.idle_advance_ms) and idle_ms >= self.idle_advance_ms
             moves = quiet and self.watermarks.advance_wall(p, now_ms - self.lateness_ms)
             if not moves and (stage is None or not stage.backlog(p, self.watermarks.of(p, now_ms))):
-                continue  # the clock did not move and no timer a fire limit left is waiting
+                # the clock did not move and no timer a fire limit left waits: at most a sweep,
+                # never the partition's timers (what they output must not depend on a tick's time)
+                if p in self.sweep_pending:
+                    with self.store.partition(rec):
+                        evicted += self._maybe_sweep(p, now_ms)
+                continue
             t0 = time.perf_counter()
             with self.store.partition(rec):
-                self._end_partition(p, now_ms, set())
+                evicted += self._end_partition(p, now_ms, set())
             if self.stage is not None:
                 self.stage.end_batch(t0)
             moved += 1
+        if evicted:
+            self.metrics.evicted.inc(evicted)
         return moved
 
     def _features_of(self, user_id: str) -> UserState | None:
@@ -479,6 +501,7 @@ class IngestHandler:
             self.watermarks.forget(p)
             self.sweep_after.pop(p, None)
             self.swept_ms.pop(p, None)
+            self.sweep_pending.discard(p)
             self.last_record.pop(p, None)
             self.last_seen.pop(p, None)
 

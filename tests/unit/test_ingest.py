@@ -145,7 +145,9 @@ def test_a_partition_is_swept_at_most_once_per_sweep_interval_of_wall_time() -> 
     day = 86_400_000
     now = [NOW_S]
     store = MemoryStore()
-    s = Settings(allowed_lateness_s=3600, user_ttl_days=1, retention_sweep_batch=1, retention_sweep_every_s="2s")
+    s = Settings(
+        allowed_lateness_s=3600, user_ttl_days=1, retention_sweep_batch=1, retention_sweep_every_s="2s"
+    )
     h = IngestHandler(s, store, lambda dl: None, clock=lambda: now[0])
     h.process([rec("events.clickstream", pv(i, T - 3 * day + i, user=f"idle{i}")) for i in range(3)])
     sizes = []
@@ -156,6 +158,14 @@ def test_a_partition_is_swept_at_most_once_per_sweep_interval_of_wall_time() -> 
     # the idle users' own batch swept (nobody idle then); the next four batches fall within 2 s of
     # it and do not sweep; the one 2 s after it evicts one user
     assert sizes == [4, 4, 4, 4, 3, 3], sizes
+    # no more batches: the last one was too soon to sweep, so an idle tick sweeps once it is due
+    now[0] += 0.5  # 1.0 s after the last sweep: not yet
+    h.tick()
+    assert len(store.data) == 3
+    now[0] += 1.0
+    h.tick()
+    assert len(store.data) == 2, "a quiet partition kept the sweep a batch skipped"
+    assert h.metrics.evicted._value.get() == 2  # the tick's eviction is counted too
 
 
 def test_retention_off_keeps_everyone() -> None:

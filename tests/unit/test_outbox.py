@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from faust.streams import _current_event
 
-from streams.outbox import DELETE, Outbox
+from streams.outbox import DELETE, Outbox, drain_buffer
 
 
 class Log:
@@ -249,9 +249,10 @@ def test_outputs_carry_when_their_batch_began_and_when_they_were_sent() -> None:
 
 
 def test_outputs_leave_after_each_batch_and_rows_once_per_checkpoint_before_what_waits_for_it() -> None:
-    """Direct consume: a batch's outputs are sent and acknowledged when it ends; its rows stay held
-    (read through by the next batch) until the checkpoint writes each row once, the watermarks
-    after the rows are acknowledged, and only then runs what waits for it (the commit)."""
+    """Direct consume: a batch's outputs are sent when it ends, without waiting for the broker; its
+    rows stay held (read through by the next batch) until the checkpoint writes each row once
+    after every output is acknowledged, the watermarks after the rows are, and only then runs what
+    waits for it (the commit)."""
 
     async def run() -> None:
         log = Log()
@@ -270,11 +271,8 @@ def test_outputs_leave_after_each_batch_and_rows_once_per_checkpoint_before_what
             _current_event.reset(token)
             box.send_early(changes, b"u1", value)
             box.after(lambda: done.append(n))
-            sent = asyncio.ensure_future(box.send_outputs())
-            await settle()
-            assert not sent.done(), "a batch ended before its outputs were acknowledged"
-            log.ack_all()
-            await asyncio.wait_for(sent, 1.0)
+            await asyncio.wait_for(box.send_outputs(), 1.0)  # not held up by the broker
+            assert log.entries[-1] == ("send changes", b"u1")
             assert not box.due()
 
         await batch(1, b"one")
@@ -283,6 +281,9 @@ def test_outputs_leave_after_each_batch_and_rows_once_per_checkpoint_before_what
         assert box.get(table, "u1") == (True, b"two"), "the newer batch's row is not the one held"
         assert done == [] and "u1" not in table and "m" not in marks
         checkpoint = asyncio.ensure_future(box.release())
+        await settle()
+        assert "u1" not in table, "a row written before the outputs it records were acknowledged"
+        log.ack_all()  # the two change events
         await settle()
         assert table.get("u1") == b"two" and "m" not in marks, "a watermark before its rows"
         log.ack_all()
@@ -349,3 +350,28 @@ def test_held_keys_come_in_key_order_per_partition_and_leave_with_the_checkpoint
 
     asyncio.run(checkpoint())
     assert box.held_keys(table, 0) == [] and table == {"u1": b"u1", "u5": b"u5", "u9": b"u9"}
+
+
+def test_drain_buffer_lets_the_buffers_own_task_send_until_its_queue_is_empty() -> None:
+    """The outputs leave in the order queued, sent by one task: the drain only lets it run."""
+
+    async def run() -> None:
+        sent: list[int] = []
+        buffer = SimpleNamespace(pending=asyncio.Queue())
+
+        async def handle_pending() -> None:  # Faust's ProducerBuffer._handle_pending, one per turn
+            while True:
+                sent.append(await buffer.pending.get())
+
+        task = asyncio.ensure_future(handle_pending())
+        for i in range(5):
+            buffer.pending.put_nowait(i)
+        await asyncio.wait_for(drain_buffer(buffer), 1.0)
+        assert sent == [0, 1, 2, 3, 4] and buffer.pending.empty()
+        task.cancel()
+        stuck = SimpleNamespace(pending=asyncio.Queue())
+        stuck.pending.put_nowait(0)  # nobody sends (a full client buffer): the drain gives up
+        await asyncio.wait_for(drain_buffer(stuck, spins=3), 1.0)
+        assert stuck.pending.qsize() == 1
+
+    asyncio.run(run())
