@@ -263,6 +263,7 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
         settings.checkpoint_interval_s if settings.direct_consume else 0.0,
         settings.checkpoint_rows,
         push=lambda: drain_buffer(app.producer.buffer),
+        observe=metrics.record_checkpoint,
     )
 
     def send_dead_letter(dl: DeadLetter) -> None:  # at the batch's end, with its other outputs

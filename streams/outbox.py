@@ -74,10 +74,15 @@ class Outbox:
     """
 
     def __init__(
-        self, interval_s: float = 0.0, max_rows: int = 0, push: Callable[[], Awaitable[None]] | None = None
+        self,
+        interval_s: float = 0.0,
+        max_rows: int = 0,
+        push: Callable[[], Awaitable[None]] | None = None,
+        observe: Callable[[float, int], None] | None = None,
     ) -> None:
         self.lock = asyncio.Lock()
         self.push = push or _nothing  # has the producer hand what was sent to the Kafka client now
+        self.observe = observe  # (seconds, rows) of each checkpoint that wrote rows, for the metrics
         # (topic, key, value, headers): before the rows; headers None: the timing headers
         self.early: list[tuple[Any, bytes | None, bytes, list[tuple[str, bytes]] | None]] = []
         self.late: list[tuple[Any, bytes, bytes]] = []  # after the rows
@@ -176,6 +181,7 @@ class Outbox:
         """A checkpoint: outputs, rows, watermarks and examples in the order above, then what waits
         for it. Each step forgets what it has done, so a release that was interrupted (cancelled
         while it waited) can be called again and finishes the rest."""
+        started, rows = time.perf_counter(), len(self.writes)
         await self.send_outputs()
         await self._delivered()  # every output of the batches the rows cover
         self._write(self.writes)
@@ -192,6 +198,8 @@ class Outbox:
             self.late.clear()
             await self.push()
         self.checkpoint_at = time.monotonic()
+        if rows and self.observe is not None:
+            self.observe(time.perf_counter() - started, rows)
         done, self._after = self._after, []
         for fn in done:
             fn()

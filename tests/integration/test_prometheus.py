@@ -216,6 +216,10 @@ def test_prometheus_scrapes_worker_metrics(
     p50 = prom.value("histogram_quantile(0.5, sum by (le) (propstream_processing_delay_seconds_bucket))")
     assert p50 is not None and 0 < p50 <= 900, p50
     assert (prom.value("sum(propstream_batch_processing_seconds_count)") or 0) > 0
+    # every user's row written by at least one checkpoint, and at most once per accepted event
+    assert (prom.value("sum(propstream_checkpoint_seconds_count)") or 0) > 0
+    rows = prom.value("sum(propstream_checkpoint_rows_total)")
+    assert rows is not None and users <= rows <= len(valid), rows
 
     # Consumer lag: one series per partition of each source topic, all assigned to this one worker
     # (other topics our agents consume, such as the training log, have their series too).

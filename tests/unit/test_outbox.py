@@ -375,3 +375,30 @@ def test_drain_buffer_lets_the_buffers_own_task_send_until_its_queue_is_empty() 
         assert stuck.pending.qsize() == 1
 
     asyncio.run(run())
+
+
+def test_a_checkpoint_that_writes_rows_reports_how_long_it_held_the_loop_and_how_many_rows() -> None:
+    async def run() -> None:
+        seen: list[tuple[float, int]] = []
+        log = Log()
+        table = FakeTable(log)
+        box = Outbox(observe=lambda s, n: seen.append((s, n)))
+        box.watch(table)
+        ev = Event()
+        token = in_partition(ev)
+        for key in ("u1", "u2", "u1"):  # u1 twice: one row
+            box.write(table, key, b"x")
+        _current_event.reset(token)
+        started = time.perf_counter()
+        task = asyncio.ensure_future(box.release())
+        await settle()
+        assert seen == [], "reported before the rows were acknowledged"
+        log.ack_all()
+        await asyncio.wait_for(task, 1.0)
+        took = time.perf_counter() - started
+        assert len(seen) == 1 and seen[0][1] == 2
+        assert 0 < seen[0][0] <= took
+        await asyncio.wait_for(box.release(), 1.0)  # nothing held: not a checkpoint worth a sample
+        assert len(seen) == 1
+
+    asyncio.run(run())
