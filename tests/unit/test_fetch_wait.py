@@ -1,7 +1,7 @@
 """The worker's consumer fetches with ``Settings.fetch_wait_s``, not Faust's fixed 1.5 s.
 
 A pure wiring check (no broker: the consumer is built, never started); what the wait does to
-latency is the bench's to show (``docs/benchmarks.md``, "The fetch wait").
+latency is the bench's to show (``docs/benchmarks.md``, "Latency: the fetch wait, ...").
 """
 
 from __future__ import annotations
