@@ -436,7 +436,8 @@ class IngestHandler:
         if not self.ttl_ms:
             return 0
         evicted = 0
-        if now_ms - self.swept_ms.get(p, now_ms - self.sweep_every_ms) >= self.sweep_every_ms:
+        last = self.swept_ms.get(p)
+        if last is None or now_ms - last >= self.sweep_every_ms:
             self.swept_ms[p] = now_ms
             evicted = self._sweep(p)
         if self.swept_ms[p] != now_ms or self.sweep_after.get(p) is not None:

@@ -184,19 +184,16 @@ class Outbox:
         started, rows = time.perf_counter(), len(self.writes)
         await self.send_outputs()
         await self._delivered()  # every output of the batches the rows cover
-        self._write(self.writes)
+        self._write(self.writes)  # no push: waiting for the acknowledgements turns the loop
         self._keys.clear()
-        await self.push()
         if self.last:
             await self._delivered()  # the rows first: see the module docstring
             self._write(self.last)
-            await self.push()
         await self._delivered()  # the batch is acknowledged (and committed) only after its rows
         if self.late:
             for topic, key, value in self.late:
                 topic.send_soon(key=key, value=value)
             self.late.clear()
-            await self.push()
         self.checkpoint_at = time.monotonic()
         if rows and self.observe is not None:
             self.observe(time.perf_counter() - started, rows)
