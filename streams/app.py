@@ -9,6 +9,7 @@ several differently configured apps in one interpreter.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import math
@@ -35,7 +36,7 @@ from models.scoring import ScoringCore
 from streams.direct import Committer, DirectIngest, RecordSink
 from streams.erasure import attach_erasure
 from streams.faults import Faults
-from streams.faust_fixes import current_events
+from streams.faust_fixes import current_events, recover_transactions
 from streams.faust_fixes import install as install_faust_fixes
 from streams.ingest import DeadLetter, IngestHandler, Record, decode_mark, encode_mark
 from streams.lookup import BadQuery, Lookups, PartitionClock, page_query, partition_of
@@ -49,6 +50,7 @@ from streams.rows import LEDGER, SCORES, PartKV, RowStore, UserRows
 from streams.score_stage import ScoreStage
 from streams.settings import Settings
 from streams.trainer import attach_trainer
+from streams.transactions import Transactions
 from streams.user_api import BAD_AS_OF, Answer, UserAnswers, as_of_query, refused, token_refused
 
 FEATURE_TABLE = "features"
@@ -258,12 +260,17 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
     source = app.topic(*settings.source_topics, key_serializer="raw", value_serializer="raw")
     deadletter = app.topic(settings.topic_deadletter, key_serializer="raw", value_serializer="raw")
 
+    txn = None
+    if settings.processing_guarantee == "exactly_once":  # checkpoints are transactions
+        txn = Transactions(servers, settings.worker_transactional_id(), settings.app_id)
+        recover_transactions(app)
     # with direct consume rows go out at checkpoints (streams/outbox.py); else after every batch
     outbox = Outbox(
         settings.checkpoint_interval_s if settings.direct_consume else 0.0,
         settings.checkpoint_rows,
         push=lambda: drain_buffer(app.producer.buffer),
         observe=metrics.record_checkpoint,
+        txn=txn,
     )
 
     def send_dead_letter(dl: DeadLetter) -> None:  # at the batch's end, with its other outputs
@@ -415,6 +422,9 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
                     await committer.drain()
         except Exception as exc:  # the next owner reads the uncommitted records again
             faults.failed("checkpoint", exc)
+        if txn is not None:
+            with contextlib.suppress(Exception):  # an open transaction is aborted by the broker in time
+                await txn.stop()
         await stop_consumer()
 
     app._stop_consumer = checkpoint_then_stop_consumer  # type: ignore[method-assign]

@@ -355,6 +355,7 @@ def deadletter(follow: bool, limit: int, bootstrap: str | None) -> None:
         auto_offset_reset="earliest",
         enable_auto_commit=False,
         consumer_timeout_ms=-1 if follow else 3000,
+        isolation_level="read_committed",  # an exactly-once worker's, once committed
     )
     n = 0
     try:

@@ -73,7 +73,10 @@ def tail(
 
     settings = build_settings(bootstrap=bootstrap)
     consumer = KafkaConsumer(
-        bootstrap_servers=_ensure(settings), enable_auto_commit=False, consumer_timeout_ms=1000
+        bootstrap_servers=_ensure(settings),
+        enable_auto_commit=False,
+        consumer_timeout_ms=1000,
+        isolation_level="read_committed",  # an exactly-once worker's outputs, once committed
     )
     topic = settings.topic_triggers if triggers else settings.topic_changes
     tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]

@@ -222,7 +222,11 @@ class _ChangeFeed:
         from kafka import KafkaConsumer
 
         self.consumer = KafkaConsumer(
-            topic, bootstrap_servers=servers, auto_offset_reset="earliest", enable_auto_commit=False
+            topic,
+            bootstrap_servers=servers,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+            isolation_level="read_committed",  # an exactly-once worker's outputs, once committed
         )
 
     def poll(self) -> list[dict[str, Any]]:

@@ -252,9 +252,11 @@ class DirectIngest:
             raise
         except BaseException as exc:
             self.stop(exc, part)
-        # committed once a checkpoint has its rows, outputs and watermarks acknowledged (Faust's
-        # commit flushes the producer first: the training examples)
-        outbox.after(functools.partial(self.committer.add, offsets))
+        if outbox.transactional:  # committed in the checkpoint's transaction, with all it wrote
+            outbox.cover(offsets)
+        else:  # committed once a checkpoint has its rows, outputs and watermarks acknowledged
+            # (Faust's commit flushes the producer first: the training examples)
+            outbox.after(functools.partial(self.committer.add, offsets))
         try:  # no wait for the outputs' acknowledgement: the checkpoint waits for it
             if outbox.due():
                 await outbox.release()

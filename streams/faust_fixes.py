@@ -308,7 +308,36 @@ def _create_worker_consumer(self: Any, transport: Any) -> Any:
             msg = "aiokafka's consumer has no _fetch_max_wait_ms: update streams.faust_fixes"
             raise RuntimeError(msg)
         consumer._fetch_max_wait_ms = max(1, round(wait_s * 1000))
+    # Exactly-once checkpoints are transactions (streams/transactions.py): recovery, the trainer and
+    # the sources read committed records only. Without transactions this changes nothing.
+    consumer._isolation_level = "read_committed"
     return consumer
+
+
+class _RecoveryView:
+    """The app as Faust's recovery sees it when checkpoints are transactions: ``in_transaction``.
+
+    A changelog partition written by transactions ends in a commit marker, which no consumer ever
+    receives, and Faust's recovery waits for a record at the partition's last offset. Its own
+    exactly-once mode handles that (after two idle 5 s polls it takes a consumer position past
+    the end as done), but it checks ``app.in_transaction``, which would also switch on Faust's
+    transactional producers. Everything else goes to the app itself."""
+
+    in_transaction = True
+
+    def __init__(self, app: Any) -> None:
+        object.__setattr__(self, "_app", app)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(object.__getattribute__(self, "_app"), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(object.__getattribute__(self, "_app"), name, value)
+
+
+def recover_transactions(app: Any) -> None:
+    """Let Faust's recovery finish changelog partitions that end in a transaction's marker."""
+    app.tables.recovery.app = _RecoveryView(app)
 
 
 def install() -> None:

@@ -43,12 +43,17 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import time
 import weakref
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from faust.streams import _current_event
+from faust.types import TP
+
+if TYPE_CHECKING:
+    from streams.transactions import Message, Transactions
 
 DELETE = object()  # a held write that removes the key
 
@@ -79,8 +84,14 @@ class Outbox:
         max_rows: int = 0,
         push: Callable[[], Awaitable[None]] | None = None,
         observe: Callable[[float, int], None] | None = None,
+        txn: Transactions | None = None,
     ) -> None:
         self.lock = asyncio.Lock()
+        self.txn = txn  # exactly-once: a checkpoint is one transaction (:meth:`_release_in_transaction`)
+        self.offsets: dict[Any, int] = {}  # exactly-once: source offsets the next transaction commits
+        self._commit: asyncio.Future[dict[tuple[str, int], int]] | None = None
+        self.broken: str | None = None  # exactly-once: why no checkpoint may be written any more
+        self.stamped: list[tuple[Any, bytes | None, bytes, list[tuple[str, bytes]] | None]] = []
         self.push = push or _nothing  # has the producer hand what was sent to the Kafka client now
         self.observe = observe  # (seconds, rows) of each checkpoint that wrote rows, for the metrics
         # (topic, key, value, headers): before the rows; headers None: the timing headers
@@ -157,6 +168,14 @@ class Outbox:
         """Run ``fn`` once the next checkpoint's rows and watermarks are acknowledged."""
         self._after.append(fn)
 
+    @property
+    def transactional(self) -> bool:
+        return self.txn is not None
+
+    def cover(self, offsets: dict[Any, int]) -> None:
+        """Exactly-once: commit these source offsets (next to read) in the next checkpoint's transaction."""
+        self.offsets.update(offsets)
+
     def due(self) -> bool:
         """Is a checkpoint due (the interval passed, or the rows held reached the bound)?"""
         return time.monotonic() - self.checkpoint_at >= self.interval_s or (
@@ -164,7 +183,13 @@ class Outbox:
         )
 
     def send_outputs_soon(self) -> None:
-        """Hand the outputs held so far to the producer; :meth:`send_outputs` waits for them."""
+        """Hand the outputs held so far to the producer; :meth:`send_outputs` waits for them.
+        Exactly-once: they are only stamped with the batch's timing headers (the send stage then
+        shows the wait for the checkpoint); they leave in the checkpoint's transaction."""
+        if self.early and self.txn is not None:
+            timing = timing_headers(self.started_ms)
+            self.stamped.extend((t, k, v, timing if h is None else h) for t, k, v, h in self.early)
+            self.early.clear()
         if self.early:
             timing = timing_headers(self.started_ms)
             for topic, k, v, h in self.early:
@@ -181,6 +206,9 @@ class Outbox:
         """A checkpoint: outputs, rows, watermarks and examples in the order above, then what waits
         for it. Each step forgets what it has done, so a release that was interrupted (cancelled
         while it waited) can be called again and finishes the rest."""
+        if self.txn is not None:
+            await self._release_in_transaction()
+            return
         started, rows = time.perf_counter(), len(self.writes)
         await self.send_outputs()
         await self._delivered()  # every output of the batches the rows cover
@@ -200,6 +228,85 @@ class Outbox:
         done, self._after = self._after, []
         for fn in done:
             fn()
+
+    async def _release_in_transaction(self) -> None:
+        """An exactly-once checkpoint: outputs, changelog messages of the rows and watermarks,
+        training examples and source offsets in one transaction; the local RocksDB only once it is
+        committed (its persisted changelog offsets with it), so the disk is never ahead of Kafka.
+
+        The commit is shielded: a release cancelled while it waits leaves the transaction to
+        finish or fail on its own, and this outbox refuses every later checkpoint (the worker is
+        stopping; what the transaction did not commit is read again by the partitions' next owner,
+        and a same-disk restart restores what it did commit from the changelog)."""
+        assert self.txn is not None
+        if self.broken is not None:
+            raise RuntimeError(self.broken)
+        started, rows = time.perf_counter(), len(self.writes)
+        if self._commit is None:
+            self.send_outputs_soon()  # stamps what a tick or a stop left unstamped
+            if not (self.stamped or self.writes or self.last or self.late or self.offsets):
+                self.checkpoint_at = time.monotonic()
+                return
+            self._commit = asyncio.ensure_future(self.txn.commit(self._messages(), self.offsets))
+        try:
+            written = await asyncio.shield(self._commit)
+        except asyncio.CancelledError:
+            self.broken = "a checkpoint's transaction was interrupted: no later checkpoint is written"
+            raise
+        except BaseException:
+            self.broken = "a checkpoint's transaction failed: no later checkpoint is written"
+            raise
+        self._commit = None
+        self.stamped.clear()
+        self.late.clear()
+        self.offsets = {}
+        self._write_local(self.writes, written)
+        self._write_local(self.last, written)
+        self._keys.clear()
+        self.checkpoint_at = time.monotonic()
+        if rows and self.observe is not None:
+            self.observe(time.perf_counter() - started, rows)
+        done, self._after = self._after, []
+        for fn in done:
+            fn()
+
+    def _messages(self) -> list[Message]:
+        """Everything a transaction carries, in the order an at-least-once checkpoint sends it."""
+        out: list[Message] = [(topic.get_topic_name(), None, k, v, h) for topic, k, v, h in self.stamped]
+        for writes in (self.writes, self.last):
+            for (_, key), (table, event, value) in writes.items():
+                name = table.changelog_topic.get_topic_name()
+                out.append(
+                    (name, event.message.partition, _raw(key), None if value is DELETE else _raw(value), None)
+                )
+        out.extend((topic.get_topic_name(), None, k, v, None) for topic, k, v in self.late)
+        return out
+
+    def _write_local(
+        self, writes: dict[tuple[int, Any], tuple[Any, Any, Any]], written: dict[tuple[str, int], int]
+    ) -> None:
+        """Committed writes to each table's local store (no changelog message: the transaction
+        carried it), and the changelog offset the store now holds, as Faust records it: the
+        transaction's commit marker, so a restart on this disk has nothing to read up to it (Faust's
+        recovery counts a marker as a record still to come: ``streams.faust_fixes``)."""
+        tables: dict[int, Any] = {}
+        for (_, key), (table, event, value) in writes.items():
+            tables[id(table)] = table
+            token = _current_event.set(weakref.ref(event))
+            try:
+                if value is DELETE:
+                    with contextlib.suppress(KeyError):
+                        del table.data[key]
+                else:
+                    table.data[key] = value
+            finally:
+                _current_event.reset(token)
+        for table in tables.values():
+            name = table.changelog_topic.get_topic_name()
+            for (topic, partition), offset in written.items():
+                if topic == name:  # + 1: the commit marker after it (the partition has one writer)
+                    table.data.set_persisted_offset(TP(topic, partition), offset + 1)
+        writes.clear()
 
     def _write(self, writes: dict[tuple[int, Any], tuple[Any, Any, Any]]) -> None:
         """Apply held writes, each in its event's partition, keeping their changelog futures."""
@@ -229,6 +336,11 @@ class Outbox:
             for fut in self.inflight:
                 fut.result()
             self.inflight.clear()
+
+
+def _raw(value: Any) -> bytes:
+    """A table key or value as Faust's ``raw`` codec puts it on the changelog (text as UTF-8)."""
+    return value.encode() if isinstance(value, str) else value
 
 
 async def _nothing() -> None:

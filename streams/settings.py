@@ -165,6 +165,20 @@ class Settings(BaseSettings):
         "after each batch (streams/direct.py), skipping Faust's per-message stream; false: Faust's "
         "stream and take_events.",
     )
+    processing_guarantee: Literal["at_least_once", "exactly_once"] = Field(
+        "at_least_once",
+        description="at_least_once: outputs leave after every batch and a crash may repeat some "
+        "(same ids). exactly_once (direct consume only): each checkpoint is one Kafka transaction "
+        "of the outputs, changelog rows, training examples and source offsets, so read_committed "
+        "consumers see each exactly once, but only at the checkpoint (PROPSTREAM_CHECKPOINT_"
+        "INTERVAL_S: e2e latency grows by up to that much). docs/guarantees.md.",
+    )
+    transactional_id: str = Field(
+        "",
+        description="exactly_once: the Kafka transactional id of this worker, stable across its "
+        "restarts so a restarted worker fences its previous self. Default: <app_id>-<advertised "
+        "host>-<web_port>.",
+    )
     api_token: SecretStr | None = Field(None, description="Bearer token required for lookups, if set.")
     batch_in_thread: bool = Field(
         False,
@@ -394,6 +408,21 @@ class Settings(BaseSettings):
         ms = parse_time_ms(self.earliest_event_time)
         assert ms is not None  # checked by the validator
         return ms
+
+    @model_validator(mode="after")
+    def _exactly_once_needs_direct_consume(self) -> Settings:
+        if self.processing_guarantee == "exactly_once" and not self.direct_consume:
+            msg = (
+                "PROPSTREAM_PROCESSING_GUARANTEE=exactly_once needs PROPSTREAM_DIRECT_CONSUME=true: "
+                "the transactions are the checkpoints of direct consume"
+            )
+            raise ValueError(msg)
+        return self
+
+    def worker_transactional_id(self) -> str:
+        """The transactional id of this worker (``transactional_id`` or one made of its address)."""
+        host = self.web_advertise or self.web_host
+        return self.transactional_id or f"{self.app_id}-{host}-{self.web_port}"
 
     @model_validator(mode="after")
     def _targets_are_event_types(self) -> Settings:

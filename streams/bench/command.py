@@ -37,11 +37,12 @@ def say(text: str) -> None:
     click.echo(text, err=True)
 
 
-def run_env(uid: str, bootstrap: str, tag: str) -> dict[str, str]:
+def run_env(uid: str, bootstrap: str, tag: str, guarantee: str = "at_least_once") -> dict[str, str]:
     """Topics, app id and settings of one measured deployment: unique per run and per data set."""
     p = f"bench-{uid}-{tag}"
     return {
         "PROPSTREAM_BOOTSTRAP": bootstrap,
+        "PROPSTREAM_PROCESSING_GUARANTEE": guarantee,
         "PROPSTREAM_APP_ID": p,
         "PROPSTREAM_TOPIC_CLICKSTREAM": f"{p}.clickstream",
         "PROPSTREAM_TOPIC_CART": f"{p}.cart",
@@ -110,10 +111,14 @@ def measure(opts: dict[str, Any], bootstrap: str) -> dict[str, Any]:
 
     uid = uuid.uuid4().hex[:6]
     tmp = Path(tempfile.mkdtemp(prefix="propstream-bench-"))
-    out: dict[str, Any] = {"machine": machine(), "command": " ".join(["propstream", *sys.argv[1:]])}
+    out: dict[str, Any] = {
+        "machine": machine(),
+        "command": " ".join(["propstream", *sys.argv[1:]]),
+        "processing_guarantee": opts["guarantee"],
+    }
     n = opts["events"]
     users = max(1000, n // 20)
-    env = run_env(uid, bootstrap, "sim")
+    env = run_env(uid, bootstrap, "sim", opts["guarantee"])
     settings = settings_of(env)
     ensure_topics(settings, bootstrap, extra=APPEND_TIME)
     say(f"bench: broker {bootstrap}, state in {tmp}")
@@ -160,7 +165,7 @@ def measure(opts: dict[str, Any], bootstrap: str) -> dict[str, Any]:
     # What any start costs (interpreter, Faust, joining the group, an empty recovery): a fresh
     # worker of a deployment with nothing stored. Only the rest grows with the users restored, so
     # the figure per 100k users is the difference, not the whole time scaled up from a few thousand.
-    empty_env = run_env(uid, bootstrap, "empty")
+    empty_env = run_env(uid, bootstrap, "empty", opts["guarantee"])
     ensure_topics(settings_of(empty_env), bootstrap)
     out["recovery_start_s"] = time_to_ready(worker(empty_env, tmp, "empty"))
     out["recovery_s_per_100k_users"] = (
@@ -195,7 +200,7 @@ def measure(opts: dict[str, Any], bootstrap: str) -> dict[str, Any]:
         from traffic.datasets import read_events
 
         say(f"[+] real data: replaying {real} through a fresh worker ...")
-        renv = run_env(uid, bootstrap, "real")
+        renv = run_env(uid, bootstrap, "real", opts["guarantee"])
         rs = settings_of(renv)
         ensure_topics(rs, bootstrap)
         rn = phases.preload(read_events(real, "taobao"), rs, bootstrap, 0)
@@ -218,6 +223,7 @@ def measure(opts: dict[str, Any], bootstrap: str) -> dict[str, Any]:
 
 def rows(r: dict[str, Any]) -> list[tuple[str, str, object]]:
     out: list[tuple[str, str, object]] = [
+        ("processing guarantee of the pipeline worker", "", r.get("processing_guarantee", "at_least_once")),
         ("raw consumer (aiokafka + JSON decode)", "events/s", r["raw_events_per_s"]),
         ("full pipeline, one worker", "events/s", r["events_per_s"]),
         ("naive Faust baseline, one worker", "events/s", r["naive_events_per_s"]),
@@ -304,6 +310,13 @@ def opt(*names: str, **kw: Any) -> Any:
     help="Taobao time-slice CSV to replay (skipped when absent).",
 )
 @opt("--skip-real", is_flag=True, default=False, help="Skip the real-data replay.")
+@opt(
+    "--guarantee",
+    type=click.Choice(["at_least_once", "exactly_once"]),
+    default="at_least_once",
+    help="The pipeline worker's PROPSTREAM_PROCESSING_GUARANTEE (exactly_once: change events are "
+    "read committed, visible at each checkpoint).",
+)
 @opt(
     "--json",
     "json_out",

@@ -193,6 +193,7 @@ def latency(
         bootstrap_servers=bootstrap,
         auto_offset_reset="latest",
         enable_auto_commit=False,
+        isolation_level="read_committed",  # an exactly-once worker's changes count once committed
     )
     consumer.poll(timeout_ms=1000)  # join before producing, so no change is missed
 

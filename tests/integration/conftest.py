@@ -37,6 +37,7 @@ def env(kafka: str) -> dict[str, str]:
         "PROPSTREAM_TOPIC_PURCHASE": f"{uid}.purchase",
         "PROPSTREAM_TOPIC_DEADLETTER": f"{uid}.deadletter",
         "PROPSTREAM_TOPIC_CHANGES": f"{uid}.changes",
+        "PROPSTREAM_TOPIC_TRIGGERS": f"{uid}.triggers",
         "PROPSTREAM_TOPIC_TRAINING": f"{uid}.training",
         "PROPSTREAM_TOPIC_MODELS": f"{uid}.models",
         "PROPSTREAM_TOPIC_ERASURE": f"{uid}.erasure",

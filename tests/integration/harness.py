@@ -221,6 +221,7 @@ def consume_all(bootstrap: str, topic: str, expect: int, timeout_s: float = 30.0
         auto_offset_reset="earliest",
         enable_auto_commit=False,
         consumer_timeout_ms=1000,
+        isolation_level="read_committed",
     )
     out: list[Any] = []
     deadline = time.monotonic() + timeout_s
@@ -236,7 +237,12 @@ def read_topic(bootstrap: str, topic: str, timeout_s: float = 30.0) -> list[Any]
     """Every message of ``topic`` up to its end offsets now (all partitions), in partition order."""
     from kafka import TopicPartition
 
-    c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, consumer_timeout_ms=1000)
+    c = KafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        consumer_timeout_ms=1000,
+        isolation_level="read_committed",  # what an exactly-once worker committed (no effect otherwise)
+    )
     try:
         parts = c.partitions_for_topic(topic) or set()
         tps = [TopicPartition(topic, p) for p in sorted(parts)]
@@ -381,10 +387,34 @@ def uncommitted(bootstrap: str, group: str, topics: Sequence[str]) -> dict[str, 
             tps = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or ())]
             assert tps, f"no partitions for {topic}"
             ends = c.end_offsets(tps)
-            missing = sum(max(0, ends[tp] - (c.committed(tp) or 0)) for tp in tps)
+            gaps = {tp: (c.committed(tp) or 0, ends[tp]) for tp in tps if ends[tp] > (c.committed(tp) or 0)}
+            missing = records_between(bootstrap, gaps)
             if missing:
                 behind[topic] = missing
         return behind
+    finally:
+        c.close()
+
+
+def records_between(bootstrap: str, gaps: dict[Any, tuple[int, int]], timeout_s: float = 10.0) -> int:
+    """How many committed records lie in each partition's [start, end) offsets. Not simply end - start:
+    a transaction's commit marker takes an offset of its own, and no consumer ever receives (or
+    commits past) it, so a group that read everything of a transactional topic stays one behind."""
+    if not gaps:
+        return 0
+    c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, isolation_level="read_committed")
+    try:
+        c.assign(list(gaps))
+        for tp, (start, _) in gaps.items():
+            c.seek(tp, start)
+        n = 0
+        deadline = time.monotonic() + timeout_s
+        while any(c.position(tp) < end for tp, (_, end) in gaps.items()):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"could not read {sorted(gaps)} to their end within {timeout_s:.0f}s")
+            for tp, batch in c.poll(timeout_ms=200).items():
+                n += sum(1 for m in batch if m.offset < gaps[tp][1])
+        return n
     finally:
         c.close()
 

@@ -113,3 +113,24 @@ def test_pydantic_reads_names_in_any_case_so_the_check_does_too() -> None:
     assert unknown_env(["propstream_target"]) == [
         "unknown setting propstream_target: did you mean PROPSTREAM_TARGETS?"
     ]
+
+
+def test_exactly_once_needs_direct_consume(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PROPSTREAM_PROCESSING_GUARANTEE", "exactly_once")
+    monkeypatch.setenv("PROPSTREAM_DIRECT_CONSUME", "false")
+    with pytest.raises(ValueError, match="PROPSTREAM_DIRECT_CONSUME=true"):
+        Settings()
+    monkeypatch.setenv("PROPSTREAM_PROCESSING_GUARANTEE", "exactly-once")
+    monkeypatch.delenv("PROPSTREAM_DIRECT_CONSUME")
+    with pytest.raises(ValueError, match="at_least_once"):  # a misspelt choice lists the valid ones
+        Settings()
+
+
+def test_each_worker_has_its_own_transactional_id_unless_given_one() -> None:
+    a = Settings(app_id="shop", web_host="0.0.0.0", web_advertise="worker-1", web_port=6066)
+    b = Settings(app_id="shop", web_host="0.0.0.0", web_advertise="worker-2", web_port=6066)
+    assert (a.worker_transactional_id(), b.worker_transactional_id()) == (
+        "shop-worker-1-6066",
+        "shop-worker-2-6066",
+    )
+    assert Settings(transactional_id="fixed").worker_transactional_id() == "fixed"
