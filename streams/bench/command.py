@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +194,20 @@ def measure(opts: dict[str, Any], bootstrap: str) -> dict[str, Any]:
 
     say("[7/7] growth in-process over RocksDB ...")
     out["growth"] = phases.growth(opts["growth"], opts["growth_events"], tmp, say)
+    if opts["growth_live"]:
+        from streams.bench.growth_live import growth_live
+
+        say(f"[+] live growth: {', '.join(f'{u:,}' for u in opts['growth_live'])} users through a worker ...")
+
+        def deployment(tag: str) -> tuple[Settings, Callable[[str], Proc]]:
+            genv = run_env(uid, bootstrap, tag, opts["guarantee"])
+            gs = settings_of(genv)
+            ensure_topics(gs, bootstrap)
+            return gs, lambda name: worker(genv, tmp, f"{tag}-{name}")
+
+        out["growth_live"] = growth_live(
+            opts["growth_live"], opts["growth_live_events"], deployment, bootstrap, say
+        )
 
     real: Path = opts["real"]
     if real.exists() and not opts["skip_real"]:
@@ -272,6 +286,22 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, object]]:
             (f"growth {u}: peak RSS", "MiB", g["peak_rss_mb"]),
             (f"growth {u}: RocksDB bytes per user", "B/user", g["rocksdb_bytes_per_user"]),
         ]
+    for g in r.get("growth_live", []):
+        u = f"{g['users']:,.0f} users"
+        out += [
+            (f"live growth {u}: worker CPU per event", "us/event", g["us_per_event"]),
+            (f"live growth {u}: worker CPU per new user (the fill)", "us/user", g["fill_us_per_user"]),
+            (f"live growth {u}: worker RSS", "MiB", g["rss_mb"]),
+            (f"live growth {u}: restored by an empty worker", "s", g["recovery_s"]),
+        ]
+    if len(r.get("growth_live", [])) > 1:
+        first, last = r["growth_live"][0], r["growth_live"][-1]
+        ratio = last["us_per_event"] / first["us_per_event"]
+        slope = (last["recovery_s"] - first["recovery_s"]) * 100_000 / (last["users"] - first["users"])
+        out += [
+            ("live growth: per-event cost, largest / smallest", "ratio", ratio),
+            ("live growth: recovery per 100k users (slope between the sizes)", "s", slope),
+        ]
     if "real" in r:
         out.append((f"Taobao replay ({r['real']['events']:,} events)", "events/s", r["real"]["events_per_s"]))
     return out
@@ -303,6 +333,20 @@ def opt(*names: str, **kw: Any) -> Any:
 @opt("--naive-events", type=int, default=50_000, help="Events the naive baseline is timed over.")
 @opt("--growth", type=str, default="10000,100000", callback=_sizes, help="User counts of the growth phase.")
 @opt("--growth-events", type=int, default=50_000, help="Events timed at each growth size.")
+@opt(
+    "--growth-live",
+    type=str,
+    default="",
+    callback=_sizes,
+    help="User counts filled through a live worker, each in a fresh deployment, then --growth-live-events "
+    "events of distinct random users timed by the worker's CPU (e.g. 10000,1000000; empty: skipped).",
+)
+@opt(
+    "--growth-live-events",
+    type=click.IntRange(min=100),
+    default=5_000,
+    help="Events timed at each live growth size (at most the smallest size).",
+)
 @opt(
     "--real",
     type=click.Path(path_type=Path),
@@ -339,6 +383,9 @@ def opt(*names: str, **kw: Any) -> Any:
 )
 def bench_cmd(json_out: Path | None, **opts: Any) -> None:
     """Throughput, latency, memory and growth against the raw consumer and a naive baseline, in one run."""
+    if opts["growth_live"] and opts["growth_live_events"] > min(opts["growth_live"]):
+        msg = f"--growth-live-events ({opts['growth_live_events']:,}) exceeds the smallest --growth-live size"
+        raise click.BadParameter(msg, param_hint="--growth-live-events")
     t0 = time.monotonic()
     result = bench(opts)
     result["duration_s"] = time.monotonic() - t0

@@ -56,3 +56,22 @@ def test_bench_keep_broker_option_and_variable(
 def test_demo_has_the_same_option() -> None:
     result = CliRunner().invoke(main, ["demo", "--help"], terminal_width=200)
     assert "--keep-broker" in result.output and "PROPSTREAM_DEMO_KEEP_BROKER" in result.output
+
+
+def test_live_growth_samples_distinct_stored_users_after_the_fill() -> None:
+    from streams.bench.growth_live import fill_events, sample_events
+
+    end = 1_800_000_000_000
+    fill = list(fill_events(1000, end))
+    stored = {e["user_id"] for e in fill}
+    assert len(stored) == 1000 and max(int(e["ts"]) for e in fill) < end  # type: ignore[call-overload]
+    sample = sample_events(1000, 300, end + 5, seed=1)
+    users = [e["user_id"] for e in sample]
+    assert len(set(users)) == 300 and set(users) <= stored  # each a stored row read once
+    assert [e["ts"] for e in sample] == list(range(end + 5, end + 305))
+
+
+def test_live_growth_refuses_more_timed_events_than_users() -> None:
+    result = CliRunner().invoke(main, ["bench", "--growth-live", "1000,5000", "--growth-live-events", "2000"])
+    assert result.exit_code == 2
+    assert "exceeds the smallest --growth-live size" in result.output
