@@ -167,6 +167,23 @@ def stage_split(
     return {name: float(times[i + 1] - times[i]) for i, (name, _) in enumerate(STAGES)}
 
 
+def changelog_messages(bootstrap: str, app_id: str) -> int:
+    """Offsets written to the features and watermarks changelogs (what an empty worker restores,
+    less what compaction has removed: nothing, within a bench run)."""
+    from kafka import TopicPartition
+
+    c = KafkaConsumer(bootstrap_servers=bootstrap)
+    try:
+        tps = [
+            TopicPartition(topic, p)
+            for topic in (f"{app_id}-features-changelog", f"{app_id}-watermarks-changelog")
+            for p in sorted(c.partitions_for_topic(topic) or ())
+        ]
+        return sum(c.end_offsets(tps).values()) if tps else 0
+    finally:
+        c.close()
+
+
 def broker_pid(bootstrap: str) -> int | None:
     """The local broker's process when it serves ``bootstrap`` (its CPU is measured); else None."""
     from streams.broker import LocalBroker
