@@ -263,7 +263,7 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
     txn = None
     if settings.processing_guarantee == "exactly_once":  # checkpoints are transactions
         txn = Transactions(servers, settings.worker_transactional_id(), settings.app_id)
-        recover_transactions(app)
+        recover_transactions(app, servers)
     # with direct consume rows go out at checkpoints (streams/outbox.py); else after every batch
     outbox = Outbox(
         settings.checkpoint_interval_s if settings.direct_consume else 0.0,

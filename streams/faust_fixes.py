@@ -49,6 +49,7 @@ held back the busy partitions' records, just consumed, for 1.5 s. The worker set
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from typing import Any
@@ -335,9 +336,86 @@ class _RecoveryView:
         setattr(object.__getattribute__(self, "_app"), name, value)
 
 
-def recover_transactions(app: Any) -> None:
-    """Let Faust's recovery finish changelog partitions that end in a transaction's marker."""
-    app.tables.recovery.app = _RecoveryView(app)
+async def last_records(bootstrap: str, ends: dict[TP, int], timeout_s: float = 10.0) -> dict[TP, int]:
+    """The offset of the last committed record below each partition's end offset (-1: none).
+
+    Read ``read_committed`` backwards in growing windows: the tail of a transactional log is a
+    commit marker, or an aborted transaction's records and marker, none of which a consumer
+    receives. A partition not read to its end within ``timeout_s`` is left out."""
+    from aiokafka import AIOKafkaConsumer
+    from aiokafka.structs import TopicPartition
+
+    out: dict[TP, int] = {tp: -1 for tp, end in ends.items() if end <= 0}
+    window = 64
+    todo = {tp: end for tp, end in ends.items() if end > 0}
+    if not todo:
+        return out
+    c = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, isolation_level="read_committed", enable_auto_commit=False
+    )
+    await c.start()
+    try:
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while todo and asyncio.get_running_loop().time() < deadline:
+            tps = {TopicPartition(tp.topic, tp.partition): tp for tp in todo}
+            c.assign(list(tps))
+            starts = {atp: max(0, todo[tp] - window) for atp, tp in tps.items()}
+            for atp, start in starts.items():
+                c.seek(atp, start)
+            last = {atp: -1 for atp in tps}
+            while asyncio.get_running_loop().time() < deadline:
+                behind = [atp for atp in tps if await c.position(atp) < todo[tps[atp]]]
+                if not behind:
+                    break
+                for atp, records in (await c.getmany(*behind, timeout_ms=200)).items():
+                    below = [r.offset for r in records if r.offset < todo[tps[atp]]]
+                    if below:
+                        last[atp] = max(last[atp], *below)
+            else:
+                break
+            for atp, tp in tps.items():
+                if last[atp] >= 0 or starts[atp] == 0:  # found, or read from the log's start
+                    out[tp] = last[atp]
+                    del todo[tp]
+            window *= 16
+    finally:
+        try:
+            await c.stop()
+        except asyncio.CancelledError:  # aiokafka's stop can raise its own task's cancellation
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+    return out
+
+
+def recover_transactions(app: Any, bootstrap: str) -> None:
+    """Let Faust's recovery finish changelog partitions that end in a transaction's marker.
+
+    Faust's recovery reads a changelog partition until it has applied the record at the log's last
+    offset, and a transaction's commit marker never arrives. So its highwaters are corrected to the
+    last committed record (:func:`last_records`), and the table stores record that offset after
+    each checkpoint (``streams/outbox.py``). If that read fails, Faust's own rule for its
+    exactly-once mode still ends the recovery: two idle 5 s polls, then a consumer position past
+    the end counts as done (:class:`_RecoveryView`)."""
+    recovery = app.tables.recovery
+    recovery.app = _RecoveryView(app)
+    build = recovery._build_highwaters
+
+    async def build_highwaters(consumer: Any, tps: Any, destination: Any, title: str) -> None:
+        await build(consumer, tps, destination, title)
+        ends = {tp: destination[tp] + 1 for tp in tps if destination.get(tp, -1) >= 0}
+        try:
+            found = await last_records(bootstrap, ends)
+        except Exception as exc:  # the idle polls above still end the recovery, 10 s later
+            log.warning("could not read the last committed changelog records: %r", exc)
+            return
+        moved = {tp: off for tp, off in found.items() if off != destination[tp]}
+        for tp, off in moved.items():  # a Counter: update() would add
+            destination[tp] = off
+        if moved:
+            log.info("%s changelog highwaters moved to their last committed record: %s", title, moved)
+
+    recovery._build_highwaters = build_highwaters
 
 
 def install() -> None:

@@ -222,12 +222,7 @@ class Outbox:
             for topic, key, value in self.late:
                 topic.send_soon(key=key, value=value)
             self.late.clear()
-        self.checkpoint_at = time.monotonic()
-        if rows and self.observe is not None:
-            self.observe(time.perf_counter() - started, rows)
-        done, self._after = self._after, []
-        for fn in done:
-            fn()
+        self._checkpointed(started, rows)
 
     async def _release_in_transaction(self) -> None:
         """An exactly-once checkpoint: outputs, changelog messages of the rows and watermarks,
@@ -263,6 +258,10 @@ class Outbox:
         self._write_local(self.writes, written)
         self._write_local(self.last, written)
         self._keys.clear()
+        self._checkpointed(started, rows)
+
+    def _checkpointed(self, started: float, rows: int) -> None:
+        """A checkpoint is written: the interval starts again, the metrics, what waited for it."""
         self.checkpoint_at = time.monotonic()
         if rows and self.observe is not None:
             self.observe(time.perf_counter() - started, rows)
@@ -286,9 +285,8 @@ class Outbox:
         self, writes: dict[tuple[int, Any], tuple[Any, Any, Any]], written: dict[tuple[str, int], int]
     ) -> None:
         """Committed writes to each table's local store (no changelog message: the transaction
-        carried it), and the changelog offset the store now holds, as Faust records it: the
-        transaction's commit marker, so a restart on this disk has nothing to read up to it (Faust's
-        recovery counts a marker as a record still to come: ``streams.faust_fixes``)."""
+        carried it), and the changelog offset the store now holds, as Faust records it (its
+        recovery is told where a transactional changelog's last record is: ``streams.faust_fixes``)."""
         tables: dict[int, Any] = {}
         for (_, key), (table, event, value) in writes.items():
             tables[id(table)] = table
@@ -304,8 +302,8 @@ class Outbox:
         for table in tables.values():
             name = table.changelog_topic.get_topic_name()
             for (topic, partition), offset in written.items():
-                if topic == name:  # + 1: the commit marker after it (the partition has one writer)
-                    table.data.set_persisted_offset(TP(topic, partition), offset + 1)
+                if topic == name:
+                    table.data.set_persisted_offset(TP(topic, partition), offset)
         writes.clear()
 
     def _write(self, writes: dict[tuple[int, Any], tuple[Any, Any, Any]]) -> None:
