@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     from streams.transactions import Message, Transactions
 
 DELETE = object()  # a held write that removes the key
+Output = tuple[Any, bytes | None, bytes, list[tuple[str, bytes]] | None]  # (topic, key, value, headers)
 
 
 BATCH_HEADER = "propstream.batch_ms"  # wall ms the worker began the batch that made the output
@@ -91,11 +92,11 @@ class Outbox:
         self.offsets: dict[Any, int] = {}  # exactly-once: source offsets the next transaction commits
         self._commit: asyncio.Future[dict[tuple[str, int], int]] | None = None
         self.broken: str | None = None  # exactly-once: why no checkpoint may be written any more
-        self.stamped: list[tuple[Any, bytes | None, bytes, list[tuple[str, bytes]] | None]] = []
+        self.stamped: list[Output] = []  # exactly-once: outputs with their timing headers, held
         self.push = push or _nothing  # has the producer hand what was sent to the Kafka client now
         self.observe = observe  # (seconds, rows) of each checkpoint that wrote rows, for the metrics
         # (topic, key, value, headers): before the rows; headers None: the timing headers
-        self.early: list[tuple[Any, bytes | None, bytes, list[tuple[str, bytes]] | None]] = []
+        self.early: list[Output] = []
         self.late: list[tuple[Any, bytes, bytes]] = []  # after the rows
         self.writes: dict[tuple[int, Any], tuple[Any, Any, Any]] = {}  # (table, key) -> (table, event, value)
         self.last: dict[tuple[int, Any], tuple[Any, Any, Any]] = {}  # written once the writes are durable
@@ -186,15 +187,15 @@ class Outbox:
         """Hand the outputs held so far to the producer; :meth:`send_outputs` waits for them.
         Exactly-once: they are only stamped with the batch's timing headers (the send stage then
         shows the wait for the checkpoint); they leave in the checkpoint's transaction."""
-        if self.early and self.txn is not None:
-            timing = timing_headers(self.started_ms)
+        if not self.early:
+            return
+        timing = timing_headers(self.started_ms)
+        if self.txn is not None:
             self.stamped.extend((t, k, v, timing if h is None else h) for t, k, v, h in self.early)
-            self.early.clear()
-        if self.early:
-            timing = timing_headers(self.started_ms)
+        else:
             for topic, k, v, h in self.early:
                 self.inflight.append(topic.send_soon(key=k, value=v, headers=timing if h is None else h))
-            self.early.clear()
+        self.early.clear()
 
     async def send_outputs(self) -> None:
         """Step 1 for the batch just processed: its outputs leave now; the next checkpoint waits

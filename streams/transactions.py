@@ -37,7 +37,6 @@ class Transactions:
         self.transactional_id = transactional_id
         self.group_id = group_id
         self.producer: AIOKafkaProducer | None = None
-        self.committed = 0  # transactions committed (the bench and tests read it)
 
     async def start(self) -> AIOKafkaProducer:
         if self.producer is None:
@@ -85,7 +84,6 @@ class Transactions:
                 with contextlib.suppress(Exception):  # fenced or unreachable: the broker aborts it in time
                     await producer.abort_transaction()
             raise
-        self.committed += 1
         last: dict[tuple[str, int], int] = {}
         for meta in results:
             key = (meta.topic, meta.partition)

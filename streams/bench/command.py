@@ -23,7 +23,7 @@ from typing import Any
 import click
 
 from streams.bench import phases
-from streams.bench.proc import Proc
+from streams.bench.proc import Proc, time_to_ready
 from streams.bench.stats import fmt, machine, profile_top, table
 from streams.cli_common import DURATION_HELP, Duration, stop_broker_after
 from streams.settings import Settings
@@ -68,15 +68,6 @@ def settings_of(env: dict[str, str]) -> Settings:
 
 def worker(env: dict[str, str], tmp: Path, name: str) -> Proc:
     return Proc(env, tmp / name, tmp / f"{name}.log", ("-m", "streams.cli", "worker"))
-
-
-def time_to_ready(w: Proc) -> float:
-    """Seconds from starting ``w`` until it is ready (tables restored, partitions assigned)."""
-    w.start()
-    try:
-        return w.wait_ready()
-    finally:
-        w.stop()
 
 
 def pipeline(

@@ -13,12 +13,13 @@ N users comes due during it: the figure is the cost of an event, not of a wave o
 
 from __future__ import annotations
 
+import functools
 import random
 import time
 from collections.abc import Callable, Iterator
 
 from streams.bench.phases import live_events, preload
-from streams.bench.proc import Proc, wait_until
+from streams.bench.proc import Proc, time_to_ready, wait_until
 from streams.settings import Settings
 
 Say = Callable[[str], None]
@@ -65,7 +66,7 @@ def measure_size(
     w.start()
     try:
         w.wait_ready()
-        consumed = lambda: w.metric("propstream_events_consumed_total")  # noqa: E731
+        consumed = functools.partial(w.metric, "propstream_events_consumed_total")
         t0, cpu0 = time.perf_counter(), w.cpu_s()
         last = time.monotonic()
 
@@ -78,7 +79,7 @@ def measure_size(
             return n >= users
 
         # filled: every user's row written by a checkpoint (the one after the last event included)
-        rows = lambda: w.metric("propstream_checkpoint_rows_total")  # noqa: E731
+        rows = functools.partial(w.metric, "propstream_checkpoint_rows_total")
         wait_until(lambda: filled() and rows() >= users, 3600, every_s=0.5, what=f"{users:,} users filled")
         fill_cpu, fill_s = w.cpu_s() - cpu0, time.perf_counter() - t0
         cpu1, rows1 = w.cpu_s(), rows()
@@ -93,12 +94,7 @@ def measure_size(
         rss = w.rss_mb()
     finally:
         w.stop()
-    fresh = make_worker("restored")
-    fresh.start()
-    try:
-        recovery_s = fresh.wait_ready()
-    finally:
-        fresh.stop()
+    recovery_s = time_to_ready(make_worker("restored"))
     row = {
         "users": float(users),
         "events": float(events),

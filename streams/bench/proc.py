@@ -127,3 +127,12 @@ class Proc:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def time_to_ready(w: Proc) -> float:
+    """Seconds from starting ``w`` until it is ready (tables restored, partitions assigned)."""
+    w.start()
+    try:
+        return w.wait_ready()
+    finally:
+        w.stop()

@@ -16,7 +16,7 @@ import pytest
 from faust.streams import _current_event
 from faust.types import TP
 
-from streams.outbox import DELETE, Outbox
+from streams.outbox import BATCH_HEADER, DELETE, SENT_HEADER, Outbox
 
 
 class FakeTransactions:
@@ -39,8 +39,9 @@ class Store(dict[Any, Any]):
 
     def __setitem__(self, key: Any, value: Any) -> None:
         ref = _current_event.get(None)  # the outbox sets it: the row's partition
-        assert ref is not None, "a local write outside its partition's context"
-        super().__setitem__(key, (ref().message.partition, value))
+        event = ref() if ref is not None else None
+        assert event is not None, "a local write outside its partition's context"
+        super().__setitem__(key, (event.message.partition, value))
 
     def set_persisted_offset(self, tp: TP, offset: int) -> None:
         self.persisted[tp] = offset
@@ -97,19 +98,31 @@ def test_one_transaction_carries_outputs_rows_marks_examples_and_offsets_then_th
             hold(box, rows, b"gone", DELETE, 3),
             hold(box, marks, b"clickstream", b"mark", 2, last=True),
         ]
-        box.send_early(Topic("changes"), b"u1", b"change", [("h", b"1")])
+        box.send_early(Topic("deadletter"), b"u1", b"bad", [("reason", b"x")])  # headers of its own
+        box.send_early(Topic("changes"), b"u1", b"change")
+        box.started_ms = 1_000
+        await box.send_outputs()  # a batch's end: in this mode the outputs wait for the checkpoint
+        box.send_early(Topic("triggers"), b"u1", b"cart")  # the next batch's, without headers
+        box.started_ms = 2_000
+        await box.send_outputs()
+        assert txn.commits == []
         box.send_late(Topic("training"), b"purchase", b"example")
         box.cover({TP("clickstream", 2): 41})
         box.cover({TP("clickstream", 2): 57, TP("cart", 3): 9})
 
-        await box.send_outputs()  # a batch's end: in this mode the outputs wait for the checkpoint
-        assert txn.commits == []
-
         checkpoint = asyncio.ensure_future(box.release())
         await until(lambda: txn.result is not None)
         ((messages, offsets),) = txn.commits
-        assert messages == [
-            ("changes", None, b"u1", b"change", [("h", b"1")]),
+        # each batch's outputs carry that batch's start, stamped when it ended, not the checkpoint's
+        change, trigger = dict(messages[1][4] or ()), dict(messages[2][4] or ())
+        assert (change[BATCH_HEADER], trigger[BATCH_HEADER]) == (b"1000", b"2000")
+        assert int(change[SENT_HEADER]) <= int(trigger[SENT_HEADER])
+        assert [m[:4] for m in messages[1:3]] == [
+            ("changes", None, b"u1", b"change"),
+            ("triggers", None, b"u1", b"cart"),
+        ]
+        assert messages[:1] + messages[3:] == [
+            ("deadletter", None, b"u1", b"bad", [("reason", b"x")]),
             ("app-features-changelog", 2, b"u1", b"row1", None),
             ("app-features-changelog", 3, b"gone", None, None),  # a delete is a tombstone
             ("app-watermarks-changelog", 2, b"clickstream", b"mark", None),
