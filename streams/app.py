@@ -33,6 +33,7 @@ from faust.web.exceptions import WebError
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from models.scoring import ScoringCore
+from streams.checkpoint_producer import CheckpointProducer
 from streams.direct import Committer, DirectIngest, RecordSink
 from streams.erasure import attach_erasure
 from streams.faults import Faults
@@ -50,7 +51,6 @@ from streams.rows import LEDGER, SCORES, PartKV, RowStore, UserRows
 from streams.score_stage import ScoreStage
 from streams.settings import Settings
 from streams.trainer import attach_trainer
-from streams.transactions import Transactions
 from streams.user_api import BAD_AS_OF, Answer, UserAnswers, as_of_query, refused, token_refused
 
 FEATURE_TABLE = "features"
@@ -260,24 +260,26 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
     source = app.topic(*settings.source_topics, key_serializer="raw", value_serializer="raw")
     deadletter = app.topic(settings.topic_deadletter, key_serializer="raw", value_serializer="raw")
 
-    txn = None
-    if settings.processing_guarantee == "exactly_once":  # checkpoints are transactions
-        txn = Transactions(servers, settings.worker_transactional_id(), settings.app_id)
+    # rows, watermarks and examples go out at checkpoints (streams/outbox.py) through the worker's
+    # own producer; exactly-once, each checkpoint is a transaction. Without direct consume a
+    # checkpoint follows every batch.
+    exactly_once = settings.processing_guarantee == "exactly_once"
+    checkpoints = CheckpointProducer(
+        servers, settings.app_id, settings.worker_transactional_id() if exactly_once else None
+    )
+    if exactly_once:
         recover_transactions(app, servers)
-    # with direct consume rows go out at checkpoints (streams/outbox.py); else after every batch
     outbox = Outbox(
+        checkpoints,
         settings.checkpoint_interval_s if settings.direct_consume else 0.0,
         settings.checkpoint_rows,
         push=lambda: drain_buffer(app.producer.buffer),
         observe=metrics.record_checkpoint,
-        txn=txn,
     )
 
     def send_dead_letter(dl: DeadLetter) -> None:  # at the batch's end, with its other outputs
         outbox.send_early(deadletter, dl.record.key, dl.record.value, dl.headers())
 
-    outbox.watch(table)
-    outbox.watch(marks)
     rows = UserRows(FaustKV(table, outbox))
     # The HTTP API's own rows: lookups run on the loop while a batch is processed in its thread
     # (batch_in_thread), and must neither see nor add to the row cache of the partition being
@@ -394,8 +396,7 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
                 faults.failed("tick", exc)
             try:
                 await outbox.send_outputs()
-                if outbox.due():
-                    await outbox.release()
+                await outbox.checkpoint()
             except Exception as exc:  # the rows or outputs of a checkpoint could not be written
                 stop_unacked(exc, [])
 
@@ -422,9 +423,8 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
                     await committer.drain()
         except Exception as exc:  # the next owner reads the uncommitted records again
             faults.failed("checkpoint", exc)
-        if txn is not None:
-            with contextlib.suppress(Exception):  # an open transaction is aborted by the broker in time
-                await txn.stop()
+        with contextlib.suppress(Exception):  # an open transaction is aborted by the broker in time
+            await checkpoints.stop()
         await stop_consumer()
 
     app._stop_consumer = checkpoint_then_stop_consumer  # type: ignore[method-assign]

@@ -255,10 +255,8 @@ class DirectIngest:
         if outbox.transactional:  # committed in the checkpoint's transaction, with all it wrote
             outbox.cover(offsets)
         else:  # committed once a checkpoint has its rows, outputs and watermarks acknowledged
-            # (Faust's commit flushes the producer first: the training examples)
             outbox.after(functools.partial(self.committer.add, offsets))
-        try:  # no wait for the outputs' acknowledgement: the checkpoint waits for it
-            if outbox.due():
-                await outbox.release()
+        try:  # a checkpoint begins in the background when one is due; the next batch goes on
+            await outbox.checkpoint()
         except BaseException as exc:
             self.stop(exc, part)

@@ -309,7 +309,7 @@ def _create_worker_consumer(self: Any, transport: Any) -> Any:
             msg = "aiokafka's consumer has no _fetch_max_wait_ms: update streams.faust_fixes"
             raise RuntimeError(msg)
         consumer._fetch_max_wait_ms = max(1, round(wait_s * 1000))
-    # Exactly-once checkpoints are transactions (streams/transactions.py): recovery, the trainer and
+    # Exactly-once checkpoints are transactions (streams/checkpoint_producer.py): recovery, the trainer and
     # the sources read committed records only. Without transactions this changes nothing.
     consumer._isolation_level = "read_committed"
     return consumer

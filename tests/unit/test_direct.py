@@ -195,7 +195,7 @@ def test_batches_are_committed_only_by_the_checkpoint_after_them_and_a_failed_on
     async def run(interval_s: float) -> None:
         log.clear()
         sink = RecordSink([SRC], limit=100)
-        outbox = Outbox(interval_s=interval_s)
+        outbox = Outbox(SimpleNamespace(transactional=False), interval_s=interval_s)  # type: ignore[arg-type]  # writes no row
         committer = Committer(commit, lambda exc: log.append(("failed", exc)))
         ingest = DirectIngest(
             sink, outbox, committer, process, lambda: 3, lambda n: log.append(("stale", n)), stop, 10

@@ -1,8 +1,10 @@
-"""The outbox releases a batch in the order that loses no trigger and doubles no example.
+"""The outbox writes a checkpoint in the one order that loses no trigger and doubles no example, in the
+background, and the local disk only ever follows what the broker acknowledged.
 
-Fake topics and tables record into one log and hand out futures the test resolves itself, so the
-test sees what was sent, written and awaited, and when (the broker is the integration tests' job:
-``test_timers.py`` and ``test_crash_safety.py`` kill real workers around this order).
+A fake checkpoint producer records what each checkpoint sends and hands out a future per call that
+the test resolves, so the test sees what was sent, written to the local store and run, and when.
+The broker is the integration tests' job: ``test_crash_safety.py`` and ``test_timers.py`` kill real
+workers around this order, in both guarantees.
 """
 
 from __future__ import annotations
@@ -15,58 +17,95 @@ from typing import Any
 
 import pytest
 from faust.streams import _current_event
+from faust.types import TP
 
-from streams.outbox import DELETE, Outbox, drain_buffer
+from streams.outbox import BATCH_HEADER, DELETE, SENT_HEADER, Outbox, drain_buffer
+
+ROWS, MARKS = "app-features-changelog", "app-watermarks-changelog"
 
 
-class Log:
+class FakeProducer:
+    """A :class:`streams.checkpoint_producer.CheckpointProducer` whose calls wait for the test."""
+
+    def __init__(self, transactional: bool = False) -> None:
+        self.transactional = transactional
+        self.calls: list[tuple[str, list[Any], dict[Any, int]]] = []
+        self.pending: list[asyncio.Future[dict[tuple[str, int], int]]] = []
+        self.offsets: dict[tuple[str, int], int] = {}  # the next offset of each topic partition
+
+    async def send(self, messages: list[Any]) -> dict[tuple[str, int], int]:
+        return await self._call("send", messages, {})
+
+    async def commit(self, messages: list[Any], offsets: dict[Any, int]) -> dict[tuple[str, int], int]:
+        return await self._call("commit", messages, offsets)
+
+    async def _call(self, kind: str, messages: list[Any], offsets: dict[Any, int]) -> Any:
+        self.calls.append((kind, list(messages), dict(offsets)))
+        fut: asyncio.Future[dict[tuple[str, int], int]] = asyncio.get_running_loop().create_future()
+        self.pending.append(fut)
+        return await fut
+
+    def ack(self) -> None:
+        """The broker writes the oldest waiting call: offsets as a log would give them."""
+        fut = self.pending.pop(0)
+        messages = self.calls[len(self.calls) - len(self.pending) - 1][1]
+        last: dict[tuple[str, int], int] = {}
+        for topic, partition, *_ in messages:
+            tp = (topic, partition or 0)
+            last[tp] = self.offsets.get(tp, 0)
+            self.offsets[tp] = last[tp] + 1
+        fut.set_result(last)
+
+    def sent(self) -> list[list[tuple[Any, ...]]]:
+        """(topic, partition, key, value) of each call's messages, call by call."""
+        return [[m[:4] for m in messages] for _, messages, _ in self.calls]
+
+
+class Store(dict[Any, Any]):
+    """A table's local store: a write lands in the partition of the current event."""
+
     def __init__(self) -> None:
-        self.entries: list[tuple[str, Any]] = []
-        self.futures: list[asyncio.Future[None]] = []
-
-    def future(self) -> asyncio.Future[None]:
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.futures.append(fut)
-        return fut
-
-    def ack_all(self) -> None:
-        for fut in self.futures:
-            if not fut.done():
-                fut.set_result(None)
-
-
-class FakeTopic:
-    def __init__(self, name: str, log: Log) -> None:
-        self.name, self.log = name, log
-
-    def send_soon(
-        self, key: bytes, value: bytes, headers: list[tuple[str, bytes]] | None = None
-    ) -> asyncio.Future[None]:
-        self.log.entries.append((f"send {self.name}", key))
-        self.headers = headers
-        return self.log.future()
-
-
-class FakeTable(dict[Any, Any]):
-    """A dict whose writes send a 'changelog' message, as a Faust table does."""
-
-    def __init__(self, log: Log) -> None:
         super().__init__()
-        self.log = log
-
-    def send_changelog(self, key: Any) -> asyncio.Future[None]:
-        return self.log.future()
+        self.persisted: dict[TP, int] = {}
 
     def __setitem__(self, key: Any, value: Any) -> None:
-        ref = _current_event.get(None)
-        self.log.entries.append(("write", (key, ref() if ref else None)))
-        super().__setitem__(key, value)
-        self.send_changelog(key)
+        ref = _current_event.get(None)  # the outbox sets it: the row's partition
+        event = ref() if ref is not None else None
+        assert event is not None, "a local write outside its partition's context"
+        super().__setitem__(key, (event.message.partition, value))
 
-    def pop(self, key: Any, default: Any = None) -> Any:
-        self.log.entries.append(("delete", key))
-        self.send_changelog(key)
-        return super().pop(key, default)
+    def set_persisted_offset(self, tp: TP, offset: int) -> None:
+        self.persisted[tp] = offset
+
+
+class Table:
+    def __init__(self, changelog: str) -> None:
+        self.data = Store()
+        self.changelog_topic = SimpleNamespace(get_topic_name=lambda: changelog)
+
+
+class Topic:
+    """An output topic: at-least-once, its sends are Faust's ``send_soon`` futures."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.sends: list[tuple[bytes | None, bytes, Any, asyncio.Future[None]]] = []
+
+    def get_topic_name(self) -> str:
+        return self.name
+
+    def send_soon(self, key: bytes | None, value: bytes, headers: Any = None) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.sends.append((key, value, headers, fut))
+        return fut
+
+    def ack(self, error: BaseException | None = None) -> None:
+        for *_, fut in self.sends:
+            if not fut.done():
+                if error is None:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(error)
 
 
 class Event:
@@ -76,280 +115,309 @@ class Event:
         self.message = SimpleNamespace(partition=partition)
 
 
-def in_partition(event: Event) -> Any:
-    return _current_event.set(weakref.ref(event))  # type: ignore[arg-type]  # faust wants an EventT
-
-
-def one_row(early: str) -> tuple[Log, FakeTable, Outbox, Event]:
-    """An outbox holding one row write (u1) and one early output to the topic named ``early``."""
-    log = Log()
-    table = FakeTable(log)
-    box = Outbox()
-    box.watch(table)
-    ev = Event()  # held: the context keeps a weak reference only
-    token = in_partition(ev)
-    box.write(table, "u1", b"row")
-    _current_event.reset(token)
-    box.send_early(FakeTopic(early, log), b"u1", b"x")
-    return log, table, box, ev
-
-
-async def settle() -> None:
-    for _ in range(5):
-        await asyncio.sleep(0)
-
-
-def test_triggers_are_acknowledged_before_rows_and_rows_before_examples() -> None:
-    async def run() -> None:
-        log = Log()
-        table = FakeTable(log)
-        box = Outbox()
-        box.watch(table)
-        triggers, training = FakeTopic("triggers", log), FakeTopic("training", log)
-        ev = Event()
-        token = in_partition(ev)
-        box.write(table, "u1", b"row")
-        box.write(table, "u2", DELETE)
+def hold(box: Outbox, table: Table, key: str, value: Any, ev: Event, *, last: bool = False) -> None:
+    token = _current_event.set(weakref.ref(ev))  # type: ignore[arg-type]  # faust wants an EventT
+    try:
+        box.write(table, key, value, last=last)
+    finally:
         _current_event.reset(token)
+
+
+async def until(cond: Any, what: str) -> None:
+    for _ in range(100):
+        if cond():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"never: {what}")
+
+
+def test_a_checkpoint_waits_for_outputs_then_rows_then_marks_then_examples_and_the_disk_comes_last() -> None:
+    async def run() -> None:
+        producer = FakeProducer()
+        box = Outbox(producer)  # type: ignore[arg-type]  # the fake has what is used
+        rows, marks = Table(ROWS), Table(MARKS)
+        p2, p3 = Event(2), Event(3)
+        dict.__setitem__(rows.data, "gone", (3, b"old"))  # stored before this checkpoint
+        hold(box, rows, "u1", b"row", p2)
+        hold(box, rows, "gone", DELETE, p3)
+        hold(box, marks, "clickstream|2", b"42", p2, last=True)
+        triggers, training = Topic("triggers"), Topic("training")
         box.send_early(triggers, b"u1", b"t")
         box.send_late(training, b"purchase", b"x")
-        assert box.get(table, "u1") == (True, b"row")  # held writes are read through
-        assert box.get(table, "u2") == (True, None)
-        assert box.get(table, "u3") == (False, None)
+        done: list[str] = []
+        box.after(lambda: done.append("commit"))
+        assert box.get(rows, "u1") == (True, b"row") and box.get(rows, "gone") == (True, None)
+        assert box.get(rows, "u3") == (False, None)
 
         task = asyncio.ensure_future(box.release())
-        await settle()
-        assert log.entries == [("send triggers", b"u1")], "nothing written before the trigger is acked"
-        log.ack_all()
-        await settle()
-        assert log.entries[1:] == [("write", ("u1", ev)), ("delete", "u2")]  # in the event's partition
-        assert not task.done(), "examples wait for the rows' changelog messages"
-        log.ack_all()
-        await task
-        assert log.entries[-1] == ("send training", b"purchase")
-        assert table == {"u1": b"row"}
-        assert box.get(table, "u1") == (False, None)
+        await until(lambda: triggers.sends, "the trigger sent")
+        await asyncio.sleep(0)
+        assert producer.calls == [], "a row sent before the trigger it records was acknowledged"
+        triggers.ack()
+        await until(lambda: producer.calls, "the rows sent")
+        assert producer.sent() == [[(ROWS, 2, b"u1", b"row"), (ROWS, 3, b"gone", None)]]  # a tombstone
+        producer.ack()
+        await until(lambda: len(producer.calls) == 2, "the watermark sent")
+        assert producer.sent()[1] == [(MARKS, 2, b"clickstream|2", b"42")]
+        producer.ack()
+        await until(lambda: len(producer.calls) == 3, "the example sent")
+        assert producer.sent()[2] == [("training", None, b"purchase", b"x")]
+        # in flight: the disk holds nothing of it, reads go through the rows in flight
+        assert rows.data == {"gone": (3, b"old")} and marks.data == {} and done == []
+        assert box.get(rows, "u1") == (True, b"row") and box.get(rows, "gone") == (True, None)
+        producer.ack()
+        await asyncio.wait_for(task, 1.0)
+        assert rows.data == {"u1": (2, b"row")} and marks.data == {"clickstream|2": (2, b"42")}
+        # the store records the changelog offset it now holds, per partition, as Faust does
+        assert rows.data.persisted == {TP(ROWS, 2): 0, TP(ROWS, 3): 0}
+        assert marks.data.persisted == {TP(MARKS, 2): 0}
+        assert done == ["commit"]
+        assert box.get(rows, "u1") == (False, None), "still held after the disk has it"
 
     asyncio.run(run())
 
 
-def test_a_cancelled_release_finishes_when_called_again_and_cancels_no_send() -> None:
+def test_the_next_batches_run_while_a_checkpoint_is_in_flight_and_the_next_checkpoint_waits_for_it() -> None:
+    """A due checkpoint begins in the background; the batches after it read its rows, hold newer
+    ones, send their outputs and queue their commits for the next checkpoint, which begins only
+    once the one in flight is written (or at once waits for it, when the rows reach the bound)."""
+
     async def run() -> None:
-        log, table, box, _ = one_row("changes")
-        task = asyncio.ensure_future(box.release())
-        await settle()
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        assert not any(f.cancelled() for f in log.futures), "a send was cancelled with the release"
-        assert [e for e, _ in log.entries] == ["send changes"]
-        again = asyncio.ensure_future(box.release())
-        await settle()
-        assert [e for e, _ in log.entries] == ["send changes"], "not resent, still awaited"
-        log.ack_all()
-        await settle()
-        log.ack_all()  # the row's changelog message, sent by the second release
-        await again
-        assert [e for e, _ in log.entries] == ["send changes", "write"]
-        assert table == {"u1": b"row"}
+        producer = FakeProducer()
+        box = Outbox(producer, interval_s=0.0, max_rows=3)  # type: ignore[arg-type]
+        rows = Table(ROWS)
+        changes = Topic("changes")
+        ev = Event(0)
+        done: list[int] = []
+
+        async def batch(n: int, *users: str) -> None:
+            for u in users:
+                hold(box, rows, u, f"{u}@{n}".encode(), ev)
+            box.send_early(changes, users[0].encode(), f"change {n}".encode())
+            box.after(lambda: done.append(n))
+            await box.send_outputs()
+            await asyncio.wait_for(box.checkpoint(), 1.0)  # never waits for the broker here
+
+        await batch(1, "u1", "u2")
+        changes.ack()
+        await until(lambda: producer.calls, "checkpoint 1 sent its rows")
+        await batch(2, "u1")  # while checkpoint 1 is in flight
+        assert len(changes.sends) == 2, "the batch's outputs waited for the checkpoint"
+        assert len(producer.calls) == 1, "a second checkpoint began while one was in flight"
+        assert box.get(rows, "u1") == (True, b"u1@2") and box.get(rows, "u2") == (True, b"u2@1")
+        assert box.held_keys(rows, 0) == [("u1", b"u1@2"), ("u2", b"u2@1")]
+        assert box.held_keys(rows, 0, after="u1") == [("u2", b"u2@1")]
+        producer.ack()  # checkpoint 1 written
+        await until(lambda: done == [1], "checkpoint 1's commit")
+        assert rows.data == {"u1": (0, b"u1@1"), "u2": (0, b"u2@1")}
+        assert box.get(rows, "u1") == (True, b"u1@2"), "the held newer row lost to the written older one"
+
+        await batch(3, "u3", "u4")  # three rows held: checkpoint 2 begins now
+        await asyncio.sleep(0)
+        assert len(producer.calls) == 1, "rows sent before the outputs they record were acknowledged"
+        changes.ack()
+        await until(lambda: len(producer.calls) == 2, "checkpoint 2 sent its rows")
+        assert done == [1]
+        assert producer.sent()[1] == [
+            (ROWS, 0, b"u1", b"u1@2"),
+            (ROWS, 0, b"u3", b"u3@3"),
+            (ROWS, 0, b"u4", b"u4@3"),
+        ]
+        hold(box, rows, "u5", b"u5@4", ev)
+        hold(box, rows, "u6", b"u6@4", ev)
+        hold(box, rows, "u7", b"u7@4", ev)
+        full = asyncio.ensure_future(box.checkpoint())  # at the bound: waits for checkpoint 2
+        await asyncio.sleep(0)
+        assert not full.done() and len(producer.calls) == 2
+        changes.ack()
+        producer.ack()
+        await asyncio.wait_for(full, 1.0)
+        assert done == [1, 2, 3]
+        await until(lambda: len(producer.calls) == 3, "checkpoint 3 sent its rows")
+        assert [m[2] for m in producer.calls[2][1]] == [b"u5", b"u6", b"u7"]
 
     asyncio.run(run())
 
 
-def test_a_failed_send_raises_and_writes_nothing() -> None:
+@pytest.mark.parametrize("fails", ["output", "rows", "cancelled release"])
+def test_a_checkpoint_that_fails_writes_nothing_to_disk_commits_nothing_and_stops_later_ones(
+    fails: str,
+) -> None:
     async def run() -> None:
-        log, table, box, _ = one_row("triggers")
+        producer = FakeProducer()
+        box = Outbox(producer)  # type: ignore[arg-type]
+        rows = Table(ROWS)
+        hold(box, rows, "u1", b"row", Event(0))
+        changes = Topic("changes")
+        box.send_early(changes, b"u1", b"x")
+        done: list[int] = []
+        box.after(lambda: done.append(1))
         task = asyncio.ensure_future(box.release())
-        await settle()
-        log.futures[0].set_exception(OSError("broker gone"))
-        with pytest.raises(OSError, match="broker gone"):
-            await task
-        assert table == {}
+        await until(lambda: changes.sends, "the output sent")
+        if fails == "output":
+            changes.ack(RuntimeError("broker gone"))
+            with pytest.raises(RuntimeError, match="broker gone"):
+                await task
+            assert producer.calls == [], "a row sent after its output was lost"
+        elif fails == "rows":
+            changes.ack()
+            await until(lambda: producer.pending, "the rows sent")
+            producer.pending[0].set_exception(RuntimeError("fenced"))
+            with pytest.raises(RuntimeError, match="fenced"):
+                await task
+        else:  # a stop cancels the release: the checkpoint itself runs on and finishes
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert not changes.sends[0][3].cancelled(), "a send was cancelled with the release"
+            changes.ack()
+            await until(lambda: producer.pending, "the rows sent")
+            producer.ack()
+            await asyncio.wait_for(box.release(), 1.0)  # called again: waits for it, then nothing more
+            assert rows.data == {"u1": (0, b"row")} and done == [1]
+            assert len(producer.calls) == 1
+            return
+        assert rows.data == {} and done == [], "the disk or the commit ran ahead of the broker"
+        with pytest.raises(RuntimeError, match="no later checkpoint"):
+            await box.checkpoint()
 
     asyncio.run(run())
 
 
 def test_a_write_outside_a_partition_is_refused() -> None:
-    box = Outbox()
+    box = Outbox(FakeProducer())  # type: ignore[arg-type]
     with pytest.raises(RuntimeError, match="outside any partition"):
-        box.write(FakeTable(Log()), "u1", b"row")
-
-
-def with_mark() -> tuple[Log, FakeTable, Outbox, Event, FakeTable]:
-    """:func:`one_row` plus a held watermark write (``src|0``) to a second table."""
-    log, table, box, ev = one_row("changes")
-    marks = FakeTable(log)
-    box.watch(marks)
-    token = in_partition(ev)
-    box.write(marks, "src|0", b"42", last=True)
-    _current_event.reset(token)
-    return log, table, box, ev, marks
-
-
-def test_watermarks_are_written_only_once_the_rows_are_acknowledged() -> None:
-    async def run() -> None:
-        log, table, box, ev, marks = with_mark()
-        assert box.get(marks, "src|0") == (True, b"42")
-        task = asyncio.ensure_future(box.release())
-        await settle()
-        log.ack_all()  # the change event
-        await settle()
-        assert [e for e, _ in log.entries] == ["send changes", "write"], "the mark waits for the row"
-        log.ack_all()  # the row's changelog message
-        await settle()
-        assert log.entries[-1] == ("write", ("src|0", ev))
-        log.ack_all()  # the watermark's
-        await task
-        assert marks == {"src|0": b"42"} and table == {"u1": b"row"}
-
-    asyncio.run(run())
-
-
-def test_a_release_returns_only_once_its_rows_and_watermarks_are_acknowledged() -> None:
-    """Faust acknowledges the batch, and later commits its offsets, when the release returns: a
-    commit must never cover events whose rows a SIGKILL could still lose."""
-
-    async def run() -> None:
-        log, _table, box, _ev, marks = with_mark()
-        task = asyncio.ensure_future(box.release())
-        await settle()
-        log.futures[0].set_result(None)  # the change event
-        await settle()
-        log.futures[1].set_result(None)  # the row's changelog message
-        await settle()
-        assert marks == {"src|0": b"42"}
-        assert not task.done(), "returned with the watermark's message unacknowledged"
-        log.ack_all()
-        await task
-
-    asyncio.run(run())
+        box.write(Table(ROWS), "u1", b"row")
 
 
 def test_outputs_carry_when_their_batch_began_and_when_they_were_sent() -> None:
     """The timing headers the bench splits latency by: batch start as the caller set it, then a send
-    time taken at the release (read against the wall clock around it)."""
+    time taken when the batch's outputs were handed over (read against the wall clock around it)."""
 
     async def run() -> None:
-        log = Log()
-        box = Outbox()
-        topic = FakeTopic("changes", log)
+        box = Outbox(FakeProducer(), interval_s=3600.0)  # type: ignore[arg-type]
+        topic = Topic("changes")
         box.started_ms = 1_700_000_000_123
         box.send_early(topic, b"u1", b"x")
+        box.send_early(topic, b"u1", b"dead letter", [("reason", b"x")])  # headers of its own
         before = int(time.time() * 1000)
-        task = asyncio.ensure_future(box.release())
-        await settle()
+        await box.send_outputs()
         after = int(time.time() * 1000)
-        log.ack_all()
-        await task
-        headers = dict(topic.headers or [])
-        assert headers["propstream.batch_ms"] == b"1700000000123"
-        assert before <= int(headers["propstream.sent_ms"]) <= after
-
-    asyncio.run(run())
-
-
-def test_outputs_leave_after_each_batch_and_rows_once_per_checkpoint_before_what_waits_for_it() -> None:
-    """Direct consume: a batch's outputs are sent when it ends, without waiting for the broker; its
-    rows stay held (read through by the next batch) until the checkpoint writes each row once
-    after every output is acknowledged, the watermarks after the rows are, and only then runs what
-    waits for it (the commit)."""
-
-    async def run() -> None:
-        log = Log()
-        table, marks = FakeTable(log), FakeTable(log)
-        box = Outbox(interval_s=3600.0)
-        box.watch(table)
-        box.watch(marks)
-        changes = FakeTopic("changes", log)
-        done: list[int] = []
-        ev = Event()
-
-        async def batch(n: int, value: bytes) -> None:
-            token = in_partition(ev)
-            box.write(table, "u1", value)
-            box.write(marks, "m", n, last=True)
-            _current_event.reset(token)
-            box.send_early(changes, b"u1", value)
-            box.after(lambda: done.append(n))
-            await asyncio.wait_for(box.send_outputs(), 1.0)  # not held up by the broker
-            assert log.entries[-1] == ("send changes", b"u1")
-            assert not box.due()
-
-        await batch(1, b"one")
-        assert box.get(table, "u1") == (True, b"one") and "u1" not in table
-        await batch(2, b"two")
-        assert box.get(table, "u1") == (True, b"two"), "the newer batch's row is not the one held"
-        assert done == [] and "u1" not in table and "m" not in marks
-        checkpoint = asyncio.ensure_future(box.release())
-        await settle()
-        assert "u1" not in table, "a row written before the outputs it records were acknowledged"
-        log.ack_all()  # the two change events
-        await settle()
-        assert table.get("u1") == b"two" and "m" not in marks, "a watermark before its rows"
-        log.ack_all()
-        await settle()
-        assert marks.get("m") == 2 and done == [], "the commit ran before the watermarks were acknowledged"
-        log.ack_all()
-        await asyncio.wait_for(checkpoint, 1.0)
-        assert done == [1, 2]
-        assert [e for e in log.entries if e[0] == "write"] == [("write", ("u1", ev)), ("write", ("m", ev))]
-        assert [e[0] for e in log.entries].count("send changes") == 2
+        headers = dict(topic.sends[0][2] or [])
+        assert headers[BATCH_HEADER] == b"1700000000123"
+        assert before <= int(headers[SENT_HEADER]) <= after
+        assert topic.sends[1][2] == [("reason", b"x")]
 
     asyncio.run(run())
 
 
 def test_a_checkpoint_is_due_after_the_interval_or_at_the_row_bound() -> None:
-    box = Outbox(interval_s=3600.0, max_rows=2)
-    ev = Event()
-    token = in_partition(ev)
-    table = FakeTable(Log())
+    box = Outbox(FakeProducer(), interval_s=3600.0, max_rows=2)  # type: ignore[arg-type]
+    table, ev = Table(ROWS), Event()
     assert not box.due()
-    box.write(table, "u1", b"x")
+    hold(box, table, "u1", b"x", ev)
     assert not box.due()
-    box.write(table, "u2", b"x")
-    _current_event.reset(token)
+    hold(box, table, "u2", b"x", ev)
     assert box.due(), "two rows held at a bound of two"
-    assert Outbox().due(), "no interval: a checkpoint after every batch"
+    assert Outbox(FakeProducer()).due(), "no interval: a checkpoint after every batch"  # type: ignore[arg-type]
 
 
-def test_a_failed_output_stops_the_checkpoint_before_any_row_and_commits_nothing() -> None:
+def test_held_keys_come_in_key_order_per_partition_and_leave_with_the_checkpoint() -> None:
     async def run() -> None:
-        log, table, box, _ = one_row("changes")
-        done: list[int] = []
-        box.after(lambda: done.append(1))
-        checkpoint = asyncio.ensure_future(box.release())
-        await settle()
-        for fut in log.futures:
-            fut.set_exception(RuntimeError("broker gone"))
-        with pytest.raises(RuntimeError, match="broker gone"):
-            await checkpoint
-        assert done == [] and "u1" not in table, "rows written or offsets committed after a lost output"
+        producer = FakeProducer()
+        box = Outbox(producer, interval_s=3600.0)  # type: ignore[arg-type]
+        table = Table(ROWS)
+        p0, p1 = Event(0), Event(1)
+        for key, ev in (("u5", p0), ("u1", p0), ("u9", p1), ("u3", p0), ("u1", p0)):
+            hold(box, table, key, DELETE if key == "u3" else key.encode(), ev)
+        assert box.held_keys(table, 0) == [("u1", b"u1"), ("u3", DELETE), ("u5", b"u5")]
+        assert box.held_keys(table, 0, after="u1") == [("u3", DELETE), ("u5", b"u5")]
+        assert box.held_keys(table, 1) == [("u9", b"u9")] and box.held_keys(table, 2) == []
+        task = asyncio.ensure_future(box.release())
+        await until(lambda: producer.pending, "the rows sent")
+        assert box.held_keys(table, 0) == [("u1", b"u1"), ("u3", DELETE), ("u5", b"u5")], "in flight"
+        producer.ack()
+        await asyncio.wait_for(task, 1.0)
+        assert box.held_keys(table, 0) == [] and box.held_keys(table, 1) == []
+        assert table.data == {"u1": (0, b"u1"), "u5": (0, b"u5"), "u9": (1, b"u9")}
 
     asyncio.run(run())
 
 
-def test_held_keys_come_in_key_order_per_partition_and_leave_with_the_checkpoint() -> None:
-    log = Log()
-    table = FakeTable(log)
-    box = Outbox(interval_s=3600.0)
-    box.watch(table)
-    p0, p1 = Event(0), Event(1)
-    for key, ev in (("u5", p0), ("u1", p0), ("u9", p1), ("u3", p0), ("u1", p0)):
-        token = in_partition(ev)
-        box.write(table, key, DELETE if key == "u3" else key.encode())
-        _current_event.reset(token)
-    assert box.held_keys(table, 0) == [("u1", b"u1"), ("u3", DELETE), ("u5", b"u5")]
-    assert box.held_keys(table, 0, after="u1") == [("u3", DELETE), ("u5", b"u5")]
-    assert box.held_keys(table, 1) == [("u9", b"u9")] and box.held_keys(table, 2) == []
+def test_a_checkpoint_that_writes_rows_reports_how_long_it_took_and_how_many_rows() -> None:
+    async def run() -> None:
+        seen: list[tuple[float, int]] = []
+        producer = FakeProducer()
+        box = Outbox(producer, observe=lambda s, n: seen.append((s, n)))  # type: ignore[arg-type]
+        table, ev = Table(ROWS), Event()
+        for key in ("u1", "u2", "u1"):  # u1 twice: one row
+            hold(box, table, key, b"x", ev)
+        started = time.perf_counter()
+        task = asyncio.ensure_future(box.release())
+        await until(lambda: producer.pending, "the rows sent")
+        assert seen == [], "reported before the rows were acknowledged"
+        producer.ack()
+        await asyncio.wait_for(task, 1.0)
+        took = time.perf_counter() - started
+        assert len(seen) == 1 and seen[0][1] == 2
+        assert 0 < seen[0][0] <= took
+        await asyncio.wait_for(box.release(), 1.0)  # nothing held: not a checkpoint worth a sample
+        assert len(seen) == 1 and len(producer.calls) == 1
 
-    async def checkpoint() -> None:
-        done = asyncio.ensure_future(box.release())
-        await settle()
-        log.ack_all()
-        await asyncio.wait_for(done, 1.0)
+    asyncio.run(run())
 
-    asyncio.run(checkpoint())
-    assert box.held_keys(table, 0) == [] and table == {"u1": b"u1", "u5": b"u5", "u9": b"u9"}
+
+def test_exactly_once_one_transaction_carries_outputs_rows_marks_examples_and_offsets() -> None:
+    async def run() -> None:
+        producer = FakeProducer(transactional=True)
+        box = Outbox(producer, interval_s=3600.0)  # type: ignore[arg-type]
+        rows, marks = Table(ROWS), Table(MARKS)
+        p2, p3 = Event(2), Event(3)
+        dict.__setitem__(rows.data, "gone", (3, b"old"))
+        hold(box, rows, "u1", b"row1", p2)
+        hold(box, rows, "gone", DELETE, p3)
+        hold(box, marks, "clickstream", b"mark", p2, last=True)
+        deadletter, changes, triggers = Topic("deadletter"), Topic("changes"), Topic("triggers")
+        box.send_early(deadletter, b"u1", b"bad", [("reason", b"x")])
+        box.send_early(changes, b"u1", b"change")
+        box.started_ms = 1_000
+        await box.send_outputs()  # a batch's end: in this mode the outputs wait for the checkpoint
+        box.send_early(triggers, b"u1", b"cart")  # the next batch's
+        box.started_ms = 2_000
+        await box.send_outputs()
+        assert producer.calls == [] and not (deadletter.sends or changes.sends or triggers.sends)
+        box.send_late(Topic("training"), b"purchase", b"example")
+        box.cover({TP("clickstream", 2): 41})
+        box.cover({TP("clickstream", 2): 57, TP("cart", 3): 9})
+
+        checkpoint = asyncio.ensure_future(box.release())
+        await until(lambda: producer.pending, "the transaction sent")
+        ((kind, messages, offsets),) = producer.calls
+        assert kind == "commit"
+        # each batch's outputs carry that batch's start, stamped when it ended, not the checkpoint's
+        change, trigger = dict(messages[1][4] or ()), dict(messages[2][4] or ())
+        assert (change[BATCH_HEADER], trigger[BATCH_HEADER]) == (b"1000", b"2000")
+        assert int(change[SENT_HEADER]) <= int(trigger[SENT_HEADER])
+        assert [m[:4] for m in messages] == [
+            ("deadletter", None, b"u1", b"bad"),
+            ("changes", None, b"u1", b"change"),
+            ("triggers", None, b"u1", b"cart"),
+            (ROWS, 2, b"u1", b"row1"),
+            (ROWS, 3, b"gone", None),
+            (MARKS, 2, b"clickstream", b"mark"),
+            ("training", None, b"purchase", b"example"),
+        ]
+        assert messages[0][4] == [("reason", b"x")]
+        assert offsets == {TP("clickstream", 2): 57, TP("cart", 3): 9}
+        assert "u1" not in rows.data and box.get(rows, "u1") == (True, b"row1")
+        producer.ack()
+        await asyncio.wait_for(checkpoint, 1.0)
+        assert rows.data == {"u1": (2, b"row1")} and marks.data == {"clickstream": (2, b"mark")}
+        assert rows.data.persisted == {TP(ROWS, 2): 0, TP(ROWS, 3): 0}
+        await box.release()  # nothing held: no empty transaction
+        assert len(producer.calls) == 1
+
+    asyncio.run(run())
 
 
 def test_drain_buffer_lets_the_buffers_own_task_send_until_its_queue_is_empty() -> None:
@@ -373,32 +441,5 @@ def test_drain_buffer_lets_the_buffers_own_task_send_until_its_queue_is_empty() 
         stuck.pending.put_nowait(0)  # nobody sends (a full client buffer): the drain gives up
         await asyncio.wait_for(drain_buffer(stuck, spins=3), 1.0)
         assert stuck.pending.qsize() == 1
-
-    asyncio.run(run())
-
-
-def test_a_checkpoint_that_writes_rows_reports_how_long_it_held_the_loop_and_how_many_rows() -> None:
-    async def run() -> None:
-        seen: list[tuple[float, int]] = []
-        log = Log()
-        table = FakeTable(log)
-        box = Outbox(observe=lambda s, n: seen.append((s, n)))
-        box.watch(table)
-        ev = Event()
-        token = in_partition(ev)
-        for key in ("u1", "u2", "u1"):  # u1 twice: one row
-            box.write(table, key, b"x")
-        _current_event.reset(token)
-        started = time.perf_counter()
-        task = asyncio.ensure_future(box.release())
-        await settle()
-        assert seen == [], "reported before the rows were acknowledged"
-        log.ack_all()
-        await asyncio.wait_for(task, 1.0)
-        took = time.perf_counter() - started
-        assert len(seen) == 1 and seen[0][1] == 2
-        assert 0 < seen[0][0] <= took
-        await asyncio.wait_for(box.release(), 1.0)  # nothing held: not a checkpoint worth a sample
-        assert len(seen) == 1
 
     asyncio.run(run())
