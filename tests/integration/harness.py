@@ -24,8 +24,9 @@ from streams.broker import free_port
 ROOT = Path(__file__).resolve().parents[2]
 
 # Faust's own settings, read from the environment: a SIGKILLed member leaves the consumer group after
-# the session timeout (Faust's default: 60 s), so kill tests shorten it to keep CI time reasonable.
-FAST_FAILOVER = {"BROKER_SESSION_TIMEOUT": "10", "BROKER_HEARTBEAT_INTERVAL": "1"}
+# the session timeout (Faust's default: 60 s), so kill tests shorten it to keep CI time reasonable:
+# 6 s is the least the broker accepts (group.min.session.timeout.ms), with a heartbeat every second.
+FAST_FAILOVER = {"BROKER_SESSION_TIMEOUT": "6", "BROKER_HEARTBEAT_INTERVAL": "1"}
 
 
 def wait_until(
@@ -266,6 +267,7 @@ class Traffic(threading.Thread):
 
     ``sent`` counts events handed to the producer so far; the test kills and restarts processes
     while this runs, and ``join()`` returns once every event is acknowledged by the broker.
+    ``hurry()`` sends the rest without pacing, once the test has done what needed a steady flow.
     """
 
     def __init__(
@@ -307,6 +309,10 @@ class Traffic(threading.Thread):
             p.close()
         except BaseException as exc:  # surfaced by finish()
             self.error = exc
+
+    def hurry(self) -> None:
+        """Send the remaining events as fast as the producer takes them (same order, same producer)."""
+        self.rate = float("inf")
 
     def finish(self, timeout_s: float = 240.0) -> None:
         self.join(timeout_s)

@@ -154,13 +154,15 @@ def test_repeated_sigkill_loses_nothing_and_counts_nothing_twice(
     exactly_once = guarantee == "exactly_once"
     seed = run_seed()  # the kill points differ per run; TEST_SEED=<seed> replays a run's pauses
     rng = random.Random(seed)
-    events = sim_events(users=100, days=8, seed=31)  # ~3,000 events, labels mature within the run
+    events = sim_events(users=100, days=8, seed=31)  # ~2,000 events, labels mature within the run
     users = consented_by_user(events)
     route = user_router(settings.source_topics)
     control_env = other_app(env, "-control")
-    control = make_worker("control", **{**control_env, **LEARNING}).start()
+    control = make_worker("control", **{**control_env, **LEARNING}).launch()
     learning = {**LEARNING, "PROPSTREAM_PROCESSING_GUARANTEE": guarantee}
-    worker = make_worker("w1", **learning).start()
+    worker = make_worker("w1", **learning).launch()
+    for w in (control, worker):  # two applications, started side by side
+        wait_until(w.ready, 90, what=f"worker on {w.url} to be ready (log {w.log})")
 
     traffic = Traffic(kafka, route, events, rate=len(events) / 45)  # ~45 s of traffic
     traffic.start()
@@ -177,8 +179,9 @@ def test_repeated_sigkill_loses_nothing_and_counts_nothing_twice(
             recoveries.append(time.monotonic() - t0)
         else:  # the next kill may hit start-up: before, during or after recovery and the rebalance
             worker.launch()
-    wait_until(worker.ready, 120, what="the worker ready after the last kill")
     assert traffic.sent > kill_points[0][1], "traffic was not flowing during the kills"
+    traffic.hurry()  # the kills are over: the rest of the events need no pacing
+    wait_until(worker.ready, 120, what="the worker ready after the last kill")
     traffic.finish()
     print(f"seed {seed}; kills (phase, events sent so far): {kill_points}; recovery to ready: {recoveries}")
 

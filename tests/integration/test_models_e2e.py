@@ -160,9 +160,12 @@ def test_model_version_and_ledger_survive_losing_the_disk(
     assert sum(pending.values()) > 0, "nothing pending: the test would prove nothing"
     first.kill()  # SIGKILL: no clean shutdown
 
-    second = make_worker("w2", **LEARNING, **FAST_FAILOVER).start(
+    # empty state folder: changelogs only. It publishes what it learns at its first trainer batch
+    # (interval 1 s): with the default 30 s, the labels of the later events alone, fewer than
+    # PUBLISH_EVERY in some runs, wait for another batch (the idle clock's move, a minute on)
+    second = make_worker("w2", **LEARNING, **FAST_FAILOVER, PROPSTREAM_PUBLISH_INTERVAL_S="1").start(
         timeout_s=180
-    )  # empty state folder: changelogs only
+    )
     wait_until(
         lambda: all(models_of(second)[t]["version"] >= before[t]["version"] for t in before),
         60,

@@ -93,9 +93,9 @@ def test_survivor_takes_over_and_lookups_stay_correct(
     settings: Settings, make_worker: Any, kafka: str
 ) -> None:
     extra = {**FAST_FAILOVER, "PROPSTREAM_API_TOKEN": TOKEN}
-    a = make_worker("a", **extra).start()
-    b = make_worker("b", **extra).start()
-    wait_until(lambda: a.ready() and b.ready(), 60, what="both workers ready after the first rebalance")
+    a = make_worker("a", **extra).launch()
+    b = make_worker("b", **extra).launch()
+    wait_until(lambda: a.ready() and b.ready(), 90, what="both workers ready after the first rebalance")
 
     now = int(time.time() * 1000)
     events = random_events(5, users=60, per_user=50, start_ms=now - 20 * DAY, span_ms=20 * DAY - HOUR)
@@ -150,6 +150,7 @@ def test_survivor_takes_over_and_lookups_stay_correct(
     b.launch()  # same state folder; the group rebalances again while traffic flows
     wait_until(lambda: b.ready() and a.ready(), 120, every_s=0.2, what="both workers ready again")
     prober.run_until([a, b], 30)  # through both workers, after the rejoin
+    traffic.hurry()  # both rebalances were mid-stream: the rest of the events need no pacing
     traffic.finish()
 
     def converged() -> bool:

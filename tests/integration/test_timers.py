@@ -632,6 +632,7 @@ def test_a_sigkill_around_timer_firings_loses_no_cart_trigger(
     random_pause(rng, 0.5, 6)  # while it catches up on the backlog: many triggers per batch
     kill()
     worker.start(timeout_s=120)
+    traffic.hurry()  # both kills were mid-stream: the rest of the events need no pacing
     traffic.finish()
     wait_settled(kafka, settings.app_id, settings.source_topics, 120)  # every tick consumed, outputs flushed
     got = bodies(kafka, triggers_topic)
