@@ -282,7 +282,11 @@ class LocalBroker:
                 msg = f"Kafka exited with code {proc.returncode}; last log lines:\n{self.log_tail()}"
                 raise BrokerError(msg)
             try:
-                admin = KafkaAdminClient(bootstrap_servers=state.bootstrap, request_timeout_ms=3000)
+                # a bootstrap that begins before a restarted broker has registered (about 15 s
+                # after a SIGKILL) would wait out kafka-python's default 30 s: probe every 3 s
+                admin = KafkaAdminClient(
+                    bootstrap_servers=state.bootstrap, request_timeout_ms=3000, bootstrap_timeout_ms=3000
+                )
                 try:
                     admin.list_topics()
                     return
