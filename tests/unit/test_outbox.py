@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import time
 import weakref
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from faust.streams import _current_event
 from faust.types import TP
+from rocksdict import Options, Rdict
 
 from streams.outbox import BATCH_HEADER, DELETE, SENT_HEADER, Outbox, drain_buffer
 
@@ -61,26 +63,32 @@ class FakeProducer:
         return [[m[:4] for m in messages] for _, messages, _ in self.calls]
 
 
-class Store(dict[Any, Any]):
-    """A table's local store: a write lands in the partition of the current event."""
+class Store:
+    """A table's local store as the outbox uses Faust's: a real RocksDB per partition, and the
+    changelog offset each holds."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.dbs: dict[int, Rdict] = {}
         self.persisted: dict[TP, int] = {}
 
-    def __setitem__(self, key: Any, value: Any) -> None:
-        ref = _current_event.get(None)  # the outbox sets it: the row's partition
-        event = ref() if ref is not None else None
-        assert event is not None, "a local write outside its partition's context"
-        super().__setitem__(key, (event.message.partition, value))
+    def _db_for_partition(self, partition: int) -> Rdict:
+        if partition not in self.dbs:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.dbs[partition] = Rdict(str(self.folder / str(partition)), Options(raw_mode=True))
+        return self.dbs[partition]
 
     def set_persisted_offset(self, tp: TP, offset: int) -> None:
         self.persisted[tp] = offset
 
+    def contents(self) -> dict[str, tuple[int, bytes]]:
+        """key -> (partition, value) of every row stored."""
+        return {k.decode(): (p, v) for p, db in self.dbs.items() for k, v in db.items()}
+
 
 class Table:
-    def __init__(self, changelog: str) -> None:
-        self.data = Store()
+    def __init__(self, changelog: str, folder: Path) -> None:
+        self.data = Store(folder / changelog)
         self.changelog_topic = SimpleNamespace(get_topic_name=lambda: changelog)
 
 
@@ -131,13 +139,15 @@ async def until(cond: Any, what: str) -> None:
     raise AssertionError(f"never: {what}")
 
 
-def test_a_checkpoint_waits_for_outputs_then_rows_then_marks_then_examples_and_the_disk_comes_last() -> None:
+def test_a_checkpoint_waits_for_outputs_then_rows_then_marks_then_examples_and_the_disk_comes_last(
+    tmp_path: Path,
+) -> None:
     async def run() -> None:
         producer = FakeProducer()
         box = Outbox(producer)  # type: ignore[arg-type]  # the fake has what is used
-        rows, marks = Table(ROWS), Table(MARKS)
+        rows, marks = Table(ROWS, tmp_path), Table(MARKS, tmp_path)
         p2, p3 = Event(2), Event(3)
-        dict.__setitem__(rows.data, "gone", (3, b"old"))  # stored before this checkpoint
+        rows.data._db_for_partition(3)[b"gone"] = b"old"  # stored before this checkpoint
         hold(box, rows, "u1", b"row", p2)
         hold(box, rows, "gone", DELETE, p3)
         hold(box, marks, "clickstream|2", b"42", p2, last=True)
@@ -163,11 +173,13 @@ def test_a_checkpoint_waits_for_outputs_then_rows_then_marks_then_examples_and_t
         await until(lambda: len(producer.calls) == 3, "the example sent")
         assert producer.sent()[2] == [("training", None, b"purchase", b"x")]
         # in flight: the disk holds nothing of it, reads go through the rows in flight
-        assert rows.data == {"gone": (3, b"old")} and marks.data == {} and done == []
+        assert rows.data.contents() == {"gone": (3, b"old")} and marks.data.contents() == {} and done == []
         assert box.get(rows, "u1") == (True, b"row") and box.get(rows, "gone") == (True, None)
         producer.ack()
         await asyncio.wait_for(task, 1.0)
-        assert rows.data == {"u1": (2, b"row")} and marks.data == {"clickstream|2": (2, b"42")}
+        assert rows.data.contents() == {"u1": (2, b"row")} and marks.data.contents() == {
+            "clickstream|2": (2, b"42")
+        }
         # the store records the changelog offset it now holds, per partition, as Faust does
         assert rows.data.persisted == {TP(ROWS, 2): 0, TP(ROWS, 3): 0}
         assert marks.data.persisted == {TP(MARKS, 2): 0}
@@ -177,7 +189,9 @@ def test_a_checkpoint_waits_for_outputs_then_rows_then_marks_then_examples_and_t
     asyncio.run(run())
 
 
-def test_the_next_batches_run_while_a_checkpoint_is_in_flight_and_the_next_checkpoint_waits_for_it() -> None:
+def test_the_next_batches_run_while_a_checkpoint_is_in_flight_and_the_next_checkpoint_waits_for_it(
+    tmp_path: Path,
+) -> None:
     """A due checkpoint begins in the background; the batches after it read its rows, hold newer
     ones, send their outputs and queue their commits for the next checkpoint, which begins only
     once the one in flight is written (or at once waits for it, when the rows reach the bound)."""
@@ -185,7 +199,7 @@ def test_the_next_batches_run_while_a_checkpoint_is_in_flight_and_the_next_check
     async def run() -> None:
         producer = FakeProducer()
         box = Outbox(producer, interval_s=0.0, max_rows=3)  # type: ignore[arg-type]
-        rows = Table(ROWS)
+        rows = Table(ROWS, tmp_path)
         changes = Topic("changes")
         ev = Event(0)
         done: list[int] = []
@@ -209,7 +223,7 @@ def test_the_next_batches_run_while_a_checkpoint_is_in_flight_and_the_next_check
         assert box.held_keys(rows, 0, after="u1") == [("u2", b"u2@1")]
         producer.ack()  # checkpoint 1 written
         await until(lambda: done == [1], "checkpoint 1's commit")
-        assert rows.data == {"u1": (0, b"u1@1"), "u2": (0, b"u2@1")}
+        assert rows.data.contents() == {"u1": (0, b"u1@1"), "u2": (0, b"u2@1")}
         assert box.get(rows, "u1") == (True, b"u1@2"), "the held newer row lost to the written older one"
 
         await batch(3, "u3", "u4")  # three rows held: checkpoint 2 begins now
@@ -241,12 +255,12 @@ def test_the_next_batches_run_while_a_checkpoint_is_in_flight_and_the_next_check
 
 @pytest.mark.parametrize("fails", ["output", "rows", "cancelled release"])
 def test_a_checkpoint_that_fails_writes_nothing_to_disk_commits_nothing_and_stops_later_ones(
-    fails: str,
+    fails: str, tmp_path: Path
 ) -> None:
     async def run() -> None:
         producer = FakeProducer()
         box = Outbox(producer)  # type: ignore[arg-type]
-        rows = Table(ROWS)
+        rows = Table(ROWS, tmp_path)
         hold(box, rows, "u1", b"row", Event(0))
         changes = Topic("changes")
         box.send_early(changes, b"u1", b"x")
@@ -274,20 +288,20 @@ def test_a_checkpoint_that_fails_writes_nothing_to_disk_commits_nothing_and_stop
             await until(lambda: producer.pending, "the rows sent")
             producer.ack()
             await asyncio.wait_for(box.release(), 1.0)  # called again: waits for it, then nothing more
-            assert rows.data == {"u1": (0, b"row")} and done == [1]
+            assert rows.data.contents() == {"u1": (0, b"row")} and done == [1]
             assert len(producer.calls) == 1
             return
-        assert rows.data == {} and done == [], "the disk or the commit ran ahead of the broker"
+        assert rows.data.contents() == {} and done == [], "the disk or the commit ran ahead of the broker"
         with pytest.raises(RuntimeError, match="no later checkpoint"):
             await box.checkpoint()
 
     asyncio.run(run())
 
 
-def test_a_write_outside_a_partition_is_refused() -> None:
+def test_a_write_outside_a_partition_is_refused(tmp_path: Path) -> None:
     box = Outbox(FakeProducer())  # type: ignore[arg-type]
     with pytest.raises(RuntimeError, match="outside any partition"):
-        box.write(Table(ROWS), "u1", b"row")
+        box.write(Table(ROWS, tmp_path), "u1", b"row")
 
 
 def test_outputs_carry_when_their_batch_began_and_when_they_were_sent() -> None:
@@ -311,9 +325,9 @@ def test_outputs_carry_when_their_batch_began_and_when_they_were_sent() -> None:
     asyncio.run(run())
 
 
-def test_a_checkpoint_is_due_after_the_interval_or_at_the_row_bound() -> None:
+def test_a_checkpoint_is_due_after_the_interval_or_at_the_row_bound(tmp_path: Path) -> None:
     box = Outbox(FakeProducer(), interval_s=3600.0, max_rows=2)  # type: ignore[arg-type]
-    table, ev = Table(ROWS), Event()
+    table, ev = Table(ROWS, tmp_path), Event()
     assert not box.due()
     hold(box, table, "u1", b"x", ev)
     assert not box.due()
@@ -322,11 +336,11 @@ def test_a_checkpoint_is_due_after_the_interval_or_at_the_row_bound() -> None:
     assert Outbox(FakeProducer()).due(), "no interval: a checkpoint after every batch"  # type: ignore[arg-type]
 
 
-def test_held_keys_come_in_key_order_per_partition_and_leave_with_the_checkpoint() -> None:
+def test_held_keys_come_in_key_order_per_partition_and_leave_with_the_checkpoint(tmp_path: Path) -> None:
     async def run() -> None:
         producer = FakeProducer()
         box = Outbox(producer, interval_s=3600.0)  # type: ignore[arg-type]
-        table = Table(ROWS)
+        table = Table(ROWS, tmp_path)
         p0, p1 = Event(0), Event(1)
         for key, ev in (("u5", p0), ("u1", p0), ("u9", p1), ("u3", p0), ("u1", p0)):
             hold(box, table, key, DELETE if key == "u3" else key.encode(), ev)
@@ -339,17 +353,17 @@ def test_held_keys_come_in_key_order_per_partition_and_leave_with_the_checkpoint
         producer.ack()
         await asyncio.wait_for(task, 1.0)
         assert box.held_keys(table, 0) == [] and box.held_keys(table, 1) == []
-        assert table.data == {"u1": (0, b"u1"), "u5": (0, b"u5"), "u9": (1, b"u9")}
+        assert table.data.contents() == {"u1": (0, b"u1"), "u5": (0, b"u5"), "u9": (1, b"u9")}
 
     asyncio.run(run())
 
 
-def test_a_checkpoint_that_writes_rows_reports_how_long_it_took_and_how_many_rows() -> None:
+def test_a_checkpoint_that_writes_rows_reports_how_long_it_took_and_how_many_rows(tmp_path: Path) -> None:
     async def run() -> None:
         seen: list[tuple[float, int]] = []
         producer = FakeProducer()
         box = Outbox(producer, observe=lambda s, n: seen.append((s, n)))  # type: ignore[arg-type]
-        table, ev = Table(ROWS), Event()
+        table, ev = Table(ROWS, tmp_path), Event()
         for key in ("u1", "u2", "u1"):  # u1 twice: one row
             hold(box, table, key, b"x", ev)
         started = time.perf_counter()
@@ -367,13 +381,13 @@ def test_a_checkpoint_that_writes_rows_reports_how_long_it_took_and_how_many_row
     asyncio.run(run())
 
 
-def test_exactly_once_one_transaction_carries_outputs_rows_marks_examples_and_offsets() -> None:
+def test_exactly_once_one_transaction_carries_outputs_rows_marks_examples_and_offsets(tmp_path: Path) -> None:
     async def run() -> None:
         producer = FakeProducer(transactional=True)
         box = Outbox(producer, interval_s=3600.0)  # type: ignore[arg-type]
-        rows, marks = Table(ROWS), Table(MARKS)
+        rows, marks = Table(ROWS, tmp_path), Table(MARKS, tmp_path)
         p2, p3 = Event(2), Event(3)
-        dict.__setitem__(rows.data, "gone", (3, b"old"))
+        rows.data._db_for_partition(3)[b"gone"] = b"old"
         hold(box, rows, "u1", b"row1", p2)
         hold(box, rows, "gone", DELETE, p3)
         hold(box, marks, "clickstream", b"mark", p2, last=True)
@@ -409,10 +423,12 @@ def test_exactly_once_one_transaction_carries_outputs_rows_marks_examples_and_of
         ]
         assert messages[0][4] == [("reason", b"x")]
         assert offsets == {TP("clickstream", 2): 57, TP("cart", 3): 9}
-        assert "u1" not in rows.data and box.get(rows, "u1") == (True, b"row1")
+        assert "u1" not in rows.data.contents() and box.get(rows, "u1") == (True, b"row1")
         producer.ack()
         await asyncio.wait_for(checkpoint, 1.0)
-        assert rows.data == {"u1": (2, b"row1")} and marks.data == {"clickstream": (2, b"mark")}
+        assert rows.data.contents() == {"u1": (2, b"row1")} and marks.data.contents() == {
+            "clickstream": (2, b"mark")
+        }
         assert rows.data.persisted == {TP(ROWS, 2): 0, TP(ROWS, 3): 0}
         await box.release()  # nothing held: no empty transaction
         assert len(producer.calls) == 1
