@@ -257,6 +257,8 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, object]]:
         ("e2e produce->change p95", "ms", r["e2e_p95_ms"]),
         ("e2e produce->change p99", "ms", r["e2e_p99_ms"]),
         ("change events measured", "count", r["changes"]),
+        ("  e2e p50 / p99 of the phase's second half", "ms", _half(r)),
+        ("  change events of the second half", "count", r.get("changes_second_half", math.nan)),
         ("worker CPU while offered that load", "CPU-s/s", r.get("worker_cpu_per_s", math.nan)),
         ("  events per handler batch meanwhile (mean)", "count", r.get("events_per_batch", math.nan)),
         ("machine busy meanwhile (all cores)", "share", r.get("machine_busy_share", math.nan)),
@@ -409,3 +411,8 @@ def bench_cmd(json_out: Path | None, **opts: Any) -> None:
     if json_out is not None:
         json_out.write_text(json.dumps(result, indent=2, default=str) + "\n")
         click.echo(f"\nwrote {json_out}", err=True)
+
+
+def _half(r: dict[str, Any]) -> str:
+    """The e2e p50 / p99 of the latency phase's second half ('-' when not measured)."""
+    return f"{fmt(r.get('e2e_second_half_p50_ms'))} / {fmt(r.get('e2e_second_half_p99_ms'))}"

@@ -105,6 +105,9 @@ def test_rows_hold_the_ratios_and_one_line_per_growth_figure() -> None:
     figures = {r[0]: r[2] for r in rows(peer)}
     assert figures["Quix Streams peer per CPU second"] == 80.0
     assert figures["pipeline / Quix peer, per CPU second"] == 0.5
+    assert figures["  e2e p50 / p99 of the phase's second half"] == "- / -"  # not measured: no figure
+    half = {**result, "e2e_second_half_p50_ms": 12.0, "e2e_second_half_p99_ms": 1500.0}
+    assert {r[0]: r[2] for r in rows(half)}["  e2e p50 / p99 of the phase's second half"] == "12 / 1,500"
     split = {**result, "stages": {"batch": {"p50_ms": 12.0, "p99_ms": 1500.0, "n": 3}}}
     figures = {r[0]: r[2] for r in rows(split)}
     assert figures["  batch processing p50 / p99"] == "12 / 1,500"  # only the stages measured
