@@ -9,6 +9,7 @@ real-data replay when the file is there. Progress goes to stderr, the table to s
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
@@ -74,7 +75,8 @@ def pipeline(
     env: dict[str, str], tmp: Path, n: int, name: str, profile: Path | None = None
 ) -> tuple[Proc, phases.Rate]:
     w = worker(env, tmp, name)
-    rate = phases.catch_up(w, n, lambda: w.metric("propstream_events_consumed_total"), say, name, profile)
+    count = functools.partial(w.metric, "propstream_events_consumed_total")
+    rate = phases.catch_up(w, n, count, say, name, profile, from_ready=True)
     return w, rate
 
 
