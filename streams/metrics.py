@@ -60,8 +60,9 @@ class Metrics:
         )
         self.checkpoint_seconds = Histogram(
             "propstream_checkpoint_seconds",
-            "Wall time of one checkpoint (outputs acknowledged, then rows and watermarks written and "
-            "acknowledged); no batch runs meanwhile.",
+            "Wall time of one checkpoint, from its start to its rows on the local disk (outputs, rows, "
+            "watermarks and examples acknowledged in turn); it runs in the background, and batches "
+            "wait for it only when PROPSTREAM_CHECKPOINT_ROWS rows are held.",
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
             registry=r,
         )
