@@ -74,7 +74,8 @@ class CheckpointProducer:
         """At-least-once: send ``messages`` and wait until the broker has every one; raises if any
         could not be written."""
         producer = await self.start()
-        return _last(await asyncio.gather(*await _send_all(producer, messages)))
+        sent = await _send_all(producer, messages)
+        return _last(sent, await asyncio.gather(*(fut for fut, _ in sent)))
 
     async def commit(self, messages: Sequence[Message], offsets: dict[Any, int]) -> Written:
         """Exactly-once: send ``messages`` and commit them with ``offsets`` (topic partition -> next
@@ -83,62 +84,54 @@ class CheckpointProducer:
         producer = await self.start()
         await producer.begin_transaction()
         try:
-            futures = await _send_all(producer, messages)
+            sent = await _send_all(producer, messages)
             if offsets:
                 await producer.send_offsets_to_transaction(
                     {TopicPartition(tp.topic, tp.partition): offset for tp, offset in offsets.items()},
                     self.group_id,
                 )
-            results = await asyncio.gather(*futures)
+            results = await asyncio.gather(*(fut for fut, _ in sent))
             await producer.commit_transaction()
         except BaseException:
             if producer._txn_manager is not None and producer._txn_manager.is_in_transaction():
                 with contextlib.suppress(Exception):  # fenced or unreachable: the broker aborts it in time
                     await producer.abort_transaction()
             raise
-        return _last(results)
+        return _last(sent, results)
 
 
-async def _send_all(producer: AIOKafkaProducer, messages: Sequence[Message]) -> list[asyncio.Future[Any]]:
-    """Send ``messages``; one future per message with a key's partition, one per record batch of an
-    explicit partition, resolving to ``(metadata, records)``.
+async def _send_all(
+    producer: AIOKafkaProducer, messages: Sequence[Message]
+) -> list[tuple[asyncio.Future[Any], int]]:
+    """Send ``messages``: (future of the metadata, records it covers) of each message with a key's
+    partition, and of each record batch of an explicit partition (its metadata is its first's).
 
     The rows of a checkpoint (thousands, each to an explicit changelog partition) go as record
     batches built in one pass: ``send`` per message is a coroutine, a future and an accumulator
     lookup each, and a checkpoint of 1,500 rows held the event loop for tens of milliseconds."""
-    futures: list[asyncio.Future[Any]] = []
+    sent: list[tuple[asyncio.Future[Any], int]] = []
     batches: dict[tuple[str, int], tuple[Any, int]] = {}  # (topic, partition) -> (builder, records)
     for topic, partition, key, value, headers in messages:
         if partition is None:
-            fut = await producer.send(topic, value=value, key=key, headers=list(headers or ()))
-            futures.append(_counted(fut, 1))
+            sent.append((await producer.send(topic, value=value, key=key, headers=list(headers or ())), 1))
             continue
         builder, n = batches.get((topic, partition)) or (producer.create_batch(), 0)
         if builder.append(timestamp=None, key=key, value=value, headers=list(headers or ())) is None:
-            futures.append(_counted(await producer.send_batch(builder, topic, partition=partition), n))
+            sent.append((await producer.send_batch(builder, topic, partition=partition), n))
             builder, n = producer.create_batch(), 0
             if builder.append(timestamp=None, key=key, value=value, headers=list(headers or ())) is None:
                 msg = f"a message of {len(value or b'')} bytes does not fit in a record batch"
                 raise ValueError(msg)
         batches[(topic, partition)] = (builder, n + 1)
     for (topic, partition), (builder, n) in batches.items():
-        futures.append(_counted(await producer.send_batch(builder, topic, partition=partition), n))
-    return futures
+        sent.append((await producer.send_batch(builder, topic, partition=partition), n))
+    return sent
 
 
-def _counted(fut: asyncio.Future[Any], records: int) -> asyncio.Future[Any]:
-    """``fut``'s metadata with the offset of the last of its ``records`` (a batch's is its first)."""
-
-    async def last() -> Any:
-        meta = await fut
-        return meta.topic, meta.partition, meta.offset + records - 1
-
-    return asyncio.ensure_future(last())
-
-
-def _last(results: Sequence[tuple[str, int, int]]) -> Written:
+def _last(sent: Sequence[tuple[Any, int]], results: Sequence[Any]) -> Written:
+    """The offset of the last record written to each topic partition."""
     last: Written = {}
-    for topic, partition, offset in results:
-        key = (topic, partition)
-        last[key] = max(last.get(key, -1), offset)
+    for (_, records), meta in zip(sent, results, strict=True):
+        key = (meta.topic, meta.partition)
+        last[key] = max(last.get(key, -1), meta.offset + records - 1)
     return last

@@ -25,7 +25,7 @@ and its outputs are held until it; steps 5 and 6 follow its commit.
 
 The messages go through the worker's own producer, not Faust's table writes. A checkpoint runs in
 the background: the next batches are processed while the broker acknowledges it, reading its rows
-from :attr:`Outbox.flushing` until step 5 has written them. One checkpoint is in flight at a time.
+from :attr:`Outbox.flying` until step 5 has written them. One checkpoint is in flight at a time.
 A checkpoint that held the loop (2026-12-07) stalled every second for 140-540 ms on the bench,
 and the events behind it waited that long. Whoever must see everything written (a revocation, an
 erasure, a stop) calls :meth:`Outbox.release`, which waits for the checkpoint in flight and then
@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 DELETE = object()  # a held write that removes the key
 Output = tuple[Any, bytes | None, bytes, list[tuple[str, bytes]] | None]  # (topic, key, value, headers)
 Writes = dict[tuple[int, Any], tuple[Any, Any, Any]]  # (table id, key) -> (table, event, value or DELETE)
+Keys = dict[tuple[int, int], list[Any]]  # (table id, partition) -> keys written, sorted
 
 
 BATCH_HEADER = "propstream.batch_ms"  # wall ms the worker began the batch that made the output
@@ -94,15 +95,14 @@ class Outbox:
         self.late: list[tuple[Any, bytes, bytes]] = []  # after the rows
         self.writes: Writes = {}  # (table, key) -> (table, event, value)
         self.last: Writes = {}  # written once the writes are durable
-        self.flushing: Writes = {}  # the rows and watermarks of the checkpoint in flight
+        self.flying: Flight | None = None  # the checkpoint in flight, until its rows are on the disk
         self.inflight: list[asyncio.Future[Any]] = []  # outputs sent, not yet known delivered
         self.started_ms = 0  # wall ms the batch began (headers of its outputs: where latency went)
         self.interval_s = interval_s  # a checkpoint at least this often (0: after every batch)
         self.max_rows = max_rows  # and whenever this many rows are held (0: no bound)
         self.checkpoint_at = time.monotonic()
         self._after: list[Callable[[], None]] = []
-        self._keys: dict[tuple[int, int], list[Any]] = {}  # (table, partition) -> held keys, sorted
-        self._flushing_keys: dict[tuple[int, int], list[Any]] = {}  # the same, of the flight
+        self._keys: Keys = {}  # (table, partition) -> held keys, sorted
         self._flight: asyncio.Future[None] | None = None
 
     def write(self, table: Any, key: Any, value: Any, *, last: bool = False) -> None:
@@ -127,7 +127,9 @@ class Outbox:
 
         Read from the lookup thread too: the flight writes the disk before it lets go of a row."""
         k = (id(table), key)
-        held = self.writes.get(k) or self.last.get(k) or self.flushing.get(k)
+        held = self.writes.get(k) or self.last.get(k)
+        if held is None and (flying := self.flying) is not None:
+            held = flying.writes.get(k) or flying.last.get(k)
         if held is None:
             return False, None
         value = held[2]
@@ -138,7 +140,9 @@ class Outbox:
         flight, in key order, keys after ``after`` only: a scan of the stored rows merges these in."""
         tid = id(table)
         parts = []
-        for writes, index in ((self.flushing, self._flushing_keys), (self.writes, self._keys)):
+        flying = self.flying
+        sources = ((flying.writes, flying.keys),) if flying is not None else ()
+        for writes, index in (*sources, (self.writes, self._keys)):
             keys = index.get((tid, partition))
             if keys:
                 start = 0 if after is None else bisect.bisect_right(keys, after)
@@ -228,13 +232,19 @@ class Outbox:
             return
         if not self.transactional:
             await self.push()  # the outputs the checkpoint waits for leave now
-        flight = Flight(self.inflight, self.stamped, self.writes, self.last, self.late, self.offsets)
-        flight.after = self._after
-        self.flushing = {**self.writes, **self.last}
-        self._flushing_keys = self._keys
+        self.flying = Flight(
+            self.inflight,
+            self.stamped,
+            self.writes,
+            self._keys,
+            self.last,
+            self.late,
+            self.offsets,
+            self._after,
+        )
         self.inflight, self.stamped, self.late, self.offsets, self._after = [], [], [], {}, []
         self.writes, self.last, self._keys = {}, {}, {}
-        self._flight = asyncio.ensure_future(self._fly(flight))
+        self._flight = asyncio.ensure_future(self._fly(self.flying))
 
     async def _fly(self, f: Flight) -> None:
         started = time.perf_counter()
@@ -250,8 +260,7 @@ class Outbox:
             raise
         _write_local(f.writes, written)
         _write_local(f.last, written)
-        self.flushing = {}
-        self._flushing_keys = {}
+        self.flying = None  # read from the disk from now on
         if f.writes and self.observe is not None:
             self.observe(time.perf_counter() - started, len(f.writes))
         for fn in f.after:
@@ -279,24 +288,27 @@ class Outbox:
 class Flight:
     """What one checkpoint writes, taken out of the outbox when it begins."""
 
-    __slots__ = ("after", "last", "late", "offsets", "outputs", "stamped", "writes")
+    __slots__ = ("after", "keys", "last", "late", "offsets", "outputs", "stamped", "writes")
 
     def __init__(
         self,
         outputs: list[asyncio.Future[Any]],
         stamped: list[Output],
         writes: Writes,
+        keys: Keys,
         last: Writes,
         late: list[tuple[Any, bytes, bytes]],
         offsets: dict[Any, int],
+        after: list[Callable[[], None]],
     ) -> None:
         self.outputs = outputs
         self.stamped = stamped
-        self.writes = writes
+        self.writes = writes  # read by the batches meanwhile (Outbox.get, Outbox.held_keys)
+        self.keys = keys
         self.last = last
         self.late = late
         self.offsets = offsets
-        self.after: list[Callable[[], None]] = []
+        self.after = after
 
     def messages(self) -> list[Message]:
         """Everything a transaction carries, in the order an at-least-once checkpoint sends it."""
