@@ -124,6 +124,16 @@ class Settings(BaseSettings):
         "propensity.triggers",
         description="Outbound behavioural trigger events (cart_abandoned, ...; JSON, keyed by user).",
     )
+    topic_audiences: str = Field(
+        "propensity.audiences",
+        description="Audience membership (compacted, keyed audience|user): JSON entered events; a "
+        "left event is a tombstone with headers, so the compacted topic holds the current members.",
+    )
+    topic_forward_deadletter: str = Field(
+        "propensity.forward.deadletter",
+        description="Events propstream forward could not deliver after forward_attempts tries, with "
+        "the reason in headers.",
+    )
 
     # --- Worker ------------------------------------------------------------------------------
     app_id: str = Field("propstream", description="Faust app id: consumer group and changelog prefix.")
@@ -334,6 +344,52 @@ class Settings(BaseSettings):
         ge=100,
         description="Users read per partition and batch while a partition's timer index is rebuilt "
         "(after an assignment), so the rebuild never blocks the event loop for long.",
+    )
+
+    # --- Audiences and delivery ------------------------------------------------------------------
+    audiences: str = Field(
+        "",
+        description="Audience definitions, one per line or separated by ';': NAME: CONDITION over "
+        "scores, tiers and features, e.g. 'high_intent: purchase >= 0.6; at_risk: churn >= 0.5 and "
+        "purchases_90d >= 2; top_buyers: purchase top 10%'. Empty: none. docs/audiences.md.",
+    )
+    forward_url: str = Field(
+        "", description="propstream forward: the webhook that receives the events (http or https URL)."
+    )
+    forward_secret: SecretStr | None = Field(
+        None,
+        description="propstream forward: HMAC-SHA256 key signing each request body "
+        "(X-Propstream-Signature). Unset: requests are not signed.",
+    )
+    forward_topics: str = Field(
+        "",
+        description="propstream forward: topics to deliver, comma-separated. Default: the change, "
+        "trigger and audience topics.",
+    )
+    forward_group: str = Field(
+        "", description="propstream forward: consumer group (its committed offsets). Default: <app_id>-forward."
+    )
+    forward_batch: int = Field(100, ge=1, le=10_000, description="propstream forward: events per request, at most.")
+    forward_timeout_s: FloatSeconds = Field(
+        10.0, gt=0, description="propstream forward: a request that takes longer failed." + IN_SECONDS
+    )
+    forward_attempts: int = Field(
+        8,
+        ge=1,
+        description="propstream forward: tries per batch before its events go to "
+        "topic_forward_deadletter with the last reason.",
+    )
+    forward_backoff_s: FloatSeconds = Field(
+        0.5,
+        gt=0,
+        description="propstream forward: first retry delay; doubled per failure, with full jitter."
+        + IN_SECONDS,
+    )
+    forward_backoff_max_s: FloatSeconds = Field(
+        60.0, gt=0, description="propstream forward: longest retry delay." + IN_SECONDS
+    )
+    forward_metrics_port: int = Field(
+        9465, ge=0, le=65535, description="propstream forward: port of its Prometheus /metrics (0: off)."
     )
 
     # --- Change events -------------------------------------------------------------------------

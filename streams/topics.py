@@ -31,6 +31,9 @@ def topic_specs(settings: Settings) -> dict[str, tuple[int, dict[str, str]]]:
     specs[settings.topic_deadletter] = (n, {})
     specs[settings.topic_changes] = (n, {"cleanup.policy": "compact,delete"})  # erasure tombstones
     specs[settings.topic_triggers] = (n, {"cleanup.policy": "compact,delete"})  # likewise
+    # compact only: a member who entered long ago stays on the topic until a tombstone removes them
+    specs[settings.topic_audiences] = (n, {"cleanup.policy": "compact"})
+    specs[settings.topic_forward_deadletter] = (n, {})
     specs[settings.topic_erasure] = (n, {})  # keyed by user id: lands on the partition's owner
     specs[settings.topic_erasure_done] = (1, {})
     specs[settings.topic_training] = (1, {})
