@@ -13,7 +13,7 @@ import math
 from array import array
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -21,7 +21,8 @@ from features.catalogue import NAMES
 from features.contract import Event
 from features.state import Corrupt, FeatureParams, UserState, decode_versioned
 from features.user import FeatureValue, Finalizer, compute
-from models.changes import Announced, ChangeRules, detect
+from models.audiences import Audience, Cut, View, members
+from models.changes import Announced, ChangeRules, detect, tier_of
 from models.fastscore import FastScorer
 from models.ledger import (
     LEDGER_VERSION,
@@ -96,6 +97,7 @@ class TargetState(msgspec.Struct, array_like=True):
     open_ms: int = -1  # oldest pending snapshot an event could still label (-1: none)
     announced: Announced | None = None  # what downstream systems were last told
     features: bytes = b""  # raw features at that announcement (float64, catalogue order)
+    score: float = -1.0  # the latest score, kept only when audiences are defined (-1: none)
 
 
 class ScoreState(msgspec.Struct, array_like=True):
@@ -113,6 +115,9 @@ class ScoreState(msgspec.Struct, array_like=True):
     cart_done_ms: int = 0  # start of the last cart episode whose trigger fired
     cart_due_ms: int = 0  # when the open cart is abandoned (0: none), kept between cart events
     viewed: dict[str, int] = msgspec.field(default_factory=dict)  # product -> day a repeat view fired
+    audiences: list[str] = msgspec.field(
+        default_factory=list
+    )  # audiences the user is in, in definition order
 
 
 @dataclass
@@ -122,6 +127,15 @@ class Fired:
     changes: list[dict[str, Any]] = field(default_factory=list)
     triggers: list[dict[str, Any]] = field(default_factory=list)
     offered: list[tuple[Target, Snapshot]] = field(default_factory=list)
+    audiences: list[dict[str, Any]] = field(default_factory=list)  # entered / left
+
+
+class Rescored(NamedTuple):
+    """What rescoring a user produced: every target's score, change events, audience moves."""
+
+    scores: dict[str, float]
+    changes: list[dict[str, Any]]
+    audiences: list[dict[str, Any]]
 
 
 _ss_enc = msgspec.msgpack.Encoder()
@@ -261,8 +275,12 @@ class ScoringCore:
         models: Mapping[str, TargetModel],
         top_k: int = 5,
         timers: TimerConfig | None = None,
+        audiences: tuple[Audience, ...] = (),
     ) -> None:
         self.targets = targets
+        self.audiences = audiences
+        # the percentile cuts in force, set by the caller per partition (models/audience_stats.py)
+        self.cuts: Mapping[Cut, int] = {}
         self.params = params
         self.timers = timers or TimerConfig(cart_after_ms=params.abandon_after_ms)
         self.rules = rules
@@ -375,7 +393,9 @@ class ScoringCore:
                 ss.quiet_from_ms = st.last_ms
                 out.offered.extend(self._sample(ss, ledger, st, d.ts_ms))
                 cause = {"trigger": SILENCE, "event_id": f"{SILENCE}:{d.ts_ms}", "event_ts_ms": d.ts_ms}
-                out.changes.extend(self._rescore(user_id, ss, st, as_of, cause)[1])
+                done = self._rescore(user_id, ss, st, as_of, cause)
+                out.changes.extend(done.changes)
+                out.audiences.extend(done.audiences)
             elif d.kind == CART_ABANDONED and d.cart is not None:
                 ss.cart_done_ms = d.cart.start_ms
                 c = d.cart
@@ -445,16 +465,14 @@ class ScoringCore:
         models = [self.models[t.name].model for t in self.targets]
         return self.fast.scores_of(models, input_names(), vec)
 
-    def rescore(
-        self, user_id: str, ss: ScoreState, st: UserState, trigger: Event
-    ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        """Score every target now (updating ``ss``); returns the scores and the change events to publish."""
+    def rescore(self, user_id: str, ss: ScoreState, st: UserState, trigger: Event) -> Rescored:
+        """Score every target now (updating ``ss``): the scores, change events and audience moves."""
         cause = {"trigger": "event", "event_id": trigger.event_id, "event_ts_ms": trigger.ts_ms}
         return self._rescore(user_id, ss, st, st.last_ms, cause)
 
     def _rescore(
         self, user_id: str, ss: ScoreState, st: UserState, as_of_ms: int, cause: dict[str, Any]
-    ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    ) -> Rescored:
         feats, vec = self._features(st, as_of_ms)
         self.last_vector = vec
         scores: dict[str, float] = {}
@@ -496,4 +514,36 @@ class ScoringCore:
                 )
             ts.announced = ann
             ts.features = _pack(feats)
-        return scores, out
+        moves = self._regroup(user_id, ss, feats, scores, cause) if self.audiences else []
+        return Rescored(scores, out, moves)
+
+    def _regroup(
+        self,
+        user_id: str,
+        ss: ScoreState,
+        feats: Mapping[str, FeatureValue],
+        scores: dict[str, float],
+        cause: dict[str, Any],
+    ) -> list[dict[str, Any]]:
+        """Keep the latest scores and evaluate every audience: the user's entered and left events."""
+        tiers: dict[str, int] = {}
+        trusted: dict[str, bool] = {}
+        for t in self.targets:
+            ts = self.target_state(ss, t.name)
+            score = ts.score = scores[t.name]
+            last = ts.announced
+            tiers[t.name] = tier_of(score, last.tier if last else None, self.rules)
+            trusted[t.name] = not self.models[t.name].warming_up
+        now = members(self.audiences, View(scores, tiers, feats, self.cuts), trusted)
+        was = ss.audiences
+        if now == was:
+            return []
+        ss.audiences = now
+        out: list[dict[str, Any]] = [
+            {"event": "left", "audience": a, "reason": "condition"} for a in was if a not in now
+        ]
+        rounded = {t: round(s, 6) for t, s in scores.items()}
+        out += [{"event": "entered", "audience": a, "scores": rounded} for a in now if a not in was]
+        for ev in out:
+            ev.update(user_id=user_id, **cause)
+        return out

@@ -33,6 +33,7 @@ from faust.web.exceptions import WebError
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from models.scoring import ScoringCore
+from streams.audience_api import AudienceReader, http_fetch, local_figures
 from streams.checkpoint_producer import CheckpointProducer
 from streams.direct import Committer, DirectIngest, RecordSink
 from streams.erasure import attach_erasure
@@ -288,7 +289,7 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
     stage, live = _scoring(app, settings, metrics, faults, rows, outbox)
     store = RowStore(rows, FaustMarks(marks, outbox))
     pseudonym = Pseudonymizer(settings.pseudonymize_key)  # lookups and erasure take raw ids
-    attach_erasure(app, settings, table, pseudonym, faults, outbox)
+    attach_erasure(app, settings, table, pseudonym, faults, outbox, stage.erased)
 
     def caught_up(topic: str, partition: int) -> bool:
         """Has this worker read everything of the topic partition so far (no lag)?"""
@@ -622,6 +623,57 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
             page = await lookups.page(q, requested)
             return self.json({**page, "served_by": app.conf.canonical_url.human_repr()})
 
+    audiences = AudienceReader(
+        stage.core.audiences, settings.partitions, stage, lookups, owners, owns, served_by
+    )
+
+    @app.page("/audiences")
+    class AudiencesView(View):
+        """Every audience: definition, members and expected converters over all partitions (any
+        worker answers, asking the others); ``?local=1``: this worker's partitions only."""
+
+        async def get(self, request: Request) -> Response:
+            denied = unauthorized(self, request)
+            if denied is not None:
+                return denied
+            if moving():
+                return error(self, 503, "not_ready", "partitions are moving or recovering; retry")
+            if request.query.get("local") == "1":
+                return self.json(local_figures(stage, audiences.owned()))
+            fetch = http_fetch(request.headers.get("Authorization"))
+            return self.json({**await audiences.figures(fetch), "served_by": served_by})
+
+    @app.page("/audiences/{name}")
+    class AudienceMembers(View):
+        """A page of an audience's members with their scores as of their partition's clock;
+        ``cursor`` from the previous page's ``next`` (null: done); ``?partition=P``: one partition,
+        answered by its owner only."""
+
+        async def get(self, request: Request, name: str) -> Response:
+            denied = unauthorized(self, request)
+            if denied is not None:
+                return denied
+            if name not in audiences.names:
+                known = ", ".join(sorted(audiences.names)) or "none (PROPSTREAM_AUDIENCES)"
+                return error(self, 404, "unknown_audience", f"no audience {name!r}; defined: {known}")
+            if moving():
+                return error(self, 503, "not_ready", "partitions are moving or recovering; retry")
+            q = request.query
+            try:
+                if "partition" in q:
+                    p = page_query(q, settings.partitions).partition
+                    if not owns(p):
+                        owner = owners().get(p)
+                        body = {"error": "not_owner", "message": f"partition {p} is served by {owner}"}
+                        return self.json({**body, "owner": owner}, status=409)
+                    return self.json(await audiences.local_page(name, q))
+                limit = page_query({**q, "partition": "0"}, settings.partitions).limit
+                fetch = http_fetch(request.headers.get("Authorization"))
+                status, page = await audiences.page(name, q.get("cursor"), limit, fetch)
+            except BadQuery as exc:
+                return error(self, 400, exc.code, str(exc))
+            return self.json({**page, "served_by": served_by}, status=status)
+
     @app.page("/healthz")
     class Health(View):
         async def get(self, request: Request) -> Response:
@@ -702,6 +754,11 @@ def _scoring(
     def send_trigger(user_id: str, value: bytes) -> None:
         outbox.send_early(triggers, user_id.encode(), value)
 
+    audiences = app.topic(settings.topic_audiences, key_serializer="raw", value_serializer="raw")
+
+    def send_audience(key: bytes, value: bytes | None, headers: list[tuple[str, bytes]]) -> None:
+        outbox.send_early(audiences, key, value, headers)
+
     core = ScoringCore(
         settings.target_list(),
         settings.feature_params(),
@@ -709,6 +766,7 @@ def _scoring(
         live.models,
         top_k=settings.top_factors,
         timers=settings.timer_config(),
+        audiences=settings.audience_list(),
     )
     stage = ScoreStage(
         core,
@@ -720,6 +778,7 @@ def _scoring(
         faults=faults,
         send_trigger=send_trigger,
         index_slice=settings.index_slice,
+        send_audience=send_audience,
     )
     trainers = attach_trainer(app, settings, live, model_metrics, faults)
     servers = app.conf.broker[0]

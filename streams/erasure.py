@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import faust
@@ -19,7 +20,7 @@ import faust
 from streams.faults import Faults
 from streams.outbox import Outbox
 from streams.privacy import Pseudonymizer, parse_request
-from streams.rows import decode_row
+from streams.rows import SCORES, decode_row
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -33,14 +34,18 @@ def attach_erasure(
     pseudonym: Pseudonymizer,
     faults: Faults,
     outbox: Outbox,
+    erased: Callable[[str, int, bytes | None], list[str]],
 ) -> None:
     """Add the erasure agent over the per-user rows ``table`` (features, scores and ledger in one value).
 
     It deletes under the ingest batch's lock after a checkpoint (``streams/outbox.py``), so a row
-    the outbox still holds cannot be written back after the tombstone."""
+    the outbox still holds cannot be written back after the tombstone. ``erased(user, partition,
+    stored score state)`` takes the user out of the partition's audience figures and names the
+    audiences whose keys get a tombstone (every one defined, and any the user was in)."""
     requests = app.topic(settings.topic_erasure, key_serializer="raw", value_serializer="raw")
     changes = app.topic(settings.topic_changes, key_serializer="raw", value_serializer="raw")
     triggers = app.topic(settings.topic_triggers, key_serializer="raw", value_serializer="raw")
+    audiences = app.topic(settings.topic_audiences, key_serializer="raw", value_serializer="raw")
     done = app.topic(settings.topic_erasure_done, key_serializer="raw", value_serializer="raw")
 
     async def erase(stream: Any) -> None:
@@ -58,8 +63,20 @@ def attach_erasure(
                 removed = [n for n, part in zip(PARTS, decode_row(raw), strict=True) if part] if raw else []
                 if raw is not None:
                     table.pop(user, None)  # one tombstone on the changelog: all three parts at once
+                left = erased(user, msg.partition, decode_row(raw)[SCORES] if raw else None)
             changes.send_soon(key=user.encode(), value=None)  # tombstones on the compacted outbound topics
             triggers.send_soon(key=user.encode(), value=None)
+            now_ms = str(int(time.time() * 1000)).encode()
+            for name in left:  # the user's left event on the audience topic is its tombstone
+                headers = [
+                    ("propstream.event", b"left"),
+                    ("propstream.audience", name.encode()),
+                    ("propstream.user", user.encode()),
+                    ("propstream.event_ts_ms", now_ms),
+                    ("propstream.trigger", b"erasure"),
+                    ("propstream.reason", b"erasure"),
+                ]
+                audiences.send_soon(key=f"{name}|{user}".encode(), value=None, headers=headers)
             confirmation = {
                 "request_id": request_id,
                 "user_id": user,  # the pseudonym when pseudonymisation is on: never the raw id

@@ -355,6 +355,8 @@ class IngestHandler:
             first = next(iter(users.values()))[0][1]
             floor = floors[p]
             with store.partition(first):
+                if stage is not None:
+                    stage.begin_partition(p)
                 for user_id, items in users.items():
                     # One user is one unit of work: nothing of it is published, counted or
                     # written before all of it succeeded (the rule in docs/guarantees.md).
@@ -529,7 +531,7 @@ class IngestHandler:
                 continue  # counted when the user's next event reads it; retention judges readable state
             self.store.delete(user_id)
             if self.stage is not None:
-                self.stage.forget_user(user_id)
+                self.stage.forget_user(user_id, p, "retention", self.watermarks.clock(p))
             evicted += 1
         return evicted
 

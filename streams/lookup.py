@@ -220,12 +220,14 @@ class Lookups:
         self.clock = clock
         self.faults = faults
 
-    async def page(self, q: PageQuery, as_of_ms: int | None) -> dict[str, Any]:
+    async def page(self, q: PageQuery, as_of_ms: int | None, audience: str | None = None) -> dict[str, Any]:
         """Up to ``q.limit`` users of ``q.partition`` after ``q.after``, scored as of ``as_of_ms``
-        (None: the partition's clock), each no earlier than its last event.
+        (None: the partition's clock), each no earlier than its last event; given ``audience``,
+        only its members (``GET /audiences/{name}``).
 
-        Rows without features are not users and unreadable ones are counted and skipped; both
-        still move the cursor, so a page can hold fewer users than ``limit`` and more follow.
+        Rows without features are not users and unreadable ones are counted and skipped; both,
+        and non-members, still move the cursor, so a page can hold fewer users than ``limit``
+        and more follow.
         """
         clock = self.clock(q.partition)
         at = clock if as_of_ms is None else as_of_ms
@@ -238,13 +240,15 @@ class Lookups:
             parts = decode_row(raw)
             if not parts[FEATURES]:
                 continue
+            ss = read_scores(parts[SCORES] or None, self.faults, key)
+            if audience is not None and audience not in ss.audiences:
+                continue  # most rows of an audience page: no features decoded
             try:
                 st = decode(parts[FEATURES])
             except Corrupt as exc:
                 self.faults.corrupt(exc, key)
                 corrupt += 1
                 continue
-            ss = read_scores(parts[SCORES] or None, self.faults, key)
             when = max(at, st.last_ms)
             _, scores = target_scores(self.core, st, ss, when)
             users.append({"user_id": key, "as_of_ms": when, "last_event_ms": st.last_ms, "scores": scores})

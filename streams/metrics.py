@@ -128,6 +128,19 @@ class Metrics:
             "Users whose due timers (silence points, cart abandonment) fired, once per user and firing.",
             registry=r,
         )
+        self.audience_members = Gauge(
+            "propstream_audience_members",
+            "Members of each audience in the partitions this worker owns (sum over workers: the "
+            "audience's size).",
+            ["audience"],
+            registry=r,
+        )
+        self.audience_moves = Counter(
+            "propstream_audience_events_total",
+            "Audience membership events published, by audience and event (entered, left).",
+            ["audience", "event"],
+            registry=r,
+        )
         self.watermark = Gauge(
             "propstream_watermark_seconds",
             "Event-time watermark per partition, epoch seconds.",

@@ -49,7 +49,8 @@ if TYPE_CHECKING:
     from streams.checkpoint_producer import CheckpointProducer, Message, Written
 
 DELETE = object()  # a held write that removes the key
-Output = tuple[Any, bytes | None, bytes, list[tuple[str, bytes]] | None]  # (topic, key, value, headers)
+# (topic, key, value (None: a tombstone), headers)
+Output = tuple[Any, bytes | None, bytes | None, list[tuple[str, bytes]] | None]
 Writes = dict[tuple[int, Any], tuple[Any, Any, Any]]  # (table id, key) -> (table, event, value or DELETE)
 Keys = dict[tuple[int, int], list[Any]]  # (table id, partition) -> keys written, sorted
 
@@ -152,7 +153,11 @@ class Outbox:
         return sorted(dict(parts[0] + parts[1]).items())  # a key in both: the held value is the newer
 
     def send_early(
-        self, topic: Any, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]] | None = None
+        self,
+        topic: Any,
+        key: bytes | None,
+        value: bytes | None,
+        headers: list[tuple[str, bytes]] | None = None,
     ) -> None:
         self.early.append((topic, key, value, headers))
 

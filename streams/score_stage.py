@@ -22,6 +22,7 @@ import msgspec
 
 from features.contract import Event
 from features.state import Corrupt, UserState
+from models.audience_stats import PartitionStats
 from models.drift import DriftMonitor, uniform_edges
 from models.ledger import Matured
 from models.online import INPUT_NAMES
@@ -33,6 +34,11 @@ from streams.model_metrics import ModelMetrics
 
 CHANGE_SCHEMA = "propstream.change/1"
 TRIGGER_SCHEMA = "propstream.trigger/1"
+AUDIENCE_SCHEMA = "propstream.audience/1"
+
+Headers = list[tuple[str, bytes]]
+# key, value (None: a tombstone, the audience's left event), headers
+SendAudience = Callable[[bytes, bytes | None, Headers], None]
 
 # Drift of the main model inputs (log1p-compressed, so one set of edges fits counts, money and
 # durations), beside the score's drift per target. Reference: the first 10,000 values a worker sees.
@@ -84,15 +90,18 @@ class UserScoring:
     """One user's score state and ledger while a batch works on them, and what it will publish."""
 
     __slots__ = (
+        "audience_out",
         "changes",
         "deadline_ms",
         "fired",
         "ledger",
+        "moves",
         "raw",
         "state",
         "timer_ms",
         "triggers",
         "user_id",
+        "was",
     )
 
     def __init__(self, user_id: str, raw: bytes | None, state: ScoreState, ledger: LazyLedger) -> None:
@@ -104,7 +113,10 @@ class UserScoring:
         self.ledger = ledger
         self.changes: list[dict[str, Any]] = []  # published only once the whole user succeeded
         self.triggers: list[dict[str, Any]] = []
+        self.moves: list[dict[str, Any]] = []  # audience entered / left
+        self.audience_out: list[tuple[bytes, bytes | None, Headers]] = []
         self.fired = False
+        self.was: tuple[dict[str, float], list[str]] | None = None  # as counted in the partition's stats
 
 
 class PartitionIndex:
@@ -139,8 +151,11 @@ class ScoreStage:
         faults: Faults | None = None,
         send_trigger: Callable[[str, bytes], None] | None = None,
         index_slice: int = 20_000,
+        send_audience: SendAudience | None = None,
     ) -> None:
         self.core = core
+        self.send_audience = send_audience or (lambda key, value, headers: None)
+        self.stats: dict[int, PartitionStats] = {}  # per partition: sizes, converters, distributions
         self.faults = faults or Faults(Metrics())
         self.counters = self.faults.metrics  # triggers and timers, beside the event counters
         self.send_trigger = send_trigger or (lambda user, value: None)
@@ -164,10 +179,20 @@ class ScoreStage:
         self._drift_at = [(INPUT_NAMES.index(name), m) for name, m in self.input_drift.items()]
 
     # --- per user ----------------------------------------------------------------------------
+    def begin_partition(self, partition: int) -> None:
+        """The users that follow are of ``partition``: its percentile cuts are the ones in force.
+
+        Taken once per partition and batch, so every user of the batch meets the same cuts."""
+        if self.core.audiences:
+            self.core.cuts = self.stats_of(partition).cuts()
+
     def begin_user(self, user_id: str) -> UserScoring:
         raw = self.scores.get(user_id)
         ledger = LazyLedger(lambda: self.ledgers.get(user_id), lambda exc: self.faults.corrupt(exc, user_id))
-        return UserScoring(user_id, raw, self._state(user_id, raw), ledger)
+        u = UserScoring(user_id, raw, self._state(user_id, raw), ledger)
+        if self.core.audiences:
+            u.was = _counted(u.state)
+        return u
 
     def _state(self, user_id: str, raw: bytes | None) -> ScoreState:
         try:
@@ -184,8 +209,10 @@ class ScoreStage:
         """
         self.core.finalize(st)
         self.core.on_event(u.state, u.ledger, st, ev, u.triggers)
-        scores, changes = self.core.rescore(u.user_id, u.state, st, ev)
+        scores, changes, moves = self.core.rescore(u.user_id, u.state, st, ev)
         u.changes.extend(changes)
+        if moves:
+            u.moves.extend(moves)
         for target, s in scores.items():
             self._batch_scores.setdefault(target, []).append(s)
         x = self.core.last_vector
@@ -197,6 +224,7 @@ class ScoreStage:
         fired = self.core.fire(u.user_id, u.state, u.ledger, st, clock_ms)
         u.changes.extend(fired.changes)
         u.triggers.extend(fired.triggers)
+        u.moves.extend(fired.audiences)
         u.fired = True
         self.counters.timers_fired.inc()
 
@@ -230,7 +258,37 @@ class ScoreStage:
                 "scores": tr["scores"],
             }
             out.append(("trigger", self._json.encode(body)))
+        u.audience_out = [self._audience(u.user_id, mv, now_ms) for mv in u.moves]
         return out
+
+    def _audience(self, user_id: str, mv: dict[str, Any], now_ms: int) -> tuple[bytes, bytes | None, Headers]:
+        """An audience move as its message: entered is a JSON value, left a tombstone with headers
+        (so the compacted topic holds exactly the current members)."""
+        key = f"{mv['audience']}|{user_id}".encode()
+        headers: Headers = [
+            ("propstream.event", mv["event"].encode()),
+            ("propstream.audience", mv["audience"].encode()),
+            ("propstream.user", user_id.encode()),
+            ("propstream.event_ts_ms", str(mv["event_ts_ms"]).encode()),
+            ("propstream.trigger", str(mv.get("trigger", "")).encode()),
+        ]
+        if mv["event"] == "left":
+            headers.append(("propstream.reason", mv["reason"].encode()))
+            return key, None, headers
+        body = {
+            "schema": AUDIENCE_SCHEMA,
+            "event": "entered",
+            "audience": mv["audience"],
+            "user_id": user_id,
+            "event_ts_ms": mv["event_ts_ms"],
+            "event_time": iso_ms(mv["event_ts_ms"]),
+            "trigger": mv["trigger"],
+            "event_id": mv["event_id"],
+            "scores": mv["scores"],
+            "emit_ts_ms": now_ms,
+            "emitted_at": iso_ms(now_ms),
+        }
+        return key, self._json.encode(body), headers
 
     def _publish(self, u: UserScoring, out: list[tuple[str, bytes]]) -> None:
         for (kind, value), body in zip(out, [*u.changes, *u.triggers], strict=True):
@@ -241,8 +299,13 @@ class ScoreStage:
             else:
                 self.send_trigger(u.user_id, value)
                 self.counters.triggers.labels(body["trigger"]).inc()
+        for (key, message, headers), mv in zip(u.audience_out, u.moves, strict=True):
+            self.send_audience(key, message, headers)
+            self.counters.audience_moves.labels(mv["audience"], mv["event"]).inc()
         u.changes = []
         u.triggers = []
+        u.moves = []
+        u.audience_out = []
 
     def _save(self, u: UserScoring, partition: int) -> None:
         """Write the user's score state and ledger (encoded first: a failure writes neither)."""
@@ -259,6 +322,9 @@ class ScoreStage:
                 self.ledgers.delete(u.user_id)
             u.ledger.dirty = False
         self._push_deadline(u, partition)
+        if u.was is not None:
+            self._recount(u.user_id, partition, u.was, now := _counted(u.state))
+            u.was = now
         due = u.state.timer_ms
         part = self.parts.get(partition)
         if due and (u.timer_ms == 0 or due < u.timer_ms) and part is not None:
@@ -273,6 +339,36 @@ class ScoreStage:
             heapq.heappush(part.deadlines, (end, u.user_id))
         u.deadline_ms = end
 
+    def _recount(
+        self,
+        user_id: str,
+        partition: int,
+        was: tuple[dict[str, float], list[str]],
+        now: tuple[dict[str, float], list[str]] | None,
+    ) -> None:
+        """Move one user's counted state in the partition's audience figures (``now`` None: gone).
+
+        While the partition's index is still being rebuilt, a user past its cursor is left to
+        the rebuild, which reads the user's state as it is then: counting it here too would
+        count it twice."""
+        if was == now:
+            return
+        part = self.parts.get(partition)
+        if part is None or (not part.indexed and (part.cursor is None or user_id > part.cursor)):
+            return
+        stats = self.stats_of(partition)
+        stats.add(*was, sign=-1)
+        if now is not None:
+            stats.add(*now)
+
+    def stats_of(self, partition: int) -> PartitionStats:
+        stats = self.stats.get(partition)
+        if stats is None:
+            stats = self.stats[partition] = PartitionStats(
+                self.core.audiences, (t.name for t in self.core.targets)
+            )
+        return stats
+
     # --- per partition -------------------------------------------------------------------------
     def index(self, partition: int) -> PartitionIndex:
         """The partition's heaps, read a further slice of users into them while still rebuilding."""
@@ -286,6 +382,8 @@ class ScoreStage:
                     heapq.heappush(part.deadlines, (ss.deadline_ms, user))
                 if ss.timer_ms:
                     heapq.heappush(part.timers, (ss.timer_ms, user))
+                if self.core.audiences:
+                    self.stats_of(partition).add(*_counted(ss))
                 part.cursor = user
                 if n >= self.index_slice:
                     break
@@ -309,6 +407,8 @@ class ScoreStage:
         nothing of it is written or sent.
         """
         heap = self.index(partition).timers
+        if heap and heap[0][0] <= clock_ms:
+            self.begin_partition(partition)  # an idle tick fires without a batch before it
         fired = 0
         while heap and heap[0][0] <= clock_ms and (limit is None or fired < limit):
             due, user = heapq.heappop(heap)
@@ -384,15 +484,52 @@ class ScoreStage:
     def _lost(self, user: str, exc: Exception) -> None:
         self.faults.failed("expire", exc, user)
 
-    def forget_user(self, user_id: str) -> None:
-        """Drop a user's score state and pending labels (retention; tombstones on the changelogs)."""
+    def forget_user(self, user_id: str, partition: int, reason: str, clock_ms: int) -> None:
+        """Drop a user's score state and pending labels (retention; tombstones on the changelogs);
+        the user leaves every audience it was in, with ``reason``."""
+        if self.core.audiences:
+            u = self.begin_user(user_id)
+            assert u.was is not None
+            for name in u.state.audiences:
+                mv = {"event": "left", "audience": name, "reason": reason, "user_id": user_id}
+                u.moves.append({**mv, "event_ts_ms": clock_ms, "trigger": reason})
+            u.audience_out = [self._audience(user_id, mv, clock_ms) for mv in u.moves]
+            self._recount(user_id, partition, u.was, None)
+            self._publish(u, [])
         self.scores.delete(user_id)
         self.ledgers.delete(user_id)
 
+    def erased(self, user_id: str, partition: int, scores_raw: bytes | None) -> list[str]:
+        """An erased user leaves the partition's audience figures; returns every audience whose key
+        of the user gets a tombstone: each one defined, and any the stored state names."""
+        names = [a.name for a in self.core.audiences]
+        if scores_raw:
+            ss = self._state(user_id, scores_raw)
+            if self.core.audiences:
+                self._recount(user_id, partition, _counted(ss), None)
+            names += [n for n in ss.audiences if n not in names]
+        return names
+
     def forget(self, partitions: set[int]) -> None:
-        """Partitions moved to another worker: their horizons and timers are that worker's now."""
+        """Partitions moved to another worker: their horizons, timers and audience figures are that
+        worker's now."""
         for p in partitions:
             self.parts.pop(p, None)
+            self.stats.pop(p, None)
+
+    def audience_figures(self, partitions: set[int] | None = None) -> dict[str, dict[str, Any]]:
+        """Per audience, members and expected converters over ``partitions`` (None: all this worker
+        holds), and which partitions were counted and whether each was fully indexed."""
+        out: dict[str, dict[str, Any]] = {}
+        for a in self.core.audiences:
+            size = 0
+            expected = 0.0
+            for p, stats in self.stats.items():
+                if partitions is None or p in partitions:
+                    size += stats.size[a.name]
+                    expected += stats.expected[a.name]
+            out[a.name] = {"members": size, "expected_converters": expected}
+        return out
 
     def _send(self, m: Matured) -> None:
         s = m.snapshot
@@ -421,6 +558,9 @@ class ScoreStage:
         if self._changes:
             self.metrics.emit_latency.observe(time.perf_counter() - started)
             self._changes = 0
+        if self.core.audiences:
+            for name, fig in self.audience_figures().items():
+                self.counters.audience_members.labels(name).set(fig["members"])
 
     def _set_psi(self, target: str, name: str, monitor: DriftMonitor) -> None:
         value = monitor.psi()
@@ -433,3 +573,8 @@ class ScoreStage:
         from streams.lookup import user_scores
 
         return user_scores(self.core, self.scores, self.ledgers, self.faults, user_id, st, st.last_ms)[1]
+
+
+def _counted(ss: ScoreState) -> tuple[dict[str, float], list[str]]:
+    """What a user adds to the partition's audience figures: latest scores and memberships."""
+    return {name: ts.score for name, ts in ss.targets.items()}, list(ss.audiences)

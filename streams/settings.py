@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 if TYPE_CHECKING:
     from features.contract import Rules
     from features.state import FeatureParams
+    from models.audiences import Audience
     from models.changes import ChangeRules
     from models.ledger import Target
     from models.online import ModelConfig
@@ -367,9 +368,12 @@ class Settings(BaseSettings):
         "trigger and audience topics.",
     )
     forward_group: str = Field(
-        "", description="propstream forward: consumer group (its committed offsets). Default: <app_id>-forward."
+        "",
+        description="propstream forward: consumer group (its committed offsets). Default: <app_id>-forward.",
     )
-    forward_batch: int = Field(100, ge=1, le=10_000, description="propstream forward: events per request, at most.")
+    forward_batch: int = Field(
+        100, ge=1, le=10_000, description="propstream forward: events per request, at most."
+    )
     forward_timeout_s: FloatSeconds = Field(
         10.0, gt=0, description="propstream forward: a request that takes longer failed." + IN_SECONDS
     )
@@ -493,6 +497,24 @@ class Settings(BaseSettings):
                 )
                 raise ValueError(msg)
         return self
+
+    @model_validator(mode="after")
+    def _audiences_parse(self) -> Settings:
+        from models.audiences import AudienceError
+
+        try:
+            self.audience_list()
+        except AudienceError as exc:
+            msg = f"{env_name('audiences')}: {exc}"
+            raise ValueError(msg) from None
+        return self
+
+    def audience_list(self) -> tuple[Audience, ...]:
+        """The audience definitions, parsed against the targets and the served features."""
+        from features.catalogue import NAMES
+        from models.audiences import parse_audiences
+
+        return parse_audiences(self.audiences, [t.name for t in self.target_list()], NAMES)
 
     def target_list(self) -> tuple[Target, ...]:
         from models.targets import parse_targets

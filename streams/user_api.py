@@ -15,7 +15,7 @@ from features.catalogue import NAMES
 from features.contract import MAX_ID_LEN, parse_time_ms
 from features.state import Corrupt, FeatureParams, decode
 from features.user import compute
-from models.scoring import ScoringCore
+from models.scoring import ScoringCore, decode_state
 from streams.faults import Faults
 from streams.lookup import AsOf, as_of_for, partition_of, scores_of_parts
 from streams.privacy import Pseudonymizer
@@ -168,4 +168,14 @@ class UserAnswers:
         )
         body["features"] = {k: feats[k] for k in NAMES}
         body["scores"] = scores
+        body["audiences"] = memberships(parts[SCORES])
         return Answer(200, body)
+
+
+def memberships(scores_raw: bytes) -> list[str]:
+    """The audiences the user is in, as of its last event or silence point (unreadable: none;
+    the score lookup beside it counts the fault)."""
+    try:
+        return decode_state(scores_raw or None).audiences
+    except Corrupt:
+        return []

@@ -65,6 +65,7 @@ def build(
     examples: list[bytes] | None = None,
     models: dict[str, TargetModel] | None = None,
     clock: Callable[[], float] = time.time,
+    audience: list[tuple[bytes, bytes | None, list[tuple[str, bytes]]]] | None = None,
 ) -> IngestHandler:
     """Handler and stage as the worker wires them, over the given (default: in-memory) stores."""
     metrics = Metrics()
@@ -76,6 +77,7 @@ def build(
         models if models is not None else trained_models(settings),
         top_k=settings.top_factors,
         timers=settings.timer_config(),
+        audiences=settings.audience_list(),
     )
     sink = changes if changes is not None else []
     stage = ScoreStage(
@@ -89,6 +91,7 @@ def build(
         faults=faults,
         send_trigger=(lambda user, value: triggers.append(value)) if triggers is not None else None,
         index_slice=settings.index_slice,
+        send_audience=(lambda k, v, h: audience.append((k, v, h))) if audience is not None else None,
     )
     return IngestHandler(
         settings, store or MemoryStore(), lambda dl: None, metrics, clock=clock, stage=stage, faults=faults

@@ -417,7 +417,7 @@ def test_a_tier_crossing_is_announced_once_with_the_documented_fields() -> None:
     def step(e: Event) -> tuple[float, list[dict[str, Any]]]:
         assert apply(st, e, PARAMS) is None
         finalize(st)
-        scores, changes = core.rescore("u", ss, st, e)
+        scores, changes, _ = core.rescore("u", ss, st, e)
         return scores["purchase"], changes
 
     assert step(ev(0, T0)) == (pytest.approx(low, abs=1e-12), [])  # the baseline

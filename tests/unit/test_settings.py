@@ -25,6 +25,9 @@ DURATIONS = {
     "source_idle_s": "s",
     "idle_advance_s": "s",
     "retention_sweep_every_s": "s",
+    "forward_timeout_s": "s",
+    "forward_backoff_s": "s",
+    "forward_backoff_max_s": "s",
     "user_ttl_days": "d",
 }
 
