@@ -20,7 +20,7 @@ from typing import Any
 
 import click
 
-from streams import cli_models, cli_score
+from streams import cli_audience, cli_models, cli_score
 from streams.bench.command import bench_cmd
 from streams.cli_common import (
     DURATION_HELP,
@@ -31,6 +31,7 @@ from streams.cli_common import (
     fail,
     setting_option,
 )
+from streams.cli_forward import forward
 from streams.cli_privacy import forget
 from streams.demo import demo
 from streams.settings import Settings, unknown_env
@@ -618,6 +619,8 @@ main.add_command(cli_models.tail)
 main.add_command(cli_models.model)
 main.add_command(forget)
 main.add_command(cli_score.score)
+main.add_command(cli_audience.audience)
+main.add_command(forward)
 
 if __name__ == "__main__":
     main()

@@ -42,6 +42,8 @@ def env(kafka: str) -> dict[str, str]:
         "PROPSTREAM_TOPIC_MODELS": f"{uid}.models",
         "PROPSTREAM_TOPIC_ERASURE": f"{uid}.erasure",
         "PROPSTREAM_TOPIC_ERASURE_DONE": f"{uid}.erasure.done",
+        "PROPSTREAM_TOPIC_AUDIENCES": f"{uid}.audiences",
+        "PROPSTREAM_TOPIC_FORWARD_DEADLETTER": f"{uid}.forward.deadletter",
         "PROPSTREAM_LOG_LEVEL": "info",  # rebalances and recovery: a failing test prints the tail
     }
 
