@@ -21,6 +21,7 @@ import click
 
 from streams.cli_common import build_settings, fail, setting_option
 from streams.cli_score import RETRY, Get, http_get
+from streams.settings import Settings
 
 WAIT_S = 60.0  # how long a page is retried while partitions move or a worker is away
 
@@ -114,23 +115,37 @@ def list_cmd(as_json: bool, **opts: Any) -> None:
     show_envvar=True,
     help="Members per request.",
 )
+@click.option(
+    "--reidentify",
+    "ids_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    envvar="PROPSTREAM_AUDIENCE_REIDENTIFY",
+    show_envvar=True,
+    help="With pseudonymisation on: a file of your own user ids, one per line. Members whose "
+    "pseudonym is one of theirs are written with your id (column reidentified true); the rest keep "
+    "the pseudonym. Needs PROPSTREAM_PSEUDONYMIZE_KEY here, on this machine only.",
+)
 @setting_option("web_port", "--web-port", type=int)
 @setting_option("web_host", "--web-host")
-def export_cmd(name: str, fmt: str, out_path: Path, page_size: int, **opts: Any) -> None:
+def export_cmd(
+    name: str, fmt: str, out_path: Path, page_size: int, ids_path: Path | None, **opts: Any
+) -> None:
     """Write the members of audience NAME with their scores as of their partition's clock.
 
-    User ids are as stored: with PROPSTREAM_PSEUDONYMIZE_KEY set they are the pseudonyms
-    (docs/audiences.md says how to join them to your own ids).
+    User ids are as stored: with PROPSTREAM_PSEUDONYMIZE_KEY set they are pseudonyms, unless
+    --reidentify maps them back through your own list of ids (docs/audiences.md).
     """
     get, base = _base(opts)
+    ids = None if ids_path is None else reidentified(ids_path, build_settings(**opts))
     if str(out_path) == "-":
-        n = export(get, base, name, sys.stdout, fmt, page_size)
+        n = export(get, base, name, sys.stdout, fmt, page_size, ids)
         click.echo(f"{n:,} members of {name}", err=True)
         return
     part = out_path.with_name(out_path.name + ".part")
     try:
         with part.open("w", newline="", encoding="utf-8") as fh:
-            n = export(get, base, name, fh, fmt, page_size)
+            n = export(get, base, name, fh, fmt, page_size, ids)
     except BaseException:
         part.unlink(missing_ok=True)
         raise
@@ -138,8 +153,24 @@ def export_cmd(name: str, fmt: str, out_path: Path, page_size: int, **opts: Any)
     click.echo(f"{n:,} members of {name} in {out_path}", err=True)
 
 
-def export(get: Get, base: str, name: str, out: TextIO, fmt: str, page_size: int) -> int:
-    """Follow the member pages to the end; progress (partitions done, members) on stderr."""
+def reidentified(ids_path: Path, settings: Settings) -> dict[str, str]:
+    """Pseudonym -> your id, for the ids in ``ids_path``: the only way back, since a pseudonym is a
+    keyed hash and the deployment keeps no raw id."""
+    if settings.pseudonymize_key is None:
+        fail("--reidentify needs PROPSTREAM_PSEUDONYMIZE_KEY: without it the ids are not pseudonyms")
+    from streams.privacy import Pseudonymizer
+
+    pseudonym = Pseudonymizer(settings.pseudonymize_key)
+    raw = (line.strip() for line in ids_path.read_text(encoding="utf-8").splitlines())
+    return {pseudonym(r): r for r in raw if r}
+
+
+def export(
+    get: Get, base: str, name: str, out: TextIO, fmt: str, page_size: int, ids: dict[str, str] | None = None
+) -> int:
+    """Follow the member pages to the end; progress (partitions done, members) on stderr.
+
+    With ``ids`` (pseudonym -> your id) a member found there is written with your id."""
     cursor: str | None = None
     written = 0
     writer: Any = None
@@ -149,16 +180,18 @@ def export(get: Get, base: str, name: str, out: TextIO, fmt: str, page_size: int
         page = _ask(get, f"{base}/audiences/{quote(name, safe='')}?{urlencode(query)}")
         for user in page["users"]:
             scores = {t: s["score"] for t, s in user["scores"].items()}
+            uid = user["user_id"]
+            row: dict[str, Any] = {"user_id": uid, "as_of_ms": user["as_of_ms"]}
+            if ids is not None:
+                row["user_id"] = ids.get(uid, uid)
+                row["reidentified"] = uid in ids
             if fmt == "jsonl":
-                out.write(
-                    json.dumps({"user_id": user["user_id"], "as_of_ms": user["as_of_ms"], "scores": scores})
-                    + "\n"
-                )
+                out.write(json.dumps({**row, "scores": scores}) + "\n")
             else:
                 if writer is None:
                     writer = csv.writer(out)
-                    writer.writerow(["user_id", "as_of_ms", *scores])
-                writer.writerow([user["user_id"], user["as_of_ms"], *scores.values()])
+                    writer.writerow([*row, *scores])
+                writer.writerow([*row.values(), *scores.values()])
             written += 1
         cursor = page["next"]
         if cursor is None:

@@ -9,6 +9,9 @@
 from __future__ import annotations
 
 import csv
+import hashlib
+import hmac
+import json
 import time
 from typing import Any
 
@@ -133,3 +136,49 @@ def test_a_bad_definition_stops_the_worker_at_start_with_the_column(make_worker:
     result = w.cli("worker", timeout_s=60)
     assert result.returncode != 0
     assert "PROPSTREAM_AUDIENCES: audience 'hot', column 21: unknown field 'n_evnts_24h'" in result.stderr
+
+
+def test_pseudonymous_members_export_reidentified_and_erasure_tombstones_every_audience(
+    settings: Settings, make_worker: Any, kafka: str, tmp_path: Any
+) -> None:
+    key = "k3y"
+    extra = {**FIXED, "PROPSTREAM_AUDIENCES": "busy: n_events_7d >= 3; seen: n_events_7d >= 1"}
+    w = make_worker("p", PROPSTREAM_PSEUDONYMIZE_KEY=key, **extra).start()
+    now = int(time.time() * 1000)
+    people = ["alice", "bob", "carol"]
+    items = [
+        (settings.topic_clickstream, ev(u, j, "page_view", now - 10 * MIN + j * MIN))
+        for u in people
+        for j in range(3)
+    ]
+    send(kafka, items)
+    wait_settled(kafka, settings.app_id, settings.source_topics, 60)
+    # the pseudonym from its documented definition (HMAC-SHA256 of the id, 32 hex digits), not by propstream
+    pseudo = {u: hmac.new(key.encode(), u.encode(), hashlib.sha256).hexdigest()[:32] for u in people}
+    assert held(read_topic(kafka, settings.topic_audiences))["busy"] == set(pseudo.values())
+
+    ids = tmp_path / "crm-ids.txt"
+    ids.write_text("alice\nbob\nsomeone-else\n")
+    out = tmp_path / "busy.jsonl"
+    result = w.cli(
+        "audience", "export", "busy", "--format", "jsonl", "--out", str(out), "--reidentify", str(ids)
+    )
+    assert result.returncode == 0, result.stderr
+    rows = {(r["user_id"], r["reidentified"]) for r in map(json.loads, out.read_text().splitlines())}
+    assert rows == {("alice", True), ("bob", True), (pseudo["carol"], False)}
+
+    assert w.cli("forget", "alice").returncode == 0
+    wait_until(
+        lambda: bool(read_topic(kafka, settings.topic_erasure_done)), 60, what="the erasure to be confirmed"
+    )
+    messages = read_topic(kafka, settings.topic_audiences)
+    gone = {m.key.decode() for m in messages if m.value is None}
+    assert gone == {f"busy|{pseudo['alice']}", f"seen|{pseudo['alice']}"}
+    reasons = {dict(m.headers)["propstream.reason"] for m in messages if m.value is None}
+    assert reasons == {b"erasure"}
+    assert held(messages) == {
+        "busy": {pseudo["bob"], pseudo["carol"]},
+        "seen": {pseudo["bob"], pseudo["carol"]},
+    }
+    status, body = w.get("/audiences")
+    assert status == 200 and {a["name"]: a["members"] for a in body["audiences"]} == {"busy": 2, "seen": 2}
