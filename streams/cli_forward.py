@@ -75,6 +75,9 @@ def forward(start_at: str, **opts: str | None) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if settings.log_level != "debug":  # the clients log every connection at INFO; our lines say enough
+        for noisy in ("kafka", "aiokafka"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     servers = _ensure(settings)
     try:
         asyncio.run(serve(settings, servers, start_at=start_at))

@@ -102,7 +102,8 @@ class Forwarder:
         self.topics = forward_topics(s)
         self.kinds = kinds_of(s.topic_changes, s.topic_triggers, s.topic_audiences, self.topics)
         self.group = s.forward_group or f"{s.app_id}-forward"
-        self.secret = s.forward_secret.get_secret_value().encode() if s.forward_secret is not None else None
+        secret = s.forward_secret.get_secret_value() if s.forward_secret is not None else ""
+        self.secret = secret.encode() or None  # an empty variable (compose's default) signs nothing
         self.policy = Policy(s.forward_attempts, s.forward_backoff_s, s.forward_backoff_max_s)
         self.rng = random.Random(seed)
         self._stopping = asyncio.Event()
@@ -267,9 +268,8 @@ class Forwarder:
                     return Answer(resp.status, "ok")
                 head = (await resp.content.read(200)).decode("utf-8", "replace").strip()
                 wait = retry_after_s(resp.headers.get("Retry-After"), time.time())
-                return Answer(
-                    resp.status, f"http_{resp.status}", f"HTTP {resp.status} {resp.reason}: {head}", wait
-                )
+                detail = f"HTTP {resp.status} {resp.reason}" + (f": {head}" if head else "")
+                return Answer(resp.status, f"http_{resp.status}", detail, wait)
         except TimeoutError:
             return Answer(None, "timeout", f"no answer within {self.settings.forward_timeout_s:g}s")
         except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError) as exc:
