@@ -14,7 +14,9 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from prometheus_client import CollectorRegistry
 
+from streams.forward_metrics import ForwardMetrics
 from streams.metrics import Metrics
 from tests.conftest import ROOT, SHARED_DATA
 
@@ -56,7 +58,8 @@ def exported_metrics() -> set[str]:
     app = type("UnstartedApp", (), {"tables": type("Tables", (), {"values": lambda self: []})()})()
     metrics = Metrics()
     metrics.watch_app(app)  # the scrape-time collector's families too
-    return sample_names(metrics.registry) | MODEL_METRICS
+    forward = ForwardMetrics(CollectorRegistry())  # propstream forward's own registry
+    return sample_names(metrics.registry) | MODEL_METRICS | sample_names(forward.registry)
 
 
 def compose() -> dict:
