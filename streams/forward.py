@@ -93,7 +93,6 @@ class Forwarder:
         metrics: ForwardMetrics,
         *,
         start_at: str = "earliest",
-        seed: int | None = None,
     ) -> None:
         s = settings
         self.settings = s
@@ -105,7 +104,7 @@ class Forwarder:
         secret = s.forward_secret.get_secret_value() if s.forward_secret is not None else ""
         self.secret = secret.encode() or None  # an empty variable (compose's default) signs nothing
         self.policy = Policy(s.forward_attempts, s.forward_backoff_s, s.forward_backoff_max_s)
-        self.rng = random.Random(seed)
+        self.rng = random.Random()
         self._stopping = asyncio.Event()
         self._abandon = asyncio.Event()  # set: give up the batch out after its current request
         self._task: asyncio.Task[None] | None = None
@@ -131,31 +130,33 @@ class Forwarder:
         producer = AIOKafkaProducer(
             bootstrap_servers=bootstrap, client_id="propstream-forward", acks="all", enable_idempotence=True
         )
-        await consumer.start()
-        await producer.start()
-        session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=s.forward_timeout_s),
-            headers={"User-Agent": "propstream-forward/1"},
-        )
-        lag = None
-        try:
+        async with contextlib.AsyncExitStack() as stack:
+            await consumer.start()
+            stack.push_async_callback(consumer.stop)  # leaves the group: the others take over at once
+            await producer.start()
+            stack.push_async_callback(producer.stop)
+            session = await stack.enter_async_context(
+                aiohttp.ClientSession(
+                    timeout=aiohttp.ClientTimeout(total=s.forward_timeout_s),
+                    headers={"User-Agent": "propstream-forward/1"},
+                )
+            )
             missing = sorted(set(self.topics) - await consumer.topics())
             if missing:
                 msg = f"topic(s) {', '.join(missing)} do not exist (PROPSTREAM_FORWARD_TOPICS)"
                 raise ForwardError(msg)
             consumer.subscribe(self.topics, listener=_Rebalance(self))
             lag = asyncio.create_task(self._watch_lag(consumer))
-            await self._loop(consumer, producer, session)
-        finally:
-            if lag is not None:
+            try:
+                await self._loop(consumer, producer, session)
+            finally:
                 lag.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await lag
-            await session.close()
-            await consumer.stop()  # leaves the group: the others take the partitions at once
-            await producer.stop()
 
-    async def _loop(self, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer, session: Any) -> None:
+    async def _loop(
+        self, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer, session: aiohttp.ClientSession
+    ) -> None:
         held: dict[TopicPartition, list[ConsumerRecord[Any, Any]]] = {}
         while not self._stopping.is_set():
             if not held:

@@ -118,7 +118,10 @@ def idempotency_key(record: Record) -> str:
 
 
 def _left(record: Record) -> dict[str, Any] | Reject:
-    """A ``left`` event from an audience tombstone's headers (from its key ``audience|user`` without them)."""
+    """A ``left`` event from an audience tombstone's headers (from its key ``audience|user`` without them).
+
+    ``trigger`` (event, silence, retention, erasure) is added when the tombstone's header has one.
+    """
     audience, user = record.header("propstream.audience"), record.header("propstream.user")
     if audience is None or user is None:
         key = (record.key or b"").decode("utf-8", "replace")
@@ -135,13 +138,17 @@ def _left(record: Record) -> dict[str, Any] | Reject:
             ts_ms = int(ts)
         except ValueError:
             return Reject("bad_left", f"propstream.event_ts_ms is not an integer: {ts[:40]!r}")
-    return {
+    left = {
         "event": "left",
         "audience": audience,
         "user_id": user,
         "event_ts_ms": ts_ms,
         "reason": record.header("propstream.reason"),
     }
+    trigger = record.header("propstream.trigger")
+    if trigger:  # what rescored the user, as in an entered event
+        left["trigger"] = trigger
+    return left
 
 
 def render(record: Record, kind: Kind) -> Event | Skip | Reject:

@@ -384,3 +384,50 @@ def test_sigterm_abandons_the_batch_uncommitted_and_the_next_process_sends_it_wi
         wait_settled(kafka, group, [s.topic_changes], 30)
     finally:
         hook.close()
+
+
+def test_forward_refuses_a_topic_that_does_not_exist(
+    env: dict[str, str], settings: Settings, tmp_path: Path
+) -> None:
+    w = WorkerProc(
+        {**env, "PROPSTREAM_FORWARD_URL": "http://127.0.0.1:9/", "PROPSTREAM_FORWARD_METRICS_PORT": "0"},
+        tmp_path,
+        tmp_path / "forward.log",
+    )
+    out = w.cli("forward", "--topics", f"{settings.topic_changes},no.such.topic", timeout_s=60)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "topic(s) no.such.topic do not exist (PROPSTREAM_FORWARD_TOPICS)" in out.stderr
+
+
+def test_two_forwarders_share_the_partitions_and_a_rebalance_abandons_the_batch_out(
+    kafka: str, settings: Settings, forwarders: Callable[..., WorkerProc]
+) -> None:
+    s = settings
+    p = Produced(kafka)
+    sent = {p.send(s.topic_changes, f"u{i}", {"user_id": f"u{i}", "i": i}, expect=True) for i in range(40)}
+    p.close()
+    hook = Hook(free_port(), ["fail"])
+    try:
+        url = f"http://127.0.0.1:{hook.port}/"
+        a = forwarders(url, PROPSTREAM_FORWARD_ATTEMPTS="1000")
+        wait_until(lambda: len(hook.requests) >= 2, 30, what="a's first failures")
+        b = forwarders(url, PROPSTREAM_FORWARD_ATTEMPTS="1000")
+        # the join revokes a's partitions while its batch is being retried: it lets the batch go
+        wait_until(lambda: "abandoned a batch" in a.log.read_text(), 30, what="a to abandon its batch")
+        wait_until(
+            lambda: "assigned 6 partitions" in b.log.read_text(), 30, what="b to get half the partitions"
+        )
+        with hook.lock:
+            hook.script = []  # recovered
+        wait_until(lambda: sent <= {(e["topic"], e["partition"], e["offset"]) for e in hook.delivered()}, 30)
+        wait_settled(kafka, f"{s.app_id}-forward", [s.topic_changes, s.topic_triggers, s.topic_audiences], 30)
+        keys: dict[tuple[str, int, int], set[str]] = defaultdict(set)
+        for e in hook.received():
+            keys[(e["topic"], e["partition"], e["offset"])].add(e["idempotency_key"])
+        assert set(keys) == sent and all(len(k) == 1 for k in keys.values())
+        by_a, by_b = a.metric("propstream_forward_sent_total"), b.metric("propstream_forward_sent_total")
+        assert (
+            by_a > 0 and by_b > 0 and by_a + by_b == 40
+        )  # each event accepted once, by its partition's owner
+    finally:
+        hook.close()

@@ -197,11 +197,12 @@ def test_distinct_key_value_pairs_get_distinct_idempotency_keys(pairs: list[tupl
 
 
 # --- rendering -------------------------------------------------------------------------------
-LEFT_HEADERS = [
+LEFT_HEADERS = [  # as streams/erasure.py writes them
     ("propstream.event", b"left"),
     ("propstream.audience", b"at_risk"),
     ("propstream.user", b"u|1"),
     ("propstream.event_ts_ms", b"1795667300000"),
+    ("propstream.trigger", b"erasure"),
     ("propstream.reason", b"erasure"),
 ]
 
@@ -218,6 +219,7 @@ def test_a_left_tombstone_is_rendered_from_its_headers() -> None:
         "user_id": "u|1",
         "event_ts_ms": 1795667300000,
         "reason": "erasure",
+        "trigger": "erasure",
     }
     assert out.as_json()["key"] == "at_risk|u|1"
     # without the audience and user headers, the key is split on its first "|"
@@ -259,14 +261,15 @@ def test_dead_letter_headers_keep_the_originals_and_say_why() -> None:
     )
     h = dead_letter_headers(r, "http_500", "HTTP 500 Internal Server Error: boom", 8, "k" * 32)
     names = [k for k, _ in h]
-    assert names[:5] == [
+    assert names[:6] == [
         "propstream.event",
         "propstream.audience",
         "propstream.user",
         "propstream.event_ts_ms",
+        "propstream.trigger",
         "propstream.original.reason",  # the left event's own reason, renamed
     ]
-    ours = dict(h[5:])
+    ours = dict(h[6:])
     assert ours == {
         "propstream.reason": b"http_500",
         "propstream.detail": b"HTTP 500 Internal Server Error: boom",
