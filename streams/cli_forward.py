@@ -67,6 +67,13 @@ def forward(start_at: str, **opts: str | None) -> None:
     problem = url_problem(settings.forward_url)
     if problem is not None:
         fail(problem)
+    url = urlsplit(settings.forward_url)
+    if url.scheme == "http" and url.hostname not in ("localhost", "127.0.0.1", "::1"):
+        click.echo(
+            f"warning: {settings.forward_url} is plain http: events and their user ids cross the "
+            "network unencrypted, and a signature does not hide them; use https",
+            err=True,
+        )
     if settings.forward_backoff_max_s < settings.forward_backoff_s:
         fail(
             f"PROPSTREAM_FORWARD_BACKOFF_MAX_S ({settings.forward_backoff_max_s:g}s) is below "

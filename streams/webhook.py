@@ -273,21 +273,22 @@ class Answer:
 
 
 def classify(status: int | None) -> Verdict:
-    """2xx delivered; 400/413/422 split (the receiver refuses this content or its size: halve the batch
-    to isolate what it refuses, a single refused event is a dead letter at once); anything else,
-    no response included, is retried.
+    """2xx delivered, and 409 too (the receiver has this batch already: its Idempotency-Key, a
+    redelivery after a lost answer); 400/413/422 split (the receiver refuses this content or its
+    size: halve the batch to isolate what it refuses, a single refused event is a dead letter at
+    once); anything else, no response included, is retried.
 
     401, 403 and 404 are retried too: they say the URL or the secret is wrong, which an operator
     fixes, not the events; dead-lettering at once would empty the stream into the dead-letter topic
     within seconds of a bad deploy. Redirects are not followed (a signed POST must not be replayed
     to another host): they are retried, and dead-lettered once the attempts run out.
 
-    >>> [classify(s) for s in (200, 204, 400, 413, 422)]
-    ['delivered', 'delivered', 'split', 'split', 'split']
+    >>> [classify(s) for s in (200, 204, 409, 400, 413, 422)]
+    ['delivered', 'delivered', 'delivered', 'split', 'split', 'split']
     >>> {classify(s) for s in (301, 401, 403, 404, 408, 429, 500, 503, None)}
     {'retry'}
     """
-    if status is not None and 200 <= status < 300:
+    if status is not None and (200 <= status < 300 or status == 409):
         return "delivered"
     if status in (400, 413, 422):
         return "split"

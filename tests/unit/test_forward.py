@@ -111,9 +111,9 @@ def test_retry_after_parses_seconds_and_dates() -> None:
 
 # --- classification --------------------------------------------------------------------------
 def test_classification_of_answers() -> None:
-    assert [classify(s) for s in (200, 201, 202, 204, 299)] == ["delivered"] * 5
+    assert [classify(s) for s in (200, 201, 202, 204, 299, 409)] == ["delivered"] * 6  # 409: had it already
     assert [classify(s) for s in (400, 413, 422)] == ["split"] * 3
-    retried = (None, 301, 302, 307, 401, 403, 404, 405, 408, 409, 410, 429, 500, 502, 503, 504)
+    retried = (None, 301, 302, 307, 401, 403, 404, 405, 408, 410, 429, 500, 502, 503, 504)
     assert {classify(s) for s in retried} == {"retry"}
 
 
