@@ -15,15 +15,34 @@ import json
 import time
 from typing import Any
 
+import jsonschema
 import pytest
 
 from streams.settings import Settings
+from tests.conftest import ROOT
 from tests.integration.harness import WorkerProc, read_topic, wait_settled, wait_until
-from tests.integration.test_timers import DAY, FIXED, HOUR, MIN, clock_users, ev, send, ticks
+from tests.integration.test_timers import (
+    DAY,
+    FIXED,
+    HOUR,
+    MIN,
+    clock_users,
+    ev,
+    models_loaded,
+    publish_fixed,
+    send,
+    ticks,
+)
 
 pytestmark = pytest.mark.integration
 
-AUDIENCES = "busy: n_events_7d >= 3; active: n_events_24h >= 3; viewer: n_product_view_7d >= 1"
+# slipping reads the hand-set churn model (tests/integration/test_timers.py): 0.026 one hour after
+# a user's last event, 0.94 after a day, so a quiet user enters it at the 2 d silence point
+AUDIENCES = "busy: n_events_7d >= 3; active: n_events_24h >= 3; viewer: n_product_view_7d >= 1; slipping: churn >= 0.5"
+SCHEMA = jsonschema.Draft202012Validator(
+    json.loads((ROOT / "streams" / "schemas" / "audience.schema.json").read_text()),
+    format_checker=jsonschema.FormatChecker(),
+)
 
 
 def held(messages: list[Any]) -> dict[str, set[str]]:
@@ -58,6 +77,7 @@ def export_pages(worker: WorkerProc, name: str, limit: int) -> list[str]:
 def test_two_workers_hold_the_recounted_members_and_either_exports_them(
     settings: Settings, make_worker: Any, kafka: str, tmp_path: Any
 ) -> None:
+    publish_fixed(kafka, settings.topic_models)
     extra = {**FIXED, "PROPSTREAM_AUDIENCES": AUDIENCES, "PROPSTREAM_RESCORE_AFTER": "1h,2d"}
     a = make_worker("a", **extra).start()
     b = make_worker("b", **extra).start()
@@ -67,6 +87,7 @@ def test_two_workers_hold_the_recounted_members_and_either_exports_them(
         return status == 200 and len({o for o in body["owners"].values() if o}) == 2 and b.ready()
 
     wait_until(shared, 90, what="both workers to own partitions")
+    wait_until(lambda: models_loaded(a) and models_loaded(b), 60, what="the fixed models on both workers")
     now = int(time.time() * 1000)
     base = now - now % MIN - 4 * DAY
     users: dict[str, list[dict[str, Any]]] = {}
@@ -92,8 +113,17 @@ def test_two_workers_hold_the_recounted_members_and_either_exports_them(
     busy = {u for u, n in counts.items() if n >= 3}
     active = set(clocks)  # the u users went quiet: their 2 d silence point emptied their 24 h
     viewer = {u for u, evs in users.items() if any(e["type"] == "product_view" for e in evs)}
+    slipping = {u for u, evs in users.items() if evs}  # quiet two days: churn 0.94 and more
     messages = read_topic(kafka, settings.topic_audiences)
-    assert held(messages) == {"busy": busy, "active": active, "viewer": viewer}
+    assert held(messages) == {"busy": busy, "active": active, "viewer": viewer, "slipping": slipping}
+
+    # each quiet user entered slipping by its 2 d silence point, not by an event
+    entered = [json.loads(m.value) for m in messages if m.key.decode().startswith("slipping|") and m.value]
+    assert sorted(e["user_id"] for e in entered) == sorted(slipping)  # once each
+    for e in entered:
+        SCHEMA.validate(e)
+        assert e["trigger"] == "silence" and e["event_ts_ms"] == users[e["user_id"]][-1]["ts"] + 2 * DAY
+        assert e["scores"]["churn"] >= 0.5
 
     # every busy u entered active on its third event and left by its 2 d silence point
     quiet = {u for u in busy if u.startswith("u")}
@@ -114,7 +144,17 @@ def test_two_workers_hold_the_recounted_members_and_either_exports_them(
         status, body = w.get("/audiences")
         assert status == 200, body
         sizes = {x["name"]: x["members"] for x in body["audiences"]}
-        assert sizes == {"busy": len(busy), "active": len(active), "viewer": len(viewer)}
+        assert sizes == {
+            "busy": len(busy),
+            "active": len(active),
+            "viewer": len(viewer),
+            "slipping": len(slipping),
+        }
+        [est] = [x for x in body["audiences"] if x["name"] == "slipping"]
+        assert est["estimated_by"] == "churn"
+        assert (
+            len(slipping) * 0.5 <= est["expected_converters"] <= len(slipping)
+        )  # each member's churn >= 0.5
         assert body["missing_partitions"] == [] and body["complete"] is True
         exported = export_pages(w, "busy", limit=7)
         assert sorted(exported) == sorted(busy)  # each member once, none missing
