@@ -10,27 +10,36 @@ with fewer than a few hundred users in a partition the cut is coarse.
 
 from __future__ import annotations
 
-from array import array
 from collections.abc import Iterable, Mapping, Sequence
 
-from models.audiences import BINS, Audience, Cut, score_bin
+import numpy as np
+
+from models.audiences import BINS, STAY, Audience, Cut, score_bin
 
 
 class ScoreHistogram:
-    """Users per score bin of 0.001, and the sum of their scores (expected converters above a cut)."""
+    """Users per score bin of 0.001; the cuts are taken from running sums (numpy), as live
+    batches are small and many and a walk over the bins in Python took 50 us."""
 
-    __slots__ = ("counts", "n", "sums")
+    __slots__ = ("counts", "n")
 
     def __init__(self) -> None:
-        self.counts = array("q", bytes(8 * BINS))
-        self.sums = array("d", bytes(8 * BINS))
+        self.counts = np.zeros(BINS, dtype=np.int64)
         self.n = 0
 
     def add(self, score: float, sign: int = 1) -> None:
-        b = score_bin(score)
-        self.counts[b] += sign
-        self.sums[b] += sign * score
+        self.counts[score_bin(score)] += sign
         self.n += sign
+
+    def cuts(self, top: bool, pcts: Sequence[float]) -> list[int] | None:
+        """:meth:`cut` of each share in ``pcts`` from one running sum (None: no users)."""
+        if self.n <= 0:
+            return None
+        running = np.cumsum(self.counts[::-1] if top else self.counts)
+        wanted = np.array(pcts, dtype=np.float64) * (self.n / 100.0)
+        # the first position whose running sum reaches the share: at least that many users
+        at = np.minimum(np.searchsorted(running, wanted, side="left"), BINS - 1)
+        return [int(BINS - 1 - i) if top else int(i) for i in at]
 
     def cut(self, top: bool, pct: float) -> int | None:
         """The bin a member must reach so that about ``pct`` % of the users are members (None: no users).
@@ -44,34 +53,28 @@ class ScoreHistogram:
         >>> h.cut(True, 10), h.cut(False, 10)
         (900, 90)
         """
-        if self.n <= 0:
-            return None
-        want = self.n * pct / 100.0
-        seen = 0
-        bins = range(BINS - 1, -1, -1) if top else range(BINS)
-        for b in bins:
-            seen += self.counts[b]
-            if seen >= want:
-                return b
-        return 0 if top else BINS - 1
+        got = self.cuts(top, [pct])
+        return None if got is None else got[0]
 
-    def above(self, threshold: float) -> tuple[int, float]:
-        """Users with a score in a bin at or above ``threshold``'s, and the sum of their scores."""
-        first = score_bin(threshold)
-        return sum(self.counts[first:]), sum(self.sums[first:])
+
+RECUT = 0.01  # the cuts are taken again after this share of the partition's scores moved
 
 
 class PartitionStats:
     """One partition's audience sizes, expected converters per audience and score histograms."""
 
-    __slots__ = ("audiences", "expected", "histograms", "primary", "size")
+    __slots__ = ("_cuts", "audiences", "expected", "histograms", "moved", "primary", "size")
 
     def __init__(self, audiences: Sequence[Audience], targets: Iterable[str]) -> None:
         self.audiences = audiences
         self.primary = {a.name: a.primary for a in audiences}
         self.size = {a.name: 0 for a in audiences}
         self.expected = {a.name: 0.0 for a in audiences}
-        self.histograms = {t: ScoreHistogram() for t in targets}
+        # only the targets a percentile reads: the others' distributions serve nothing yet
+        used = {c.target for a in audiences for c in a.cuts}
+        self.histograms = {t: ScoreHistogram() for t in targets if t in used}
+        self._cuts: dict[Cut, tuple[int, int]] | None = None
+        self.moved = 0  # scores added or removed since the cuts were taken
 
     def add(self, scores: Mapping[str, float], names: Iterable[str], sign: int = 1) -> None:
         """Count one user's state in (``sign`` 1) or out (-1); a score below 0 is "never scored"."""
@@ -79,6 +82,7 @@ class PartitionStats:
             h = self.histograms.get(t)
             if h is not None and s >= 0:
                 h.add(s, sign)
+                self.moved += 1
         for name in names:
             if name in self.size:  # a name of a removed definition counts nowhere
                 self.size[name] += sign
@@ -86,12 +90,22 @@ class PartitionStats:
                 if p is not None and scores.get(p, -1.0) >= 0:
                     self.expected[name] += sign * scores[p]
 
-    def cuts(self) -> dict[Cut, int]:
-        """The bin each percentile condition of the definitions needs, as of now."""
-        out: dict[Cut, int] = {}
+    def cuts(self) -> dict[Cut, tuple[int, int]]:
+        """The bins each percentile condition of the definitions needs: to enter, and the looser
+        one to stay (the share times :data:`~models.audiences.STAY`).
+
+        Taken again once :data:`RECUT` of the partition's scores moved since the last time (live
+        batches are many and small: a cut per batch cost more than the batch's audiences), so a
+        cut is at most that far behind the distribution, well inside the stay margin."""
+        n = max((h.n for h in self.histograms.values()), default=0)
+        if self._cuts is not None and self.moved < max(1, RECUT * n):
+            return self._cuts
+        self.moved = 0
+        out: dict[Cut, tuple[int, int]] = {}
         for a in self.audiences:
             for c in a.cuts:
-                b = self.histograms[c.target].cut(c.top, c.pct)
-                if b is not None:
-                    out[c] = b
+                got = self.histograms[c.target].cuts(c.top, [c.pct, min(99.9, c.pct * STAY)])
+                if got is not None:
+                    out[c] = (got[0], got[1])
+        self._cuts = out
         return out

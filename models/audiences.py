@@ -29,10 +29,12 @@ Semantics a user can rely on:
 from __future__ import annotations
 
 import difflib
+import functools
+import operator
 import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from features.user import FeatureValue
 
@@ -57,17 +59,23 @@ class Cut(NamedTuple):
     pct: float
 
 
-class View(NamedTuple):
-    """What a definition is evaluated on: one user's scores, tiers and features, and the cuts.
+STAY = 1.25  # a member of "top 10%" stays while within the top 12.5%: no flapping at the cut
 
-    ``cuts`` maps each percentile condition to the score bin its members must reach (top: at or
-    above, bottom: at or below); a cut that is missing (no distribution yet) admits nobody.
+
+class View(NamedTuple):
+    """What a definition is evaluated on: one user's scores, tiers and features, the cuts, and the
+    audiences the user was in.
+
+    ``cuts`` maps each percentile condition to two score bins: the one a user must reach to enter
+    (top: at or above, bottom: at or below) and the looser one a member must keep to stay (the
+    share times :data:`STAY`); a cut that is missing (no distribution yet) admits nobody.
     """
 
     scores: Mapping[str, float]
     tiers: Mapping[str, int]
     features: Mapping[str, FeatureValue]
-    cuts: Mapping[Cut, int]
+    cuts: Mapping[Cut, tuple[int, int]]
+    was: Collection[str] = ()
 
 
 Test = Callable[[View], bool]
@@ -78,6 +86,7 @@ class Audience:
     name: str
     condition: str  # as written
     targets: frozenset[str]  # targets whose scores or tiers it reads: untrusted -> no members
+    tiers: frozenset[str]  # targets whose tier it reads
     cuts: tuple[Cut, ...]
     primary: str | None  # the first target it reads: its calibrated scores estimate converters
     test: Test
@@ -95,14 +104,23 @@ def score_bin(score: float) -> int:
     return min(BINS - 1, max(0, int(score * BINS)))
 
 
-_OPS: dict[str, Callable[[float, float], bool]] = {
-    ">=": lambda a, b: a >= b,
-    ">": lambda a, b: a > b,
-    "<=": lambda a, b: a <= b,
-    "<": lambda a, b: a < b,
-    "==": lambda a, b: a == b,
-    "!=": lambda a, b: a != b,
+# the operator module's C functions: a definition is evaluated at every rescore, on the hot path
+_OPS: dict[str, Callable[[Any, Any], bool]] = {
+    ">=": operator.ge,
+    ">": operator.gt,
+    "<=": operator.le,
+    "<": operator.lt,
+    "==": operator.eq,
+    "!=": operator.ne,
 }
+
+
+def _both(a: Test, b: Test) -> Test:
+    return lambda v: a(v) and b(v)
+
+
+def _either(a: Test, b: Test) -> Test:
+    return lambda v: a(v) or b(v)
 
 
 class _Token(NamedTuple):
@@ -126,6 +144,7 @@ class _Parser:
         self.tokens = self._tokenize(text)
         self.i = 0
         self.used: list[str] = []
+        self.tiers: set[str] = set()
         self.cuts: list[Cut] = []
 
     def fail(self, col: int, message: str) -> AudienceError:
@@ -169,18 +188,14 @@ class _Parser:
         while self.peek().text == "or":
             self.take()
             parts.append(self.parse_and())
-        if len(parts) == 1:
-            return parts[0]
-        return lambda v: any(p(v) for p in parts)
+        return functools.reduce(_either, parts)
 
     def parse_and(self) -> Test:
         parts = [self.parse_not()]
         while self.peek().text == "and":
             self.take()
             parts.append(self.parse_not())
-        if len(parts) == 1:
-            return parts[0]
-        return lambda v: all(p(v) for p in parts)
+        return functools.reduce(_both, parts)
 
     def parse_not(self) -> Test:
         if self.peek().text == "not":
@@ -203,6 +218,7 @@ class _Parser:
         if field in self.target_names:
             self.used.append(field)
             if attr == "tier":
+                self.tiers.add(field)
                 return self._tier(field)
             if attr:
                 raise self.fail(tok.col, f"{field!r} has no field {attr!r} (only {field}.tier)")
@@ -258,9 +274,17 @@ class _Parser:
             raise self.fail(num.col, f"a percentile is above 0 and below 100, found {num.text}")
         cut = Cut(target, side.text == "top", pct)
         self.cuts.append(cut)
-        if cut.top:
-            return lambda v: (c := v.cuts.get(cut)) is not None and score_bin(v.scores[target]) >= c
-        return lambda v: (c := v.cuts.get(cut)) is not None and score_bin(v.scores[target]) <= c
+        name = self.name
+
+        def test(v: View) -> bool:
+            c = v.cuts.get(cut)
+            if c is None:
+                return False
+            at = c[1] if name in v.was else c[0]
+            b = score_bin(v.scores[target])
+            return b >= at if cut.top else b <= at
+
+        return test
 
     def _feature(self, name: str) -> Test:
         if self.peek().kind != "op":
@@ -315,6 +339,7 @@ def parse_audiences(text: str, targets: Sequence[str], features: Collection[str]
                 name,
                 condition.strip(),
                 frozenset(p.used),
+                frozenset(p.tiers),
                 tuple(dict.fromkeys(p.cuts)),
                 p.used[0] if p.used else None,
                 test,
@@ -323,9 +348,11 @@ def parse_audiences(text: str, targets: Sequence[str], features: Collection[str]
     return tuple(out)
 
 
-def members(audiences: Sequence[Audience], view: View, trusted: Mapping[str, bool]) -> list[str]:
+def members(audiences: Sequence[Audience], view: View, untrusted: Collection[str] = ()) -> list[str]:
     """The names of the audiences ``view`` belongs to, in definition order.
 
-    A definition reading a target whose model is not trusted yet has no members.
+    A definition reading a target in ``untrusted`` (its model is not trusted yet) has no members.
     """
-    return [a.name for a in audiences if all(trusted[t] for t in a.targets) and a.test(view)]
+    if untrusted:
+        return [a.name for a in audiences if a.targets.isdisjoint(untrusted) and a.test(view)]
+    return [a.name for a in audiences if a.test(view)]

@@ -279,8 +279,12 @@ class ScoringCore:
     ) -> None:
         self.targets = targets
         self.audiences = audiences
-        # the percentile cuts in force, set by the caller per partition (models/audience_stats.py)
-        self.cuts: Mapping[Cut, int] = {}
+        # the percentile cuts in force and the targets not trusted yet, set by the caller per
+        # partition and batch (models/audience_stats.py); models swap only between batches
+        self.cuts: Mapping[Cut, tuple[int, int]] = {}
+        self.untrusted: list[str] | None = None  # None: asked at each evaluation
+        self._audience_targets = tuple(t for t in targets if any(t.name in a.targets for a in audiences))
+        self._tier_targets = tuple(t for t in targets if any(t.name in a.tiers for a in audiences))
         self.params = params
         self.timers = timers or TimerConfig(cart_after_ms=params.abandon_after_ms)
         self.rules = rules
@@ -517,6 +521,10 @@ class ScoringCore:
         moves = self._regroup(user_id, ss, feats, scores, cause) if self.audiences else []
         return Rescored(scores, out, moves)
 
+    def untrusted_targets(self) -> list[str]:
+        """The targets audiences read whose live model is still warming up."""
+        return [t.name for t in self._audience_targets if self.models[t.name].warming_up]
+
     def _regroup(
         self,
         user_id: str,
@@ -526,16 +534,19 @@ class ScoringCore:
         cause: dict[str, Any],
     ) -> list[dict[str, Any]]:
         """Keep the latest scores and evaluate every audience: the user's entered and left events."""
+        states = ss.targets
+        for name, score in scores.items():
+            ts = states.get(name)
+            if ts is None:  # a target still warming up may have none yet
+                ts = self.target_state(ss, name)
+            ts.score = score
         tiers: dict[str, int] = {}
-        trusted: dict[str, bool] = {}
-        for t in self.targets:
-            ts = self.target_state(ss, t.name)
-            score = ts.score = scores[t.name]
-            last = ts.announced
-            tiers[t.name] = tier_of(score, last.tier if last else None, self.rules)
-            trusted[t.name] = not self.models[t.name].warming_up
-        now = members(self.audiences, View(scores, tiers, feats, self.cuts), trusted)
+        for t in self._tier_targets:
+            last = states[t.name].announced
+            tiers[t.name] = tier_of(scores[t.name], last.tier if last else None, self.rules)
+        untrusted = self.untrusted if self.untrusted is not None else self.untrusted_targets()
         was = ss.audiences
+        now = members(self.audiences, View(scores, tiers, feats, self.cuts, was), untrusted)
         if now == was:
             return []
         ss.audiences = now

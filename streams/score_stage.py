@@ -172,6 +172,7 @@ class ScoreStage:
         self._msgpack = msgspec.msgpack.Encoder()
         self._batch_scores: dict[str, list[float]] = {}
         self._changes = 0
+        self._moved: dict[tuple[str, str], int] = {}  # (audience, event) -> published this batch
         self._psi_at = -math.inf  # monotonic s of the last PSI gauges: at most once a second
         score_edges = uniform_edges(0.0, 1.0, 10)
         self.score_drift = {t.name: DriftMonitor(score_edges) for t in core.targets}
@@ -185,6 +186,7 @@ class ScoreStage:
         Taken once per partition and batch, so every user of the batch meets the same cuts."""
         if self.core.audiences:
             self.core.cuts = self.stats_of(partition).cuts()
+            self.core.untrusted = self.core.untrusted_targets()
 
     def begin_user(self, user_id: str) -> UserScoring:
         raw = self.scores.get(user_id)
@@ -299,9 +301,11 @@ class ScoreStage:
             else:
                 self.send_trigger(u.user_id, value)
                 self.counters.triggers.labels(body["trigger"]).inc()
+        moved = self._moved
         for (key, message, headers), mv in zip(u.audience_out, u.moves, strict=True):
             self.send_audience(key, message, headers)
-            self.counters.audience_moves.labels(mv["audience"], mv["event"]).inc()
+            k = (mv["audience"], mv["event"])
+            moved[k] = moved.get(k, 0) + 1  # added to the counter once per batch
         u.changes = []
         u.triggers = []
         u.moves = []
@@ -524,7 +528,7 @@ class ScoreStage:
         for a in self.core.audiences:
             size = 0
             expected = 0.0
-            for p, stats in self.stats.items():
+            for p, stats in list(self.stats.items()):  # a lookup's thread may ask mid-batch
                 if partitions is None or p in partitions:
                     size += stats.size[a.name]
                     expected += stats.expected[a.name]
@@ -561,6 +565,9 @@ class ScoreStage:
         if self.core.audiences:
             for name, fig in self.audience_figures().items():
                 self.counters.audience_members.labels(name).set(fig["members"])
+            for (name, event), n in self._moved.items():
+                self.counters.audience_moves.labels(name, event).inc(n)
+            self._moved = {}
 
     def _set_psi(self, target: str, name: str, monitor: DriftMonitor) -> None:
         value = monitor.psi()

@@ -116,17 +116,25 @@ def test_settings_refuse_a_bad_definition_at_start_up() -> None:
 def test_a_definition_over_an_untrusted_target_has_no_members() -> None:
     auds = parse("a: purchase >= 0.1; b: in_session; c: churn >= 0 or in_session")
     v = view({"purchase": 0.9, "churn": 0.9}, in_session=True)
-    assert members(auds, v, {"purchase": False, "churn": True}) == ["b", "c"]
-    assert members(auds, v, {"purchase": True, "churn": False}) == ["a", "b"]
+    assert members(auds, v) == ["a", "b", "c"]
+    assert members(auds, v, ["purchase"]) == ["b", "c"]
+    assert members(auds, v, ["churn"]) == ["a", "b"]
 
 
-def test_a_percentile_admits_by_the_cut_and_nobody_without_one() -> None:
+def test_a_percentile_admits_by_the_cut_keeps_by_the_looser_one_and_nobody_without_one() -> None:
     (a,) = parse("x: purchase top 10%")
     cut = Cut("purchase", True, 10.0)
-    at = score_bin(0.8)
-    assert a.test(View({"purchase": 0.8}, {}, {}, {cut: at})) is True
-    assert a.test(View({"purchase": 0.7999}, {}, {}, {cut: at})) is False
+    cuts = {cut: (score_bin(0.8), score_bin(0.75))}  # enter at 0.8, stay down to 0.75
+    assert a.test(View({"purchase": 0.8}, {}, {}, cuts)) is True
+    assert a.test(View({"purchase": 0.7999}, {}, {}, cuts)) is False
+    assert a.test(View({"purchase": 0.7999}, {}, {}, cuts, was=["x"])) is True  # a member stays
+    assert a.test(View({"purchase": 0.7499}, {}, {}, cuts, was=["x"])) is False
     assert a.test(View({"purchase": 0.99}, {}, {}, {})) is False
+    (b,) = parse("y: churn bottom 20%")
+    low = {Cut("churn", False, 20.0): (score_bin(0.1), score_bin(0.15))}
+    assert b.test(View({"churn": 0.1}, {}, {}, low)) is True
+    assert b.test(View({"churn": 0.12}, {}, {}, low)) is False
+    assert b.test(View({"churn": 0.12}, {}, {}, low, was=["y"])) is True
 
 
 # --- the partition's figures -------------------------------------------------------------------
@@ -148,17 +156,18 @@ def test_a_percentile_cut_holds_at_least_its_share_and_no_more_than_its_bin_adds
 
 
 def test_partition_figures_follow_users_in_and_out() -> None:
-    auds = parse("hot: purchase >= 0.5; busy: in_session")
+    auds = parse("hot: purchase >= 0.5; busy: in_session; top: purchase top 50%")
     stats = PartitionStats(auds, TARGETS)
     stats.add({"purchase": 0.8, "churn": 0.1}, ["hot", "busy"])
     stats.add({"purchase": 0.6, "churn": 0.2}, ["hot"])
     stats.add({"purchase": 0.8, "churn": 0.1}, ["hot", "busy"], sign=-1)
     stats.add({"purchase": 0.3, "churn": 0.1}, ["busy", "removed_definition"])
-    assert stats.size == {"hot": 1, "busy": 1}
+    assert stats.size == {"hot": 1, "busy": 1, "top": 0}
     assert stats.expected["hot"] == pytest.approx(0.6)  # the one member's purchase score
     assert stats.expected["busy"] == 0.0  # reads no target: nothing to estimate with
-    assert stats.histograms["purchase"].n == 2
-    assert stats.histograms["purchase"].above(0.5) == (1, pytest.approx(0.6))
+    assert set(stats.histograms) == {"purchase"}  # only what a percentile reads
+    assert stats.histograms["purchase"].n == 2  # 0.6 and 0.3 remain
+    assert stats.cuts() == {Cut("purchase", True, 50.0): (score_bin(0.6), score_bin(0.3))}
 
 
 # --- through the worker's batch path -----------------------------------------------------------
