@@ -10,6 +10,7 @@ with fewer than a few hundred users in a partition the cut is coarse.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -18,13 +19,13 @@ from models.audiences import BINS, STAY, Audience, Cut, score_bin
 
 
 class ScoreHistogram:
-    """Users per score bin of 0.001; the cuts are taken from running sums (numpy), as live
-    batches are small and many and a walk over the bins in Python took 50 us."""
+    """Users per score bin of 0.001: a plain array, as a user's move is one add (a numpy scalar
+    add costs several times more); the cuts are taken from numpy running sums over a view of it."""
 
     __slots__ = ("counts", "n")
 
     def __init__(self) -> None:
-        self.counts = np.zeros(BINS, dtype=np.int64)
+        self.counts = array("q", bytes(8 * BINS))
         self.n = 0
 
     def add(self, score: float, sign: int = 1) -> None:
@@ -35,7 +36,8 @@ class ScoreHistogram:
         """:meth:`cut` of each share in ``pcts`` from one running sum (None: no users)."""
         if self.n <= 0:
             return None
-        running = np.cumsum(self.counts[::-1] if top else self.counts)
+        counts = np.frombuffer(self.counts, dtype=np.int64)  # no copy
+        running = np.cumsum(counts[::-1] if top else counts)
         wanted = np.array(pcts, dtype=np.float64) * (self.n / 100.0)
         # the first position whose running sum reaches the share: at least that many users
         at = np.minimum(np.searchsorted(running, wanted, side="left"), BINS - 1)

@@ -115,9 +115,9 @@ class ScoreState(msgspec.Struct, array_like=True):
     cart_done_ms: int = 0  # start of the last cart episode whose trigger fired
     cart_due_ms: int = 0  # when the open cart is abandoned (0: none), kept between cart events
     viewed: dict[str, int] = msgspec.field(default_factory=dict)  # product -> day a repeat view fired
-    audiences: list[str] = msgspec.field(
-        default_factory=list
-    )  # audiences the user is in, in definition order
+    # the audiences the user is in, in definition order, and when each last moved (recent ones)
+    audiences: list[str] = msgspec.field(default_factory=list)
+    moved_ms: dict[str, int] = msgspec.field(default_factory=dict)
 
 
 @dataclass
@@ -276,6 +276,7 @@ class ScoringCore:
         top_k: int = 5,
         timers: TimerConfig | None = None,
         audiences: tuple[Audience, ...] = (),
+        audience_cooldown_ms: int = 0,
     ) -> None:
         self.targets = targets
         self.audiences = audiences
@@ -283,6 +284,7 @@ class ScoringCore:
         # partition and batch (models/audience_stats.py); models swap only between batches
         self.cuts: Mapping[Cut, tuple[int, int]] = {}
         self.untrusted: list[str] | None = None  # None: asked at each evaluation
+        self.audience_cooldown_ms = audience_cooldown_ms
         self._audience_targets = tuple(t for t in targets if any(t.name in a.targets for a in audiences))
         self._tier_targets = tuple(t for t in targets if any(t.name in a.tiers for a in audiences))
         self.params = params
@@ -518,8 +520,26 @@ class ScoringCore:
                 )
             ts.announced = ann
             ts.features = _pack(feats)
-        moves = self._regroup(user_id, ss, feats, scores, cause) if self.audiences else []
+        moves = self._regroup(user_id, ss, feats, scores, as_of_ms, cause) if self.audiences else []
         return Rescored(scores, out, moves)
+
+    def _cooled(self, ss: ScoreState, was: list[str], now: list[str], as_of_ms: int) -> list[str]:
+        """``now``, except the audiences the user entered or left within the cooldown keep ``was``;
+        records the moves that happen (and forgets those older than the cooldown)."""
+        cd = self.audience_cooldown_ms
+        moved = {a: t for a, t in ss.moved_ms.items() if as_of_ms - t < cd}
+        out = []
+        for a in self.audiences:
+            inside, before = a.name in now, a.name in was
+            if inside != before:
+                if a.name in moved:
+                    inside = before  # too soon after its last move: as it was
+                else:
+                    moved[a.name] = as_of_ms
+            if inside:
+                out.append(a.name)
+        ss.moved_ms = moved
+        return out
 
     def untrusted_targets(self) -> list[str]:
         """The targets audiences read whose live model is still warming up."""
@@ -531,9 +551,15 @@ class ScoringCore:
         ss: ScoreState,
         feats: Mapping[str, FeatureValue],
         scores: dict[str, float],
+        as_of_ms: int,
         cause: dict[str, Any],
     ) -> list[dict[str, Any]]:
-        """Keep the latest scores and evaluate every audience: the user's entered and left events."""
+        """Keep the latest scores and evaluate every audience: the user's entered and left events.
+
+        A user's membership of one audience changes at most once per ``audience_cooldown_ms`` of
+        event time: a move sooner waits for the next evaluation after it (an event, a silence
+        point), so a score hovering at a threshold does not send a user in and out at every event.
+        """
         states = ss.targets
         for name, score in scores.items():
             ts = states.get(name)
@@ -549,6 +575,10 @@ class ScoringCore:
         now = members(self.audiences, View(scores, tiers, feats, self.cuts, was), untrusted)
         if now == was:
             return []
+        if self.audience_cooldown_ms:
+            now = self._cooled(ss, was, now, as_of_ms)
+            if now == was:
+                return []
         ss.audiences = now
         out: list[dict[str, Any]] = [
             {"event": "left", "audience": a, "reason": "condition"} for a in was if a not in now

@@ -767,6 +767,7 @@ def _scoring(
         top_k=settings.top_factors,
         timers=settings.timer_config(),
         audiences=settings.audience_list(),
+        audience_cooldown_ms=settings.audience_cooldown_s * 1000,
     )
     stage = ScoreStage(
         core,

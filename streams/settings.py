@@ -354,6 +354,13 @@ class Settings(BaseSettings):
         "scores, tiers and features, e.g. 'high_intent: purchase >= 0.6; at_risk: churn >= 0.5 and "
         "purchases_90d >= 2; top_buyers: purchase top 10%'. Empty: none. docs/audiences.md.",
     )
+    audience_cooldown_s: Seconds = Field(
+        900,
+        ge=0,
+        description="Event time between two moves (entered, left) of one user in one audience; a "
+        "move sooner waits for the user's next evaluation after it, so a score hovering at a "
+        "threshold does not send the user in and out at every event. 0: none." + IN_SECONDS,
+    )
     forward_url: str = Field(
         "", description="propstream forward: the webhook that receives the events (http or https URL)."
     )

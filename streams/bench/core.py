@@ -78,6 +78,7 @@ def build(
         top_k=settings.top_factors,
         timers=settings.timer_config(),
         audiences=settings.audience_list(),
+        audience_cooldown_ms=settings.audience_cooldown_s * 1000,
     )
     sink = changes if changes is not None else []
     stage = ScoreStage(

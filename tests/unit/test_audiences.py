@@ -184,6 +184,7 @@ def worker_settings(**extra: Any) -> Settings:
         "idle_advance_s": 0,
         "partitions": 1,
         "audiences": "busy: n_events_24h >= 3; buyer: n_purchase_30d >= 1; hot: purchase top 20%",
+        "audience_cooldown_s": 0,  # every move at once: membership as of each evaluation
     }
     return Settings(**{**base, **extra})
 
@@ -325,3 +326,31 @@ def test_counts_of_moves_balance_per_key() -> None:
     for (k, kind), n in kinds.items():
         other = kinds.get((k, "left" if kind == "entered" else "entered"), 0)
         assert abs(n - other) <= 1  # entered and left alternate per key
+
+
+def test_a_move_within_the_cooldown_waits_for_the_next_evaluation_after_it() -> None:
+    s = worker_settings(audiences="carting: cart_value > 0", audience_cooldown_s="15m", rescore_after="")
+    cart = {"product_id": "p1", "price": 5.0, "quantity": 1}
+    evs = [
+        {"event_id": "a", "user_id": "c", "type": "add_to_cart", "ts": T0, **cart},
+        {
+            "event_id": "r",
+            "user_id": "c",
+            "type": "remove_from_cart",
+            "ts": T0 + 2 * MIN,
+            **cart,
+        },  # empty: too soon
+        {"event_id": "v1", "user_id": "c", "type": "page_view", "ts": T0 + 10 * MIN},  # still too soon
+        {
+            "event_id": "v2",
+            "user_id": "c",
+            "type": "page_view",
+            "ts": T0 + 20 * MIN,
+        },  # 20 min after the entry
+    ]
+    moves = run(evs, 1, s)
+    seen = [(h["propstream.event"], int(h["propstream.event_ts_ms"])) for _, _, h in moves]
+    assert seen == [("entered", T0), ("left", T0 + 20 * MIN)]
+    no_cooldown = run(evs, 1, worker_settings(audiences="carting: cart_value > 0", rescore_after=""))
+    # without the cooldown the cart's removal is the exit
+    assert [int(h["propstream.event_ts_ms"]) for _, _, h in no_cooldown] == [T0, T0 + 2 * MIN]

@@ -26,6 +26,7 @@ DURATIONS = {
     "idle_advance_s": "s",
     "retention_sweep_every_s": "s",
     "forward_timeout_s": "s",
+    "audience_cooldown_s": "s",
     "forward_backoff_s": "s",
     "forward_backoff_max_s": "s",
     "user_ttl_days": "d",
