@@ -169,6 +169,10 @@ def test_two_workers_hold_the_recounted_members_and_either_exports_them(
 
     status, body = a.get("/audiences/nobody")
     assert status == 404 and body["error"] == "unknown_audience"
+    status, body = b.get("/audiences/busy?cursor=not-a-cursor")
+    assert status == 400 and body["error"] == "bad_cursor"
+    status, body = b.get("/audiences/busy?partition=99")
+    assert status == 400 and body["error"] == "bad_partition"
 
 
 def test_a_bad_definition_stops_the_worker_at_start_with_the_column(make_worker: Any) -> None:
