@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import gc
 import logging
 import math
 import os
@@ -520,7 +519,6 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
     async def serve_reads() -> None:
         """Open the public port: lookups of this worker's users are answered off the loop."""
         front.start()
-        freeze_startup_objects()
 
     @app.on_before_shutdown.connect  # type: ignore[arg-type]
     async def close_front(app: Any, **kwargs: Any) -> None:
@@ -704,15 +702,6 @@ def create_app(settings: Settings, bootstrap: str | None = None) -> faust.App:
             return AioResponse(body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     return app
-
-
-def freeze_startup_objects() -> None:
-    """Take what is alive once the worker has started (modules, Faust, the models) out of the
-    collector's generations (``gc.freeze``): a full collection then scans only what was made
-    since. A collection holds the GIL throughout, so its length is a lookup's wait on the read
-    server's thread."""
-    gc.collect()
-    gc.freeze()
 
 
 def stop_unacked(exc: BaseException, records: list[Record]) -> NoReturn:
