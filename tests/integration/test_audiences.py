@@ -182,11 +182,17 @@ def test_a_bad_definition_stops_the_worker_at_start_with_the_column(make_worker:
     assert "PROPSTREAM_AUDIENCES: audience 'hot', column 21: unknown field 'n_evnts_24h'" in result.stderr
 
 
+@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
 def test_pseudonymous_members_export_reidentified_and_erasure_tombstones_every_audience(
-    settings: Settings, make_worker: Any, kafka: str, tmp_path: Any
+    settings: Settings, make_worker: Any, kafka: str, tmp_path: Any, guarantee: str
 ) -> None:
+    """Exactly-once too: entries leave in the checkpoint's transaction (read_committed here)."""
     key = "k3y"
-    extra = {**FIXED, "PROPSTREAM_AUDIENCES": "busy: n_events_7d >= 3; seen: n_events_7d >= 1"}
+    extra = {
+        **FIXED,
+        "PROPSTREAM_AUDIENCES": "busy: n_events_7d >= 3; seen: n_events_7d >= 1",
+        "PROPSTREAM_PROCESSING_GUARANTEE": guarantee,
+    }
     w = make_worker("p", PROPSTREAM_PSEUDONYMIZE_KEY=key, **extra).start()
     now = int(time.time() * 1000)
     people = ["alice", "bob", "carol"]
