@@ -33,7 +33,18 @@ class ScoreHistogram:
         self.n += sign
 
     def cuts(self, top: bool, pcts: Sequence[float]) -> list[int] | None:
-        """:meth:`cut` of each share in ``pcts`` from one running sum (None: no users)."""
+        """Per share in ``pcts``, the bin a member must reach so that about that % of the users
+        are members (None: no users), from one running sum.
+
+        Top: the highest bin whose users and those above are at least the share of all; so the
+        audience holds at least the share (more when many users share the cut's bin).
+
+        >>> h = ScoreHistogram()
+        >>> for s in range(100):
+        ...     h.add(s / 100)
+        >>> h.cuts(True, [10, 12.5]), h.cuts(False, [10])
+        ([900, 870], [90])
+        """
         if self.n <= 0:
             return None
         counts = np.frombuffer(self.counts, dtype=np.int64)  # no copy
@@ -42,21 +53,6 @@ class ScoreHistogram:
         # the first position whose running sum reaches the share: at least that many users
         at = np.minimum(np.searchsorted(running, wanted, side="left"), BINS - 1)
         return [int(BINS - 1 - i) if top else int(i) for i in at]
-
-    def cut(self, top: bool, pct: float) -> int | None:
-        """The bin a member must reach so that about ``pct`` % of the users are members (None: no users).
-
-        Top: the highest bin whose users and those above are at least ``pct`` % of all; so the
-        audience holds at least ``pct`` % (more when many users share the cut's bin).
-
-        >>> h = ScoreHistogram()
-        >>> for s in range(100):
-        ...     h.add(s / 100)
-        >>> h.cut(True, 10), h.cut(False, 10)
-        (900, 90)
-        """
-        got = self.cuts(top, [pct])
-        return None if got is None else got[0]
 
 
 RECUT = 0.01  # the cuts are taken again after this share of the partition's scores moved

@@ -34,14 +34,16 @@ def attach_erasure(
     pseudonym: Pseudonymizer,
     faults: Faults,
     outbox: Outbox,
-    erased: Callable[[str, int, bytes | None], list[str]],
+    erased: Callable[
+        [str, int, bytes | None, int], list[tuple[bytes, bytes | None, list[tuple[str, bytes]]]]
+    ],
 ) -> None:
     """Add the erasure agent over the per-user rows ``table`` (features, scores and ledger in one value).
 
     It deletes under the ingest batch's lock after a checkpoint (``streams/outbox.py``), so a row
     the outbox still holds cannot be written back after the tombstone. ``erased(user, partition,
-    stored score state)`` takes the user out of the partition's audience figures and names the
-    audiences whose keys get a tombstone (every one defined, and any the user was in)."""
+    stored score state, now)`` takes the user out of the partition's audience figures and gives the
+    tombstones of its audience keys (every one defined, and any the user was in)."""
     requests = app.topic(settings.topic_erasure, key_serializer="raw", value_serializer="raw")
     changes = app.topic(settings.topic_changes, key_serializer="raw", value_serializer="raw")
     triggers = app.topic(settings.topic_triggers, key_serializer="raw", value_serializer="raw")
@@ -63,20 +65,12 @@ def attach_erasure(
                 removed = [n for n, part in zip(PARTS, decode_row(raw), strict=True) if part] if raw else []
                 if raw is not None:
                     table.pop(user, None)  # one tombstone on the changelog: all three parts at once
-                left = erased(user, msg.partition, decode_row(raw)[SCORES] if raw else None)
+                now_ms = int(time.time() * 1000)
+                left = erased(user, msg.partition, decode_row(raw)[SCORES] if raw else None, now_ms)
             changes.send_soon(key=user.encode(), value=None)  # tombstones on the compacted outbound topics
             triggers.send_soon(key=user.encode(), value=None)
-            now_ms = str(int(time.time() * 1000)).encode()
-            for name in left:  # the user's left event on the audience topic is its tombstone
-                headers = [
-                    ("propstream.event", b"left"),
-                    ("propstream.audience", name.encode()),
-                    ("propstream.user", user.encode()),
-                    ("propstream.event_ts_ms", now_ms),
-                    ("propstream.trigger", b"erasure"),
-                    ("propstream.reason", b"erasure"),
-                ]
-                audiences.send_soon(key=f"{name}|{user}".encode(), value=None, headers=headers)
+            for key, value, headers in left:  # the user's left events: tombstones on the audience topic
+                audiences.send_soon(key=key, value=value, headers=headers)
             confirmation = {
                 "request_id": request_id,
                 "user_id": user,  # the pseudonym when pseudonymisation is on: never the raw id

@@ -174,6 +174,7 @@ class ScoreStage:
         self._changes = 0
         self._moved: dict[tuple[str, str], int] = {}  # (audience, event) -> published this batch
         self._psi_at = -math.inf  # monotonic s of the last PSI gauges: at most once a second
+        self._figures_at = -math.inf  # likewise for the audience sizes
         score_edges = uniform_edges(0.0, 1.0, 10)
         self.score_drift = {t.name: DriftMonitor(score_edges) for t in core.targets}
         self.input_drift = {name: DriftMonitor(LOG_EDGES) for name in DRIFT_INPUTS}
@@ -494,25 +495,25 @@ class ScoreStage:
         if self.core.audiences:
             u = self.begin_user(user_id)
             assert u.was is not None
-            for name in u.state.audiences:
-                mv = {"event": "left", "audience": name, "reason": reason, "user_id": user_id}
-                u.moves.append({**mv, "event_ts_ms": clock_ms, "trigger": reason})
+            u.moves = [_removed(name, reason, clock_ms) for name in u.state.audiences]
             u.audience_out = [self._audience(user_id, mv, clock_ms) for mv in u.moves]
             self._recount(user_id, partition, u.was, None)
             self._publish(u, [])
         self.scores.delete(user_id)
         self.ledgers.delete(user_id)
 
-    def erased(self, user_id: str, partition: int, scores_raw: bytes | None) -> list[str]:
-        """An erased user leaves the partition's audience figures; returns every audience whose key
-        of the user gets a tombstone: each one defined, and any the stored state names."""
+    def erased(
+        self, user_id: str, partition: int, scores_raw: bytes | None, now_ms: int
+    ) -> list[tuple[bytes, bytes | None, Headers]]:
+        """An erased user leaves the partition's audience figures; returns the tombstones (left
+        messages) of every audience key of the user: each one defined, and any the state names."""
         names = [a.name for a in self.core.audiences]
         if scores_raw:
             ss = self._state(user_id, scores_raw)
             if self.core.audiences:
                 self._recount(user_id, partition, _counted(ss), None)
             names += [n for n in ss.audiences if n not in names]
-        return names
+        return [self._audience(user_id, _removed(n, "erasure", now_ms), now_ms) for n in names]
 
     def forget(self, partitions: set[int]) -> None:
         """Partitions moved to another worker: their horizons, timers and audience figures are that
@@ -563,8 +564,11 @@ class ScoreStage:
             self.metrics.emit_latency.observe(time.perf_counter() - started)
             self._changes = 0
         if self.core.audiences:
-            for name, fig in self.audience_figures().items():
-                self.counters.audience_members.labels(name).set(fig["members"])
+            now = time.monotonic()
+            if now - self._figures_at >= PSI_EVERY_S:  # a gauge for a scrape, not per small batch
+                self._figures_at = now
+                for name, fig in self.audience_figures().items():
+                    self.counters.audience_members.labels(name).set(fig["members"])
             for (name, event), n in self._moved.items():
                 self.counters.audience_moves.labels(name, event).inc(n)
             self._moved = {}
@@ -580,6 +584,11 @@ class ScoreStage:
         from streams.lookup import user_scores
 
         return user_scores(self.core, self.scores, self.ledgers, self.faults, user_id, st, st.last_ms)[1]
+
+
+def _removed(audience: str, reason: str, ts_ms: int) -> dict[str, Any]:
+    """A left move that no condition made: retention or erasure (its reason is its trigger)."""
+    return {"event": "left", "audience": audience, "reason": reason, "trigger": reason, "event_ts_ms": ts_ms}
 
 
 def _counted(ss: ScoreState) -> tuple[dict[str, float], list[str]]:

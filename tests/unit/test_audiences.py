@@ -146,12 +146,12 @@ def test_a_percentile_cut_holds_at_least_its_share_and_no_more_than_its_bin_adds
     for s in scores:
         h.add(s)
     bins = sorted((score_bin(s) for s in scores), reverse=True)
-    top = h.cut(True, pct)
+    [top] = h.cuts(True, [pct]) or [0]
     want = len(scores) * pct / 100
     inside = sum(b >= top for b in bins)
     assert inside >= want  # at least the share asked for...
     assert sum(b > top for b in bins) < want  # ...and without the cut's own bin, less than it
-    bottom = h.cut(False, pct)
+    [bottom] = h.cuts(False, [pct]) or [0]
     assert sum(b <= bottom for b in bins) >= want > sum(b < bottom for b in bins)
 
 
@@ -315,7 +315,7 @@ def test_a_top_percentile_audience_holds_about_its_share_of_users() -> None:
     assert 0.1 * users <= len(held) <= 0.35 * users, (len(held), users)
 
 
-def test_no_definitions_cost_nothing_and_say_nothing() -> None:
+def test_no_definitions_publish_nothing() -> None:
     s = worker_settings(audiences="")
     assert run(events(4), 50, s) == []
 
