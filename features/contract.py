@@ -69,6 +69,7 @@ REASONS: dict[str, str] = {
     "future": "event time is more than max_future_s ahead of wall-clock time",
     "too_old": "event time is before earliest_event_time",
     "wrong_key": "Kafka message key is not the event's user_id",
+    "currency": "money in a currency other than the deployment's, with no rate for it in currency_rates",
     "late": "event time is further behind the watermark than allowed_lateness_s",
     "duplicate": "event_id already seen for this user",
     "processing_error": "the worker failed while processing this user's events of the batch (a bug or a "
@@ -120,7 +121,31 @@ class Rules:
     max_future_ms: int = 300_000
     earliest_ms: int = 946_684_800_000  # 2000-01-01
     custom_types: frozenset[str] = DEFAULT_CUSTOM_TYPES
-    default_currency: str = "USD"
+    default_currency: str = "USD"  # the deployment's one currency: every amount is in it
+    currency_rates: tuple[tuple[str, float], ...] = ()  # (code, units of default_currency per unit)
+
+
+def _in_currency(currency: str | None, rules: Rules) -> float:
+    """The rate that turns amounts in ``currency`` into the deployment's (1.0: already in it).
+
+    One rule for every amount (price, revenue): a deployment has one currency, because revenue
+    features and the value target add amounts up. An event in another currency is converted at
+    the configured rate, or rejected (``currency``) when there is none: summing euros and dollars
+    silently is the error this refuses.
+
+    >>> _in_currency("eur", Rules(currency_rates=(("EUR", 1.1),))), _in_currency(None, Rules())
+    (1.1, 1.0)
+    """
+    if currency is None:
+        return 1.0
+    code = currency.upper()
+    if code == rules.default_currency:
+        return 1.0
+    for known, rate in rules.currency_rates:
+        if known == code:
+            return rate
+    msg = f"{code} is not the deployment currency {rules.default_currency}; currency_rates has no rate for it"
+    raise Rejected("currency", msg)
 
 
 def parse_time_ms(value: object) -> int | None:
@@ -236,6 +261,10 @@ def _canonical(raw: dict[str, object], etype: str, ts_ms: int, rules: Rules) -> 
     if etype == "purchase" and revenue is None and price is not None:
         revenue = price * quantity
     currency = _str(raw, "currency")
+    rate = _in_currency(currency, rules)
+    if rate != 1.0:
+        price = None if price is None else price * rate
+        revenue = None if revenue is None else revenue * rate
     return Event(
         event_id=_id(raw, "event_id"),  # type: ignore[arg-type]
         user_id=_id(raw, "user_id"),  # type: ignore[arg-type]
@@ -248,7 +277,7 @@ def _canonical(raw: dict[str, object], etype: str, ts_ms: int, rules: Rules) -> 
         quantity=quantity,
         order_id=_id(raw, "order_id", required=False),
         revenue=revenue,
-        currency=currency.upper() if currency else (rules.default_currency if revenue is not None else None),
+        currency=rules.default_currency if currency or revenue is not None else None,
         channel=_str(raw, "channel"),
         campaign=_str(raw, "campaign"),
         personalization=_consent(raw),

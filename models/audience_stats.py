@@ -49,7 +49,8 @@ class ScoreHistogram:
             return None
         counts = np.frombuffer(self.counts, dtype=np.int64)  # no copy
         running = np.cumsum(counts[::-1] if top else counts)
-        wanted = np.array(pcts, dtype=np.float64) * (self.n / 100.0)
+        # whole users; the 1e-9 keeps float error (50 * 0.14 = 7.000000000000001) from asking one more
+        wanted = np.ceil(np.array(pcts, dtype=np.float64) * self.n / 100.0 - 1e-9)
         # the first position whose running sum reaches the share: at least that many users
         at = np.minimum(np.searchsorted(running, wanted, side="left"), BINS - 1)
         return [int(BINS - 1 - i) if top else int(i) for i in at]

@@ -250,7 +250,7 @@ class _Parser:
         if value.kind != "num":
             raise self.fail(value.col, f"a score compares with a number in [0, 1], found {value.text!r}")
         bound = float(value.text)
-        if bound > 1:
+        if bound > 1 and target != "value":  # the value target's score is an amount
             raise self.fail(value.col, f"a score is in [0, 1], so {value.text} can never be reached")
         cmp = _OPS[op]
         return lambda v: cmp(v.scores[target], bound)
@@ -272,6 +272,9 @@ class _Parser:
         pct = float(num.text)
         if not 0 < pct < 100:
             raise self.fail(num.col, f"a percentile is above 0 and below 100, found {num.text}")
+        if target == "value":  # the histograms bin probabilities in [0, 1]; an amount has no fixed range
+            words = "percentiles are of probabilities; for value use an amount (value >= 200) or value.tier"
+            raise self.fail(side.col, words)
         cut = Cut(target, side.text == "top", pct)
         self.cuts.append(cut)
         name = self.name

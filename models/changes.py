@@ -8,7 +8,8 @@ warming up, or within ``cooldown_ms`` of the previous announcement for the same 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import msgspec
 
@@ -22,6 +23,24 @@ class ChangeRules:
     min_delta: float = 0.15
     cooldown_ms: int = 900_000
     churn_drop: float = 0.25  # a purchase-score drop this large for an engaged user flags churn risk
+    # value tiers: two amounts, or (third item true) two multiples of the model's mean revenue
+    value_tiers: tuple[float, float, bool] = (1.0, 3.0, True)
+    value_hysteresis: float = 0.1  # leaving a value tier takes a margin of this share of its boundary
+
+
+def value_rules(rules: ChangeRules, mean_value: float) -> ChangeRules:
+    """The rules of a value target, whose scores are amounts: tiers in money, and only tier changes
+    are announced (a "large move" in money has no scale-free meaning). With relative tiers the
+    boundaries are multiples of ``mean_value``, the model's mean revenue per snapshot, so the same
+    setting fits any currency and shop; before any revenue is learnt everyone is low.
+
+    >>> value_rules(ChangeRules(), 20.0).thresholds
+    (20.0, 60.0)
+    """
+    a, b, relative = rules.value_tiers
+    scale = (mean_value if mean_value > 0 else math.inf) if relative else 1.0
+    low, high = a * scale, b * scale
+    return replace(rules, thresholds=(low, high), hysteresis=rules.value_hysteresis * low, min_delta=math.inf)
 
 
 class Announced(msgspec.Struct, array_like=True):
@@ -77,7 +96,9 @@ def detect(
     if tier == last.tier and abs(delta) < rules.min_delta:
         return last, None
     direction = "up" if delta > 0 else "down"
-    if target == "churn":
+    if target == "value":
+        reason = f"value_tier_{direction}"
+    elif target == "churn":
         reason = "churn_risk_up" if direction == "up" else "churn_risk_down"
     elif target == "purchase" and direction == "down" and engaged and -delta >= rules.churn_drop:
         reason = "churn_risk_up"  # an engaged user whose purchase intent collapses

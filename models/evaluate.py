@@ -21,13 +21,15 @@ import msgspec
 from features.contract import Rejected, Rules, parse
 from features.state import FeatureParams, UserState
 from features.user import apply, finalize
-from models import quality
+from models import quality, value_quality
 from models.changes import ChangeRules
 from models.ledger import Target
-from models.online import ModelConfig, OnlineModel
+from models.online import ModelConfig
 from models.scoring import Fired, LazyLedger, ScoreState, ScoringCore, TargetModel, input_names
 from models.timers import TimerConfig
 from models.trust import TrustGate, figures
+from models.value import AnyModel, ValueConfig, ValueModel, fresh_model
+from models.value import figures as value_figures
 
 DAY_MS = 86_400_000
 
@@ -43,6 +45,7 @@ class Outcome:
     x: list[float]
     oracle: float | None = None
     warm: bool = False  # scored by a model past warm-up: the scores that drive change events
+    value: float = 0.0  # value targets: the revenue in the horizon
 
 
 @dataclass
@@ -72,12 +75,13 @@ def run(
     trust: TrustGate | None = None,
     quality_window: int = 5000,
     judge_every: int = 100,
-    model: OnlineModel | None = None,
+    model: AnyModel | None = None,
     learn: bool = True,
     oracle: Callable[[str, int], float | None] | None = None,
     now_ms: int | None = None,
     progress: Callable[[int], None] | None = None,
     timers: TimerConfig | None = None,
+    value_config: ValueConfig | None = None,
 ) -> EvalRun:
     """Stream ``events`` (time-ordered canonical dicts) through features, ledger and model.
 
@@ -96,11 +100,18 @@ def run(
         rules = replace(rules, max_future_ms=10**15)
     clock_now = now_ms if now_ms is not None else 0
     params = params or FeatureParams()
-    online = model or OnlineModel(model_config)
+    online = model or fresh_model(target, model_config or ModelConfig(), value_config)
     live = TargetModel(online, 0, min_positives=min_positives, min_negatives=min_negatives)
-    window: deque[tuple[float, int]] = deque(maxlen=quality_window)  # (served score, label)
+    window: deque[tuple[float, float]] = deque(maxlen=quality_window)  # (served score, label or revenue)
+
+    def judged() -> dict[str, float]:
+        scores = [s for s, _ in window]
+        if isinstance(online, ValueModel):
+            return value_figures(scores, [y for _, y in window]) if window else {}
+        return figures((s, int(y)) for s, y in window)
+
     if trust is not None:
-        live.verdict = trust.judge(figures(window))
+        live.verdict = trust.judge(judged())
     core = ScoringCore((target,), params, change_rules or ChangeRules(), {target.name: live}, timers=timers)
     timer_heap: list[tuple[int, str]] = []  # (due, user): at or before each user's next timer
     clock = 0  # event time so far: a worker's watermark over one in-order stream
@@ -126,14 +137,21 @@ def run(
                     vec,
                     oracle_at.pop((user, snap.ts_ms), None),
                     (user, snap.ts_ms) in warm_at,
+                    snap.value,
                 )
             )
             warm_at.discard((user, snap.ts_ms))
-            if learn:
-                online.learn(dict(zip(out.input_names, vec, strict=True)), m.label)
-            window.append((snap.score, m.label))
+            x = dict(zip(out.input_names, vec, strict=True))
+            if isinstance(online, ValueModel):
+                if learn:
+                    online.learn(x, m.label, snap.value)
+                window.append((snap.score, snap.value))
+            else:
+                if learn:
+                    online.learn(x, m.label)
+                window.append((snap.score, m.label))
             if trust is not None and len(out.outcomes) % judge_every == 0:
-                live.verdict = trust.judge(figures(window))
+                live.verdict = trust.judge(judged())
         if ss.deadline_ms:
             heapq.heappush(deadlines, (ss.deadline_ms, user))
 
@@ -259,6 +277,8 @@ def _utc(ms: int) -> str:
 
 def summary(result: EvalRun, *, baseline: bool = False, bootstrap: int = 0) -> dict[str, Any]:
     """The report: online quality on every matured snapshot, oracle and offline baselines when asked."""
+    if result.target.value:
+        return value_summary(result, baseline=baseline)
     o = result.outcomes
     scores = [x.score for x in o]
     labels = [x.label for x in o]
@@ -354,6 +374,8 @@ def format_report(rep: Mapping[str, Any]) -> str:
         return str(v)
 
     lines = [f"target {rep['target']}, horizon {rep['horizon_s'] / 86400:g} d, {rep['events']:,} events"]
+    if "gini" in rep:
+        return "\n".join(lines + _value_lines(rep, fmt))
     for k in (
         "matured",
         "positives",
@@ -399,3 +421,109 @@ def format_report(rep: Mapping[str, Any]) -> str:
         if "error" in b:
             lines.append(f"    {b['error']}")
     return "\n".join(lines)
+
+
+def _head(result: EvalRun) -> dict[str, Any]:
+    return {
+        "target": result.target.name,
+        "horizon_s": result.target.horizon_ms // 1000,
+        "events": result.events,
+        "rejected": result.rejected,
+        "silence_snapshots": result.silence_snapshots,
+        "changes": result.changes,
+        "triggers": result.triggers,
+    }
+
+
+def value_summary(result: EvalRun, *, baseline: bool = False) -> dict[str, Any]:
+    """A value target's report: ``models.value_quality`` figures of the online scores against the
+    revenue that came, the oracle's on the same snapshots, and offline baselines when asked."""
+    o = result.outcomes
+    rep = {**_head(result), **value_quality.report([x.score for x in o], [x.value for x in o])}
+    with_oracle = [x for x in o if x.oracle is not None]
+    if with_oracle:
+        actual = [x.value for x in with_oracle]
+        oracle = [float(x.oracle or 0.0) for x in with_oracle]
+        rep["oracle_gini"] = value_quality.gini(oracle, actual)
+        rep["oracle_top_decile_capture"] = value_quality.top_decile_capture(oracle, actual)
+        rep["oracle_mae"] = value_quality.mae(oracle, actual)
+        rep["online_gini_same_snapshots"] = value_quality.gini([x.score for x in with_oracle], actual)
+        rep["ratio_to_oracle"] = rep["online_gini_same_snapshots"] / rep["oracle_gini"]
+    warm = [x for x in o if x.warm]
+    if warm:
+        rep["after_warmup"] = value_figures([x.score for x in warm], [x.value for x in warm])
+    if baseline:
+        rep["baselines"] = value_baselines(result)
+    return rep
+
+
+def value_baselines(result: EvalRun) -> dict[str, Any]:
+    """Offline value baselines on the point-in-time split of :func:`baselines` (train on snapshots
+    closed before 70% of event time, test on the last 30%), each with the same figures:
+    - ``mean``: the user's historical revenue per day times the horizon (revenue_90d over
+      min(90 days, tenure), read back from the snapshot's inputs): what a rule of thumb predicts;
+    - ``gbdt``: gradient-boosted trees with a Poisson loss (non-negative, zero-inflated targets)
+      on the same inputs;
+    - ``online``: the online model's served scores on the same test snapshots.
+    """
+    import numpy as np
+    from sklearn.ensemble import HistGradientBoostingRegressor
+
+    times = sorted(x.ts_ms for x in result.outcomes)
+    if not times:
+        return {"error": "no matured snapshots"}
+    lo, hi = times[int(0.001 * (len(times) - 1))], times[int(0.999 * (len(times) - 1))]
+    cutoff = lo + 0.7 * (hi - lo)
+    horizon = result.target.horizon_ms
+    train = [x for x in result.outcomes if x.ts_ms + horizon < cutoff]
+    test = [x for x in result.outcomes if x.ts_ms >= cutoff]
+    out: dict[str, Any] = {"cutoff_ms": int(cutoff), "train": len(train), "test": len(test)}
+    if not any(x.value > 0 for x in train) or not any(x.value > 0 for x in test):
+        out["error"] = "no revenue on one side of the 70% cutoff"
+        return out
+    actual = [x.value for x in test]
+    names = result.input_names
+    rev, tenure = names.index("revenue_90d"), names.index("tenure_days")
+    days = horizon / DAY_MS
+
+    def historical(x: list[float]) -> float:  # the inputs are log1p of the features
+        return math.expm1(x[rev]) / (min(90.0, math.expm1(x[tenure])) + 1.0) * days
+
+    gbdt = HistGradientBoostingRegressor(loss="poisson", random_state=0)
+    gbdt.fit(np.array([x.x for x in train]), np.array([x.value for x in train]))
+    out["mean"] = value_figures([historical(x.x) for x in test], actual)
+    out["gbdt"] = value_figures([float(v) for v in gbdt.predict(np.array([x.x for x in test]))], actual)
+    out["online"] = value_figures([x.score for x in test], actual)
+    return out
+
+
+VALUE_FIGURES: tuple[str, ...] = (
+    *("matured", "positives", "mean_actual", "mean_predicted", "mae", "rmse", "gini"),
+    *("top_decile_capture", "calibration_ratio", "oracle_gini", "online_gini_same_snapshots"),
+    *("ratio_to_oracle", "oracle_top_decile_capture", "silence_snapshots", "changes"),
+)
+
+
+def _value_lines(rep: Mapping[str, Any], fmt: Callable[[Any], str]) -> list[str]:
+    lines = [f"  {k:<30} {fmt(rep[k])}" for k in VALUE_FIGURES if k in rep]
+    for d in rep.get("decile_calibration", ()):
+        lines.append(
+            f"  decile {d['decile']:>2}: n {d['n']:>6,}  predicted {fmt(d['mean_predicted'])}  "
+            f"actual {fmt(d['mean_actual'])}"
+        )
+    if rep.get("rejected"):
+        lines.append(f"  rejected by reason             {rep['rejected']}")
+    b = rep.get("baselines")
+    if b and ("train" not in b or "error" in b):
+        lines.append(f"  baselines: {b.get('error', 'not computed')}")
+    elif b:
+        lines.append(
+            f"  baselines: train {b['train']:,} snapshots closed before 70% of event time, test {b['test']:,}"
+        )
+        for name in ("online", "mean", "gbdt"):
+            f = b[name]
+            lines.append(
+                f"    {name:<8} gini {fmt(f['gini'])}  top_decile_capture {fmt(f['top_decile_capture'])}  "
+                f"mae {fmt(f['mae'])}  rmse {fmt(f['rmse'])}  calibration_ratio {fmt(f['calibration_ratio'])}"
+            )
+    return lines

@@ -11,6 +11,9 @@ The cache is keyed by the model objects and how many labels each has learnt, so 
 learns in place (``propstream eval``) or is hot-swapped (the worker) is re-read on its next score.
 
 >>> from models.online import OnlineModel
+from models.value import AnyModel, ValueModel
+
+Terms = list[tuple[int, float, float, float]]
 >>> m = OnlineModel()
 >>> for i in range(50):
 ...     m.learn({"a": float(i % 7), "b": float(i % 3)}, int(i % 7 > 3))
@@ -25,6 +28,9 @@ import math
 from collections.abc import Mapping, Sequence
 
 from models.online import OnlineModel
+from models.value import AnyModel, ValueModel
+
+Terms = list[tuple[int, float, float, float]]
 
 
 def sigmoid(z: float) -> float:
@@ -36,9 +42,13 @@ def sigmoid(z: float) -> float:
     return 1 / (1 + math.exp(-z))
 
 
-def arrays(model: OnlineModel, names: Sequence[str]) -> tuple[list[float], list[float], list[float], float]:
-    """Per input in ``names`` order: scaler mean, scale (``inf`` while variance is 0), weight; intercept."""
-    scaler, lr = model.pipeline.steps.values()
+def arrays(
+    model: OnlineModel | ValueModel, names: Sequence[str]
+) -> tuple[list[float], list[float], list[float], float]:
+    """Per input in ``names`` order: scaler mean, scale (``inf`` while variance is 0), weight; intercept
+    (of a value model: its amount regression's)."""
+    pipeline = model.severity if isinstance(model, ValueModel) else model.pipeline
+    scaler, lr = pipeline.steps.values()
     weights = lr.weights
     means: list[float] = []
     scales: list[float] = []
@@ -52,6 +62,18 @@ def arrays(model: OnlineModel, names: Sequence[str]) -> tuple[list[float], list[
     return means, scales, ws, float(lr.intercept)
 
 
+def _live(model: OnlineModel | ValueModel, names: Sequence[str]) -> tuple[Terms, float]:
+    """The terms of ``model`` that can be non-zero, and its intercept."""
+    means, scales, ws, bias = arrays(model, names)
+    # a weight of 0 or a variance of 0 (scale inf) makes the term 0: adding it changes no sum
+    live = [
+        (i, mu, s, w)
+        for i, (mu, s, w) in enumerate(zip(means, scales, ws, strict=True))
+        if w and s != math.inf
+    ]
+    return live, bias
+
+
 class FastScorer:
     """Scores of several models on one input dict.
 
@@ -62,14 +84,16 @@ class FastScorer:
 
     def __init__(self) -> None:
         self._names: tuple[str, ...] = ()
-        self._models: list[OnlineModel] = []
+        self._models: list[AnyModel] = []
         self._seen: list[int] = []  # labels each model had learnt when it was read
         # per model: (input index, mean, scale, weight) of every term that can be non-zero; intercept
-        self._terms: list[tuple[list[tuple[int, float, float, float]], float]] = []
+        self._terms: list[tuple[Terms, float]] = []
+        # per value model: its position, the classifier's terms (None: not a hurdle) and the model
+        self._values: list[tuple[int, tuple[Terms, float] | None, ValueModel]] = []
         # the last answer: the scoring core asks twice for one input vector (snapshot, then rescore)
         self._memo: tuple[object, list[float]] = (None, [])
 
-    def _load(self, models: Sequence[OnlineModel], names: tuple[str, ...]) -> None:
+    def _load(self, models: Sequence[AnyModel], names: tuple[str, ...]) -> None:
         # the model object itself is compared (not its id): a freed model's id may be reused
         old = self._models
         if (names is self._names or names == self._names) and len(models) == len(old):
@@ -78,26 +102,22 @@ class FastScorer:
                     break
             else:
                 return
-        terms = []
-        for m in models:
-            means, scales, ws, bias = arrays(m, names)
-            # a weight of 0 or a variance of 0 (scale inf) makes the term 0: adding it changes no sum
-            live = [
-                (i, mu, s, w)
-                for i, (mu, s, w) in enumerate(zip(means, scales, ws, strict=True))
-                if w and s != math.inf
-            ]
-            terms.append((live, bias))
-        self._names, self._models, self._terms = names, list(models), terms
+        terms = [_live(m, names) for m in models]
+        values = [
+            (j, _live(m.classifier, names) if m.hurdle else None, m)
+            for j, m in enumerate(models)
+            if isinstance(m, ValueModel)
+        ]
+        self._names, self._models, self._terms, self._values = names, list(models), terms, values
         self._seen = [m.positives + m.negatives for m in models]
         self._memo = (None, [])
 
-    def scores(self, models: Sequence[OnlineModel], x: Mapping[str, float]) -> list[float]:
+    def scores(self, models: Sequence[AnyModel], x: Mapping[str, float]) -> list[float]:
         """``[m.score(x) for m in models]``, the same floats."""
         return self.scores_of(models, tuple(x), list(x.values()))
 
     def scores_of(
-        self, models: Sequence[OnlineModel], names: tuple[str, ...], values: Sequence[float]
+        self, models: Sequence[AnyModel], names: tuple[str, ...], values: Sequence[float]
     ) -> list[float]:
         """:meth:`scores` of the input whose keys are ``names`` and values ``values``, in that order
         (the scoring core passes its cached input vector: no dict walk per call)."""
@@ -113,5 +133,17 @@ class FastScorer:
             for i, mean, scale, w in terms:
                 dot += w * ((values[i] - mean) / scale)
             out.append(sigmoid(dot + bias))
+        for j, classifier, m in self._values:  # the sigmoid above was not taken: its dot is below
+            terms, bias = self._terms[j]
+            reg = 0.0
+            for i, mean, scale, w in terms:
+                reg += w * ((values[i] - mean) / scale)
+            p = 1.0
+            if classifier is not None:
+                dot = 0.0
+                for i, mean, scale, w in classifier[0]:
+                    dot += w * ((values[i] - mean) / scale)
+                p = sigmoid(dot + classifier[1])
+            out[j] = m.expected(p, reg + bias)
         self._memo = (values, out)
         return list(out)

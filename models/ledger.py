@@ -3,6 +3,10 @@
 A snapshot taken at event time ``t`` asks "does the target happen in ``(t, t + horizon]``?".
 - Event targets (``purchase``, custom types): **positive** as soon as a matching event with time in
   that window is observed; **negative** once the clock passes ``t + horizon`` without one.
+- The ``value`` target (:func:`make_target` ``"value"``): the snapshot's ``value`` is the revenue of
+  every purchase with time in the window, summed; its label says whether there was one (so the
+  hurdle model's classifier learns from the same snapshot). A labelled value snapshot keeps adding
+  revenue until its horizon passes.
 - The ``churn`` target: **negative** (not churned) as soon as any activity falls in the window;
   **positive** once the clock passes ``t + horizon`` with none. Its window opens after a grace
   period (``grace_ms``, default: the 30-minute session gap), so the rest of the session in which the
@@ -28,6 +32,7 @@ from dataclasses import dataclass
 import msgspec
 
 UNKNOWN = -1
+VALUE = "value"  # the name of the value target
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,7 @@ class Target:
     sample_every_ms: int = 3_600_000
     grace_ms: int = 0  # activity in (t, t + grace] does not resolve the snapshot
     max_pending: int = 64  # per user: bounds state; a heavier user is sampled less
+    value: bool = False  # the revenue within the horizon, not whether the event happens
 
     def matches(self, event_type: str) -> bool:
         return self.churn or event_type in self.event_types
@@ -54,9 +60,18 @@ class Target:
 def make_target(name: str, horizon_s: int, sample_every_s: int = 3600, max_pending: int = 64) -> Target:
     """``purchase``, ``churn``, or any event type as a custom target.
 
-    >>> make_target("churn", 14 * 86400).grace_ms
-    1800000
+    >>> make_target("churn", 14 * 86400).grace_ms, sorted(make_target("value", 86400).event_types)
+    (1800000, ['purchase'])
     """
+    if name == VALUE:
+        return Target(
+            name,
+            horizon_s * 1000,
+            frozenset({"purchase"}),
+            sample_every_ms=sample_every_s * 1000,
+            max_pending=max_pending,
+            value=True,
+        )
     if name == "churn":
         return Target(
             name,
@@ -77,6 +92,21 @@ def make_target(name: str, horizon_s: int, sample_every_s: int = 3600, max_pendi
 
 def _packed(values: Sequence[float]) -> bytes:
     return array("d", values).tobytes()
+
+
+VALUE_SCALE = 10_000  # revenue is summed in 1/10,000ths of the currency unit: exact in any order
+
+
+def value_units(revenue: float | None) -> int:
+    """``revenue`` in the ledger's integer units (None: a purchase without revenue adds nothing).
+
+    Float sums depend on the order of the terms, and a user's purchases reach the worker in
+    another order on replay (topics are not interleaved by time): integers make the label exact.
+
+    >>> value_units(19.99), value_units(None), value_units(0.00004)
+    (199900, 0, 0)
+    """
+    return 0 if revenue is None else round(revenue * VALUE_SCALE)
 
 
 DENSE = -1  # ``Snapshot.size`` of a layout-2 snapshot: ``vector`` holds every input
@@ -102,6 +132,12 @@ class Snapshot(msgspec.Struct, array_like=True):
     resolved_ms: int = 0  # event time the label became known
     at: bytes = b""  # positions of the values in ``vector`` (layout 3)
     size: int = DENSE  # number of inputs (layout 3); DENSE: ``vector`` is every input (layout 2)
+    value_units: int = 0  # value targets: revenue in the window so far (:data:`VALUE_SCALE` units)
+
+    @property
+    def value(self) -> float:
+        """Revenue observed in the window so far, in currency units."""
+        return self.value_units / VALUE_SCALE
 
     @classmethod
     def of(cls, ts_ms: int, features: Sequence[float], score: float, model_version: int) -> Snapshot:
@@ -192,29 +228,43 @@ def due(last_sampled_ms: int | None, target: Target, ts_ms: int) -> bool:
 
 
 def offer(ledger: UserLedger, target: Target, snap: Snapshot) -> bool:
-    """Add ``snap`` unless ``max_pending`` snapshots already wait. True if kept."""
+    """Add ``snap`` unless ``max_pending`` snapshots whose window is still open at its time wait.
+    True if kept.
+
+    Snapshots whose horizon passed but which have not left yet do not count: when they leave
+    depends on when the worker's batches end (a catch-up batch can span weeks of one user), and
+    the cap must not, or a replay in other batches would keep other snapshots.
+    """
     pending = ledger.pending.setdefault(target.name, [])
     if len(pending) >= target.max_pending:
-        return False
+        open_at = snap.ts_ms - target.horizon_ms  # windows ending before the new snapshot are closed
+        if sum(s.ts_ms >= open_at for s in pending) >= target.max_pending:
+            return False
     pending.append(snap)
     return True
 
 
-def observe(ledger: UserLedger, targets: tuple[Target, ...], event_type: str, ts_ms: int) -> int:
-    """An event happened: label every unresolved snapshot whose window holds it. Returns how many."""
+def observe(
+    ledger: UserLedger, targets: tuple[Target, ...], event_type: str, ts_ms: int, revenue: float | None = None
+) -> int:
+    """An event happened: label every unresolved snapshot whose window holds it (a value snapshot
+    also adds ``revenue``, labelled or not). Returns how many snapshots it changed."""
     n = 0
     for target in targets:
         pending = ledger.pending.get(target.name)
         if not pending or not target.matches(event_type):
             continue
+        units = value_units(revenue) if target.value else 0
         for snap in pending:
-            if (
-                snap.label == UNKNOWN
-                and snap.ts_ms + target.grace_ms < ts_ms <= snap.ts_ms + target.horizon_ms
-            ):
+            if not snap.ts_ms + target.grace_ms < ts_ms <= snap.ts_ms + target.horizon_ms:
+                continue
+            if snap.label == UNKNOWN:
                 snap.label = target.early_label
                 snap.resolved_ms = ts_ms
                 n += 1
+            elif target.value:
+                n += 1
+            snap.value_units += units
     return n
 
 
@@ -242,8 +292,11 @@ def expire(ledger: UserLedger, user_id: str, targets: tuple[Target, ...], clock_
 
 
 def open_from(ledger: UserLedger, target: Target) -> int | None:
-    """Time of the oldest snapshot an event could still label (None: nothing to resolve)."""
-    times = [s.ts_ms for s in ledger.pending.get(target.name, ()) if s.label == UNKNOWN]
+    """Time of the oldest snapshot an event could still change (None: nothing to resolve).
+
+    Any pending value snapshot can still gain revenue; others only until labelled.
+    """
+    times = [s.ts_ms for s in ledger.pending.get(target.name, ()) if target.value or s.label == UNKNOWN]
     return min(times) if times else None
 
 

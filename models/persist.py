@@ -16,6 +16,7 @@ import msgspec
 from river.utils import VectorDict
 
 from models.online import ModelConfig, OnlineModel
+from models.value import AnyModel, ValueConfig, ValueModel, regressor
 
 FORMAT = 1
 
@@ -45,8 +46,9 @@ _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder(ModelSnapshot)
 
 
-def model_state(model: OnlineModel) -> dict[str, Any]:
-    scaler, lr = model.pipeline.steps.values()
+def _pipeline_state(pipeline: Any) -> dict[str, Any]:
+    """A ``StandardScaler | LinearRegression/LogisticRegression`` pipeline's numbers."""
+    scaler, lr = pipeline.steps.values()
     opt = lr.optimizer
     # AdaGrad keeps g2, Adam m and v (created on Adam's first step: absent before)
     opt_state = {k: dict(v) for k, v in vars(opt).items() if k in ("g2", "m", "v") and v is not None}
@@ -58,18 +60,11 @@ def model_state(model: OnlineModel) -> dict[str, Any]:
         "intercept": float(lr.intercept),
         "n_iterations": int(opt.n_iterations),
         "optimizer": opt_state,
-        "positives": model.positives,
-        "negatives": model.negatives,
     }
 
 
-def restore(config: dict[str, Any], state: dict[str, Any]) -> OnlineModel:
-    """A model built from ``config`` and loaded with ``state`` (empty state: a fresh model)."""
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    model = OnlineModel(ModelConfig(**{k: v for k, v in config.items() if k in known}))
-    if not state:
-        return model
-    scaler, lr = model.pipeline.steps.values()
+def _load_pipeline(pipeline: Any, state: dict[str, Any]) -> None:
+    scaler, lr = pipeline.steps.values()
     scaler.counts = Counter(state["counts"])
     scaler.means = defaultdict(float, state["means"])
     scaler.vars = defaultdict(float, state["vars"])
@@ -81,14 +76,62 @@ def restore(config: dict[str, Any], state: dict[str, Any]) -> OnlineModel:
     for k, v in state["optimizer"].items():
         # the types river creates: Adam steps weights as vectors, AdaGrad per key
         setattr(opt, k, VectorDict(v) if k in ("m", "v") else defaultdict(float, v))
-    model.positives = state["positives"]
-    model.negatives = state["negatives"]
+
+
+_VALUE_FIGURES = ("revenue_sum", "log_sum", "log_n", "smear_avg", "smear_n")
+
+
+def model_state(model: AnyModel) -> dict[str, Any]:
+    if isinstance(model, ValueModel):
+        return {
+            "classifier": model_state(model.classifier),
+            "severity": _pipeline_state(model.severity),
+            "positives": model.positives,
+            "negatives": model.negatives,
+            **{k: getattr(model, k) for k in _VALUE_FIGURES},
+        }
+    return {**_pipeline_state(model.pipeline), "positives": model.positives, "negatives": model.negatives}
+
+
+def model_config(model: AnyModel) -> dict[str, Any]:
+    """What rebuilds an empty ``model``: its configuration, plus the kind and form of a value model."""
+    out = dataclasses.asdict(model.config)
+    if isinstance(model, ValueModel):
+        out.update(kind=ValueModel.kind, **dataclasses.asdict(model.value_config))
+    return out
+
+
+def _restore_online(config: dict[str, Any], state: dict[str, Any]) -> OnlineModel:
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    model = OnlineModel(ModelConfig(**{k: v for k, v in config.items() if k in known}))
+    if state:
+        _load_pipeline(model.pipeline, state)
+        model.positives = state["positives"]
+        model.negatives = state["negatives"]
     return model
 
 
-def snapshot_of(model: OnlineModel, **meta: Any) -> ModelSnapshot:
+def restore(config: dict[str, Any], state: dict[str, Any]) -> AnyModel:
+    """A model built from ``config`` and loaded with ``state`` (empty state: a fresh model)."""
+    if config.get("kind") != ValueModel.kind:
+        return _restore_online(config, state)
+    known = {f.name for f in dataclasses.fields(ValueConfig)}
+    vc = ValueConfig(**{k: v for k, v in config.items() if k in known})
+    model = ValueModel(_restore_online(config, {}).config, vc)
+    if state:
+        model.classifier = _restore_online(config, state["classifier"])
+        model.severity = regressor(vc.severity_lr)
+        _load_pipeline(model.severity, state["severity"])
+        model.positives = state["positives"]
+        model.negatives = state["negatives"]
+        for k in _VALUE_FIGURES:
+            setattr(model, k, state[k])
+    return model
+
+
+def snapshot_of(model: AnyModel, **meta: Any) -> ModelSnapshot:
     return ModelSnapshot(
-        config=dataclasses.asdict(model.config),
+        config=model_config(model),
         state=model_state(model),
         positives=model.positives,
         negatives=model.negatives,
@@ -113,5 +156,5 @@ def load(raw: bytes) -> ModelSnapshot:
     return snap
 
 
-def model_of(snap: ModelSnapshot) -> OnlineModel:
+def model_of(snap: ModelSnapshot) -> AnyModel:
     return restore(snap.config, snap.state)

@@ -22,11 +22,12 @@ from features.contract import Event
 from features.state import Corrupt, FeatureParams, UserState, decode_versioned
 from features.user import FeatureValue, Finalizer, compute
 from models.audiences import Audience, Cut, View, members
-from models.changes import Announced, ChangeRules, detect, tier_of
+from models.changes import Announced, ChangeRules, detect, tier_of, value_rules
 from models.fastscore import FastScorer
 from models.ledger import (
     LEDGER_VERSION,
     READABLE_LEDGERS,
+    VALUE,
     Matured,
     Snapshot,
     Target,
@@ -39,7 +40,7 @@ from models.ledger import (
     open_from,
     upgrade_v1,
 )
-from models.online import INPUT_NAMES, OnlineModel, input_vector, inputs
+from models.online import INPUT_NAMES, input_vector, inputs
 from models.timers import (
     CART_ABANDONED,
     CART_EVENTS,
@@ -53,6 +54,7 @@ from models.timers import (
     silence_due,
 )
 from models.trust import NO_GATE, Verdict, combine, labels
+from models.value import AnyModel, ValueModel
 
 SCORE_STATE_VERSION = 1
 
@@ -66,7 +68,7 @@ def input_names() -> tuple[str, ...]:
 class TargetModel:
     """The model a process scores a target with: the live version, or the in-process one in eval."""
 
-    model: OnlineModel
+    model: AnyModel
     version: int
     min_positives: int = 200
     min_negatives: int = 200
@@ -229,7 +231,7 @@ def source_feature(input_name: str) -> str:
 
 
 def top_factors(
-    model: OnlineModel,
+    model: AnyModel,
     x: Mapping[str, float],
     feats: Mapping[str, FeatureValue],
     previous: Mapping[str, float],
@@ -277,8 +279,10 @@ class ScoringCore:
         timers: TimerConfig | None = None,
         audiences: tuple[Audience, ...] = (),
         audience_cooldown_ms: int = 0,
+        currency: str = "USD",
     ) -> None:
         self.targets = targets
+        self.currency = currency  # the deployment's: value scores are amounts in it
         self.audiences = audiences
         # the percentile cuts in force and the targets not trusted yet, set by the caller per
         # partition and batch (models/audience_stats.py); models swap only between batches
@@ -290,6 +294,8 @@ class ScoringCore:
         self.params = params
         self.timers = timers or TimerConfig(cart_after_ms=params.abandon_after_ms)
         self.rules = rules
+        self._value_rules: tuple[object, int, ChangeRules] = (None, -1, rules)  # (model, labels, rules)
+        self.has_value = any(t.name == VALUE for t in targets)
         self.models = models  # the caller may swap entries at any time (hot swap)
         self.top_k = top_k
         self.last_vector: list[float] = []  # inputs of the latest rescore, INPUT_NAMES order (drift)
@@ -323,7 +329,7 @@ class ScoringCore:
             ts = self.target_state(ss, t.name)
             if ts.open_ms >= 0 and ev.ts_ms > ts.open_ms + t.grace_ms and t.matches(ev.type):
                 led = ledger.get()
-                if observe(led, (t,), ev.type, ev.ts_ms):
+                if observe(led, (t,), ev.type, ev.ts_ms, ev.revenue):
                     o = open_from(led, t)
                     ts.open_ms = -1 if o is None else o
                     ledger.dirty = True
@@ -471,6 +477,26 @@ class ScoringCore:
         models = [self.models[t.name].model for t in self.targets]
         return self.fast.scores_of(models, input_names(), vec)
 
+    def rules_of(self, target: str) -> ChangeRules:
+        """The change rules of ``target``: the value target's tiers are amounts set from its live
+        model (``models.changes.value_rules``), re-derived when the model changes."""
+        if target != VALUE:
+            return self.rules
+        m = self.models[target].model
+        n = m.positives + m.negatives
+        cached, seen, rules = self._value_rules
+        if cached is not m or seen != n:
+            mean = m.mean_value if isinstance(m, ValueModel) else 0.0
+            rules = value_rules(self.rules, mean)
+            self._value_rules = (m, n, rules)
+        return rules
+
+    def expected_value(self, scores: Mapping[str, float]) -> float | None:
+        """The value target's score for the signal of value-based bidding (None: none, or not trusted)."""
+        if not self.has_value or self.models[VALUE].warming_up:
+            return None
+        return round(scores[VALUE], 2)
+
     def rescore(self, user_id: str, ss: ScoreState, st: UserState, trigger: Event) -> Rescored:
         """Score every target now (updating ``ss``): the scores, change events and audience moves."""
         cause = {"trigger": "event", "event_id": trigger.event_id, "event_ts_ms": trigger.ts_ms}
@@ -493,7 +519,7 @@ class ScoringCore:
                 ts.announced,
                 score,
                 as_of_ms,
-                self.rules,
+                self.rules_of(t.name),
                 target=t.name,
                 warming_up=False,
                 engaged=engaged(feats),
@@ -502,6 +528,10 @@ class ScoringCore:
                 continue
             if change is not None:
                 x = dict(zip(INPUT_NAMES, vec, strict=True))  # by name, for the explanation (rare)
+                body: dict[str, Any] = {}
+                if t.name in ("purchase", VALUE) and self.has_value:
+                    body["expected_value"] = None  # set below: the value target may come later
+                    body["currency"] = self.currency
                 out.append(
                     {
                         "user_id": user_id,
@@ -515,11 +545,17 @@ class ScoringCore:
                         "top_factors": top_factors(m.model, x, feats, _unpack(ts.features), self.top_k),
                         "model_version": m.version,
                         "horizon_s": t.horizon_ms // 1000,
+                        **body,
                         **cause,
                     }
                 )
             ts.announced = ann
             ts.features = _pack(feats)
+        if out and self.has_value:
+            ev = self.expected_value(scores)
+            for body in out:
+                if "expected_value" in body:
+                    body["expected_value"] = ev
         moves = self._regroup(user_id, ss, feats, scores, as_of_ms, cause) if self.audiences else []
         return Rescored(scores, out, moves)
 
@@ -569,7 +605,7 @@ class ScoringCore:
         tiers: dict[str, int] = {}
         for t in self._tier_targets:
             last = states[t.name].announced
-            tiers[t.name] = tier_of(scores[t.name], last.tier if last else None, self.rules)
+            tiers[t.name] = tier_of(scores[t.name], last.tier if last else None, self.rules_of(t.name))
         untrusted = self.untrusted if self.untrusted is not None else self.untrusted_targets()
         was = ss.audiences
         now = members(self.audiences, View(scores, tiers, feats, self.cuts, was), untrusted)

@@ -17,10 +17,13 @@ import msgspec
 
 from features.state import Corrupt
 from models import quality
+from models.ledger import VALUE
 from models.online import ModelConfig, OnlineModel
-from models.persist import ModelSnapshot, load, model_of, model_state, restore, snapshot_of
+from models.persist import ModelSnapshot, load, model_config, model_of, model_state, restore, snapshot_of
 from models.scoring import input_names
 from models.trust import TrustGate
+from models.value import AnyModel, ValueConfig, ValueModel
+from models.value import figures as value_figures
 
 
 def inputs_hash() -> int:
@@ -36,6 +39,7 @@ class Example(msgspec.Struct, array_like=True, tag="example"):
     score: float  # the live score at snapshot time (test-then-train: before this label was learnt)
     model_version: int
     inputs: int  # ``inputs_hash()`` of the sender
+    value: float = 0.0  # value targets: the revenue in the horizon (``label``: was there a purchase)
 
 
 class Rollback(msgspec.Struct, array_like=True, tag="rollback"):
@@ -67,7 +71,8 @@ class TrainerState(msgspec.Struct):
     note: str = ""
     force: bool = False  # publish at the next chance (a rollback)
     trusted: bool = False  # the last published version passed the counts and the trust gate
-    window: list[tuple[float, int]] = msgspec.field(default_factory=list)  # (live score, label)
+    # (live score, label; of a value target: its revenue)
+    window: list[tuple[float, float]] = msgspec.field(default_factory=list)
     config: dict[str, Any] = msgspec.field(default_factory=dict)
     model: dict[str, Any] = msgspec.field(default_factory=dict)
 
@@ -105,6 +110,7 @@ class Trainer:
         state: TrainerState | None = None,
         seed: ModelSnapshot | None = None,
         trust: TrustGate | None = None,
+        value: ValueConfig | None = None,
     ) -> None:
         self.target = target
         self.min = (min_positives, min_negatives)
@@ -114,7 +120,8 @@ class Trainer:
         self.publish_interval_ms = publish_interval_ms
         self.names = input_names()
         self.hash = inputs_hash()
-        self.window: deque[tuple[float, int]] = deque(maxlen=window)
+        self.window: deque[tuple[float, float]] = deque(maxlen=window)
+        self.model: AnyModel
         self.refusal = ""  # why the last message was refused
         if state is not None:
             self.st = state
@@ -131,7 +138,7 @@ class Trainer:
             self.st.trusted = self._trusted(seed.quality)  # what the workers hold now
         else:
             self.st = TrainerState(target)
-            self.model = OnlineModel(config)
+            self.model = ValueModel(config, value) if target == VALUE else OnlineModel(config)
             self.st.trusted = self._trusted({})  # what the workers make of version 0
 
     @property
@@ -172,8 +179,13 @@ class Trainer:
         if msg.inputs != self.hash or len(msg.x) != len(self.names):
             self.refusal = "training example with another input layout"
             return "refused"
-        self.model.learn(dict(zip(self.names, msg.x, strict=True)), msg.label)
-        self.window.append((msg.score, msg.label))
+        x = dict(zip(self.names, msg.x, strict=True))
+        if isinstance(self.model, ValueModel):
+            self.model.learn(x, msg.label, msg.value)
+            self.window.append((msg.score, msg.value))
+        else:
+            self.model.learn(x, msg.label)
+            self.window.append((msg.score, msg.label))
         self.st.since_publish += 1
         self.st.trained_to_ms = max(self.st.trained_to_ms, msg.ts_ms)
         return "learnt"
@@ -194,8 +206,13 @@ class Trainer:
         """The rolling quality report of the window (computed once per log offset)."""
         if self._quality is None or self._quality[0] != self.st.offset:
             scores = [s for s, _ in self.window]
-            labels = [y for _, y in self.window]
-            self._quality = (self.st.offset, quality.report(scores, labels) if self.window else {})
+            if not self.window:
+                rep: dict[str, float] = {}
+            elif isinstance(self.model, ValueModel):
+                rep = value_figures(scores, [y for _, y in self.window])
+            else:
+                rep = quality.report(scores, [int(y) for _, y in self.window])
+            self._quality = (self.st.offset, rep)
         return self._quality[1]
 
     def publish(self, now_ms: int) -> ModelSnapshot:
@@ -218,6 +235,6 @@ class Trainer:
 
     def state(self) -> TrainerState:
         self.st.window = list(self.window)
-        self.st.config = snapshot_of(self.model, target=self.target, version=0, created_ms=0).config
+        self.st.config = model_config(self.model)
         self.st.model = model_state(self.model)
         return self.st

@@ -63,7 +63,7 @@ class Verdict:
 
 
 NO_GATE = Verdict((), "no quality gate")  # a model given no gate is judged by its counts only
-CHECKS = ("labels", "roc_auc", "ece")
+CHECKS = ("labels", "roc_auc", "ece", "gini", "calibration")
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,8 @@ class TrustGate:
 
     min_auc_lower: float = 0.6  # one-sided 95% lower bound of the rolling ROC-AUC; 0: not checked
     max_ece: float = 0.1  # rolling expected calibration error (10 bins); 1: not checked
+    min_gini: float = 0.2  # value targets: the rolling normalised Gini; 0: not checked
+    max_value_bias: float = 0.5  # value targets: predicted / actual revenue within 1 +- this; 0: not checked
 
     def judge(self, quality: Mapping[str, float]) -> Verdict:
         """The verdict on a quality report (``models.quality.report``; missing figures fail).
@@ -79,6 +81,8 @@ class TrustGate:
         >>> TrustGate().judge({"matured": 100, "positives": 50, "roc_auc": 0.65, "ece": 0.03}).reason
         'roc_auc lower bound 0.560 < 0.6 (roc_auc 0.650 on 50 positives, 50 negatives)'
         """
+        if "gini" in quality:
+            return self._judge_value(quality)
         checks: list[tuple[str, bool, str]] = []  # (check, passed, words)
         if self.min_auc_lower > 0:
             auc = float(quality.get("roc_auc", math.nan))
@@ -104,12 +108,44 @@ class TrustGate:
                 checks.append(("ece", True, f"ece {ece:.3f} <= {self.max_ece:g}"))
             else:
                 checks.append(("ece", False, f"ece {ece:.3f} > {self.max_ece:g}"))
-        if not checks:
-            return Verdict((), "quality gate off")
-        failing = tuple(c for c, passed, _ in checks if not passed)
-        if failing:
-            return Verdict(failing, "; ".join(w for _, passed, w in checks if not passed))
-        return Verdict((), ", ".join(w for _, _, w in checks))
+        return _verdict(checks)
+
+    def _judge_value(self, quality: Mapping[str, float]) -> Verdict:
+        """A value model's report (``models.value_quality.report``): it must rank revenue (the
+        normalised Gini) and predict about as much revenue as came (the calibration ratio).
+
+        >>> TrustGate().judge({"matured": 500, "gini": 0.45, "calibration_ratio": 1.8}).reason
+        'predicted / actual revenue 1.800 outside [0.667, 1.5]'
+        """
+        checks: list[tuple[str, bool, str]] = []
+        if self.min_gini > 0:
+            gini = float(quality.get("gini", math.nan))
+            if math.isnan(gini):
+                checks.append(("gini", False, "no gini yet (no revenue matured)"))
+            else:
+                words = f"gini {gini:.3f} {'>=' if gini >= self.min_gini else '<'} {self.min_gini:g}"
+                checks.append(("gini", gini >= self.min_gini, words))
+        if self.max_value_bias > 0:
+            ratio = float(quality.get("calibration_ratio", math.nan))
+            lo, hi = 1 / (1 + self.max_value_bias), 1 + self.max_value_bias
+            if math.isnan(ratio):
+                checks.append(("calibration", False, "no calibration ratio yet (no revenue matured)"))
+            else:
+                inside = lo <= ratio <= hi
+                where = "within" if inside else "outside"
+                words = f"predicted / actual revenue {ratio:.3f} {where} [{lo:.3f}, {hi:g}]"
+                checks.append(("calibration", inside, words))
+        return _verdict(checks)
+
+
+def _verdict(checks: list[tuple[str, bool, str]]) -> Verdict:
+    """Trusted when every check passed; the words of the failing ones, else of all."""
+    if not checks:
+        return Verdict((), "quality gate off")
+    failing = tuple(c for c, passed, _ in checks if not passed)
+    if failing:
+        return Verdict(failing, "; ".join(w for _, passed, w in checks if not passed))
+    return Verdict((), ", ".join(w for _, _, w in checks))
 
 
 def labels(positives: int, negatives: int, min_positives: int, min_negatives: int) -> Verdict:

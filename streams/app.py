@@ -768,6 +768,7 @@ def _scoring(
         timers=settings.timer_config(),
         audiences=settings.audience_list(),
         audience_cooldown_ms=settings.audience_cooldown_s * 1000,
+        currency=settings.default_currency,
     )
     stage = ScoreStage(
         core,

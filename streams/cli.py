@@ -410,7 +410,8 @@ def deadletter(follow: bool, limit: int, bootstrap: str | None) -> None:
     default="purchase",
     show_default=True,
     show_envvar=True,
-    help="purchase, churn, or any event type (custom target).",
+    help="purchase, churn, value, or any event type (custom target); NAME:HORIZON sets the horizon too "
+    "(value:90d).",
 )
 @click.option(
     "--horizon",
@@ -473,13 +474,21 @@ def evaluate_cmd(
     """
     from models import evaluate
     from models.ledger import make_target
-    from models.trust import TrustGate
     from streams.producer import Progress
 
     if file is None and not use_sim:
         msg = "give a FILE or --simulate"
         raise click.UsageError(msg)
     settings = build_settings()
+    if ":" in target:  # value:90d, as PROPSTREAM_TARGETS writes it
+        from models.targets import parse_horizon
+
+        target, _, given = target.partition(":")
+        if horizon_s is None:
+            try:
+                horizon_s = float(parse_horizon(given))
+            except ValueError as exc:
+                raise click.BadParameter(str(exc), param_hint="--target") from None
     configured = {t.name: t.horizon_ms // 1000 for t in settings.target_list()}
     default_horizon = configured.get(target, 14 * 86400 if target == "churn" else 7 * 86400)
     horizon = int(horizon_s) if horizon_s is not None else default_horizon
@@ -491,18 +500,28 @@ def evaluate_cmd(
         from traffic.simulator import SimConfig, simulate_with_truth
 
         cfg = SimConfig(
-            users=users, seed=seed, days=days, horizon_purchase_s=horizon, horizon_churn_s=horizon
+            users=users,
+            seed=seed,
+            days=days,
+            horizon_purchase_s=horizon,
+            horizon_churn_s=horizon,
+            horizon_value_s=horizon,
         )
         current: list[tuple[str, int, float]] = []
 
+        def truth_of(t: Any) -> float:
+            if target == "value":
+                return float(t.expected_revenue)
+            return float(t.p_churn if target == "churn" else t.p_purchase)
+
         def sim_events() -> Any:
             for ev, t in simulate_with_truth(cfg):
-                current[:] = [(t.user_id, t.ts_ms, t.p_churn if target == "churn" else t.p_purchase)]
+                current[:] = [(t.user_id, t.ts_ms, truth_of(t))]
                 yield ev
 
         def oracle_fn(user: str, ts: int) -> float | None:
             # the simulator's churn truth has no grace period, so only purchase has a comparable oracle
-            if target != "purchase" or not current or current[0][:2] != (user, ts):
+            if target not in ("purchase", "value") or not current or current[0][:2] != (user, ts):
                 return None
             return current[0][2]
 
@@ -525,11 +544,12 @@ def evaluate_cmd(
         model_config=settings.learner_config(),
         min_positives=settings.min_positives,
         min_negatives=settings.min_negatives,
-        trust=TrustGate(settings.trust_min_auc_lower, settings.trust_max_ece),
+        trust=settings.trust_gate(),
         quality_window=settings.quality_window,
         oracle=oracle,
         progress=lambda n: progress.tick(10_000),
         timers=settings.timer_config(),
+        value_config=settings.value_config(),
     )
     progress.done()
     why_empty = evaluate.why_nothing_matured(result)

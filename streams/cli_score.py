@@ -29,6 +29,7 @@ from urllib.parse import urlencode
 
 import click
 
+from models.ledger import VALUE
 from streams.cli_common import DURATION_HELP, Duration, build_settings, fail, setting_option
 
 # status 0: no HTTP answer at all (refused, reset, timed out)
@@ -64,8 +65,13 @@ def http_get(token: str | None, timeout_s: float = 30.0) -> Get:
     return get
 
 
+def _columns(target: str) -> tuple[str, ...]:
+    """A target's CSV columns: its score; the value target's expected value and its tier."""
+    return (target, f"{target}_tier") if target == VALUE else (target,)
+
+
 class Writer:
-    """One user per CSV row (``user_id`` and each target's score) or per JSON line."""
+    """One user per CSV row (``user_id``, each target's score, and ``value_tier``) or per JSON line."""
 
     def __init__(self, out: TextIO, fmt: str, targets: Sequence[str]) -> None:
         self.out = out
@@ -74,12 +80,17 @@ class Writer:
         self.rows = 0
         self._csv = csv.writer(out, lineterminator="\n") if fmt == "csv" else None
         if self._csv is not None:
-            self._csv.writerow(["user_id", *self.targets])
+            self._csv.writerow(["user_id", *(c for t in self.targets for c in _columns(t))])
 
     def write(self, user: dict[str, Any]) -> None:
         scores = user["scores"]
         if self._csv is not None:
-            self._csv.writerow([user["user_id"], *(scores[t]["score"] for t in self.targets)])
+            row = [user["user_id"]]
+            for t in self.targets:
+                row.append(scores[t]["score"])
+                if t == VALUE:
+                    row.append(scores[t]["tier"])
+            self._csv.writerow(row)
         else:
             entry = {
                 "user_id": user["user_id"],
@@ -317,8 +328,8 @@ def export(
     show_default=True,
     envvar="PROPSTREAM_SCORE_FORMAT",
     show_envvar=True,
-    help="csv: user_id and one score column per target; jsonl: per user as_of_ms and, per target, "
-    "score, tier, warming_up and model_version.",
+    help="csv: user_id and one score column per target (value: the expected value, then value_tier); "
+    "jsonl: per user as_of_ms and, per target, score, tier, warming_up and model_version.",
 )
 @click.option("--page-size", type=click.IntRange(min=1), default=None, show_envvar=True, help=PAGE_SIZE_HELP)
 @click.option(

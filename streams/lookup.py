@@ -74,10 +74,12 @@ def target_scores(
         last = ts.announced if ts else None
         entry: dict[str, Any] = {
             "score": round(score, 6),
-            "tier": TIERS[tier_of(score, last.tier if last else None, core.rules)],
+            "tier": TIERS[tier_of(score, last.tier if last else None, core.rules_of(t.name))],
             "warming_up": m.warming_up,
             "model_version": m.version,
         }
+        if t.value:  # the score is an amount: say in what
+            entry["currency"] = core.currency
         if pending is not None:
             entry["horizon_s"] = t.horizon_ms // 1000
             entry["announced_score"] = round(last.score, 6) if last else None

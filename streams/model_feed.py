@@ -13,10 +13,9 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from models.online import OnlineModel
 from models.persist import ModelSnapshot, load, model_of
 from models.scoring import TargetModel
-from models.trust import TrustGate
+from models.value import fresh_model
 from streams.faults import Faults, describe
 from streams.settings import Settings
 
@@ -36,11 +35,15 @@ class LiveModels:
         self.on_swap = on_swap
         self.faults = faults
         config = settings.learner_config()
-        self.gate = TrustGate(settings.trust_min_auc_lower, settings.trust_max_ece)
+        self.gate = settings.trust_gate()
         nothing = self.gate.judge({})  # no version yet: no matured label to judge
         self.models: dict[str, TargetModel] = {
             t.name: TargetModel(
-                OnlineModel(config), 0, settings.min_positives, settings.min_negatives, nothing
+                fresh_model(t, config, settings.value_config()),
+                0,
+                settings.min_positives,
+                settings.min_negatives,
+                nothing,
             )
             for t in settings.target_list()
         }

@@ -538,7 +538,9 @@ class ScoreStage:
 
     def _send(self, m: Matured) -> None:
         s = m.snapshot
-        ex = Example(m.target, s.ts_ms, s.features, m.label, s.score, s.model_version, self.inputs_hash)
+        ex = Example(
+            m.target, s.ts_ms, s.features, m.label, s.score, s.model_version, self.inputs_hash, s.value
+        )
         self.send_example(m.target, self._msgpack.encode(ex))
         self.metrics.matured.labels(m.target, "positive" if m.label else "negative").inc()
 

@@ -7,6 +7,7 @@ deployment and ``--help`` shows which variable feeds which option.
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Callable, Iterable
 from functools import lru_cache
 from pathlib import Path
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
     from models.ledger import Target
     from models.online import ModelConfig
     from models.timers import TimerConfig
+    from models.trust import TrustGate
+    from models.value import ValueConfig
 
 ENV_PREFIX = "PROPSTREAM_"
 
@@ -64,6 +67,41 @@ IN_DAYS = " Duration: 90s, 30m, 2h, 7d (plain number: days)."
 
 def _names(value: str) -> frozenset[str]:
     return frozenset(v.strip() for v in value.split(",") if v.strip())
+
+
+def _value_tiers(value: str) -> tuple[float, float, bool]:
+    """``1x,3x`` as ``(1.0, 3.0, True)`` (multiples of the mean), ``50,200`` as ``(50.0, 200.0, False)``."""
+    parts = [p.strip().lower() for p in value.split(",")]
+    relative = bool(parts) and all(p.endswith("x") for p in parts)
+    try:
+        cuts = [float(p.removesuffix("x")) for p in parts]
+    except ValueError:
+        cuts = []
+    mixed = any(p.endswith("x") for p in parts) and not relative
+    if len(cuts) != 2 or mixed or not 0 < cuts[0] < cuts[1] < math.inf:
+        msg = (
+            f"value_tiers must be two ascending positive amounts (50,200) or multiples (1x,3x), got {value!r}"
+        )
+        raise ValueError(msg)
+    return cuts[0], cuts[1], relative
+
+
+def _rates(value: str) -> tuple[tuple[str, float], ...]:
+    """``EUR=1.08,GBP=1.27`` as ``(("EUR", 1.08), ("GBP", 1.27))``; ``ValueError`` names a bad entry."""
+    out: list[tuple[str, float]] = []
+    for item in (part.strip() for part in value.split(",")):
+        if not item:
+            continue
+        code, _, rate = item.partition("=")
+        try:
+            r = float(rate)
+        except ValueError:
+            r = math.nan
+        if len(code.strip()) != 3 or not code.strip().isalpha() or not (math.isfinite(r) and r > 0):
+            msg = f"currency_rates entry {item!r}: write CODE=RATE with a 3-letter code and a positive rate"
+            raise ValueError(msg)
+        out.append((code.strip().upper(), r))
+    return tuple(out)
 
 
 def _silence_ms(value: str) -> tuple[int, ...]:
@@ -224,7 +262,19 @@ class Settings(BaseSettings):
         "",
         description="Extra custom event types accepted (comma-separated), beside sign_up, demo_request, ...",
     )
-    default_currency: str = Field("USD", min_length=3, max_length=3, description="Currency when absent.")
+    default_currency: str = Field(
+        "USD",
+        min_length=3,
+        max_length=3,
+        description="The deployment's one currency (ISO 4217): events without a currency are in it, "
+        "and every amount (price, revenue, value scores) is in it.",
+    )
+    currency_rates: str = Field(
+        "",
+        description="Events in another currency are converted at these rates or rejected (reason "
+        "currency): comma-separated CODE=RATE, RATE units of default_currency per unit of CODE, e.g. "
+        "EUR=1.08,GBP=1.27. Empty: only default_currency is accepted.",
+    )
 
     user_ttl_days: Days = Field(
         400.0,
@@ -273,7 +323,22 @@ class Settings(BaseSettings):
     targets: str = Field(
         "purchase:7d,churn:14d",
         description="Targets, comma-separated NAME:HORIZON (horizon in s, m, h or d): purchase, churn, "
-        "or any accepted event type (e.g. sign_up:30d).",
+        "value (the revenue of the user's purchases within the horizon, e.g. value:90d) or any accepted "
+        "event type (e.g. sign_up:30d).",
+    )
+    value_model: Literal["hurdle", "log1p"] = Field(
+        "hurdle",
+        description="The value target's model: hurdle (P(purchase) x E[revenue | purchase]) or log1p "
+        "(one regression on log(1 + revenue)); see docs/models.md.",
+    )
+    value_learning_rate: float = Field(
+        0.005, gt=0, description="SGD step of the value model's log-revenue regression."
+    )
+    value_tiers: str = Field(
+        "1x,3x",
+        description="Value tiers: low < A <= medium < B <= high, as two ascending amounts in the "
+        "deployment currency (e.g. 50,200) or multiples of the model's mean revenue per snapshot "
+        "(e.g. 1x,3x: the scale follows the data).",
     )
     sample_every_s: Seconds = Field(
         3600,
@@ -309,6 +374,19 @@ class Settings(BaseSettings):
         description="Trust gate: a model with its label counts is trusted (change events, warming_up "
         "false) only while the one-sided 95% lower bound (Hanley-McNeil) of its rolling ROC-AUC on "
         "the served scores of matured labels is at least this. 0: not checked.",
+    )
+    trust_min_gini: float = Field(
+        0.2,
+        ge=0,
+        lt=1,
+        description="Trust gate of the value target: its rolling normalised Gini (how well the served "
+        "values rank the revenue that came) must be at least this. 0: not checked.",
+    )
+    trust_max_value_bias: float = Field(
+        0.5,
+        ge=0,
+        description="Trust gate of the value target: the revenue it predicted over the revenue that came "
+        "must lie within [1 / (1 + this), 1 + this]. 0: not checked.",
     )
     trust_max_ece: float = Field(
         0.1,
@@ -458,6 +536,23 @@ class Settings(BaseSettings):
             raise ValueError(msg)
         return value
 
+    @field_validator("default_currency")
+    @classmethod
+    def _upper_currency(cls, value: str) -> str:
+        return value.upper()
+
+    @field_validator("currency_rates")
+    @classmethod
+    def _parse_rates(cls, value: str) -> str:
+        _rates(value)
+        return value
+
+    @field_validator("value_tiers")
+    @classmethod
+    def _parse_value_tiers(cls, value: str) -> str:
+        _value_tiers(value)
+        return value
+
     @field_validator("earliest_event_time")
     @classmethod
     def _parse_earliest(cls, value: str) -> str:
@@ -497,7 +592,7 @@ class Settings(BaseSettings):
 
         known = {*CANONICAL_TYPES, *DEFAULT_CUSTOM_TYPES, *(t for t in self.custom_events.split(",") if t)}
         for t in self.target_list():
-            if not t.churn and t.name not in known:
+            if not t.churn and not t.value and t.name not in known:
                 msg = (
                     f"target {t.name!r} is not an accepted event type, so it could never happen: use "
                     f"churn or one of {', '.join(sorted(known))} (PROPSTREAM_CUSTOM_EVENTS adds types)"
@@ -540,6 +635,19 @@ class Settings(BaseSettings):
         }
         return ModelConfig(**{k: v for k, v in given.items() if v is not None})
 
+    def value_config(self) -> ValueConfig:
+        from models.value import ValueConfig
+
+        return ValueConfig(form=self.value_model, severity_lr=self.value_learning_rate)
+
+    def trust_gate(self) -> TrustGate:
+        """The quality gate, as the trainer, every worker and ``propstream eval`` apply it."""
+        from models.trust import TrustGate
+
+        return TrustGate(
+            self.trust_min_auc_lower, self.trust_max_ece, self.trust_min_gini, self.trust_max_value_bias
+        )
+
     def ingest_rules(self) -> Rules:
         """The contract's validation knobs, as the worker and ``propstream eval`` both apply them."""
         from features.contract import DEFAULT_CUSTOM_TYPES, Rules
@@ -550,6 +658,7 @@ class Settings(BaseSettings):
             earliest_ms=self.earliest_event_ms,
             custom_types=DEFAULT_CUSTOM_TYPES | frozenset(t for t in self.custom_events.split(",") if t),
             default_currency=self.default_currency,
+            currency_rates=_rates(self.currency_rates),
         )
 
     def feature_params(self) -> FeatureParams:
@@ -583,6 +692,7 @@ class Settings(BaseSettings):
             min_delta=self.min_delta,
             cooldown_ms=self.cooldown_s * 1000,
             churn_drop=self.churn_drop,
+            value_tiers=_value_tiers(self.value_tiers),
         )
 
     @property

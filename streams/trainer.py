@@ -66,6 +66,7 @@ def attach_trainer(
                 publish_interval_ms=int(settings.publish_interval_s * 1000),
                 window=settings.quality_window,
                 trust=live.gate,  # the workers' own gate: a flip of their verdict is published at once
+                value=settings.value_config(),
                 state=state,
                 seed=None if state is not None else live.snapshots.get(target),
             )

@@ -6,6 +6,7 @@ our per-event cost from Faust's and the broker's.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 import zlib
@@ -14,8 +15,8 @@ from typing import Any
 
 import msgspec
 
-from models.online import OnlineModel
 from models.scoring import ScoringCore, TargetModel, input_names
+from models.value import ValueModel, fresh_model
 from streams.faults import Faults
 from streams.ingest import IngestHandler, MemoryStore, Record, StateStore
 from streams.metrics import Metrics
@@ -34,10 +35,14 @@ def trained_models(settings: Settings, n: int = 400, seed: int = 3) -> dict[str,
     names = input_names()
     out = {}
     for t in settings.target_list():
-        m = OnlineModel(settings.learner_config())
+        m = fresh_model(t, settings.learner_config(), settings.value_config())
         for _ in range(n):
             x = {k: rng.random() * 3 for k in names}
-            m.learn(x, int(x[names[0]] + rng.random() > 2.0))
+            y = int(x[names[0]] + rng.random() > 2.0)
+            if isinstance(m, ValueModel):
+                m.learn(x, y, math.exp(2.0 + x[names[1]]) if y else 0.0)
+            else:
+                m.learn(x, y)
         out[t.name] = TargetModel(m, 1, 0, 0)
     return out
 

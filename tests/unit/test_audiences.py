@@ -10,7 +10,7 @@ from typing import Any
 
 import jsonschema
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as hs
 
 from features.catalogue import NAMES
@@ -139,6 +139,7 @@ def test_a_percentile_admits_by_the_cut_keeps_by_the_looser_one_and_nobody_witho
 
 # --- the partition's figures -------------------------------------------------------------------
 @given(hs.lists(hs.floats(0, 1), min_size=1, max_size=300), hs.sampled_from([1.0, 5.0, 10.0, 50.0, 90.0]))
+@example([0.0] * 7 + [1.0] * 7, 50.0)  # 50 * (14 / 100) is 7.000000000000001: the cut once took all 14
 def test_a_percentile_cut_holds_at_least_its_share_and_no_more_than_its_bin_adds(
     scores: list[float], pct: float
 ) -> None:

@@ -27,7 +27,9 @@ def reason_of(payload: bytes | dict, rules: Rules | None = None) -> str:
 
 def test_valid_event_normalised() -> None:
     [ev] = parse(
-        json.dumps(good(type="purchase", price=10.0, quantity=3, currency="eur")).encode(), Rules(), NOW
+        json.dumps(good(type="purchase", price=10.0, quantity=3, currency="eur")).encode(),
+        Rules(default_currency="EUR"),
+        NOW,
     )
     assert ev.ts_ms == ISO_MS
     assert ev.revenue == 30.0  # revenue defaults to price * quantity for orders
@@ -144,11 +146,11 @@ def test_ga4_vocabulary(name: str, canonical: str) -> None:
             }
         ],
     }
-    [ev] = parse(json.dumps(body).encode(), Rules(), NOW)
+    [ev] = parse(json.dumps(body).encode(), Rules(default_currency="EUR"), NOW)
     assert (ev.type, ev.user_id, ev.ts_ms, ev.product_id, ev.quantity) == (canonical, "u7", ISO_MS, "sku1", 2)
     assert ev.revenue == (20.0 if canonical == "purchase" else None)
     # the same payload twice gets the same derived id, so dedup catches re-sent batches
-    assert parse(json.dumps(body).encode(), Rules(), NOW)[0].event_id == ev.event_id
+    assert parse(json.dumps(body).encode(), Rules(default_currency="EUR"), NOW)[0].event_id == ev.event_id
 
 
 def test_unknown_vocabulary_names() -> None:

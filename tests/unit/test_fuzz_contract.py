@@ -289,7 +289,7 @@ def heavy_user_events(n: int, seed: int) -> list[bytes]:
             "price": 9999.0,
             "quantity": 1000,
             "order_id": long_id,
-            "currency": "EUR",
+            "currency": "USD",
             "channel": long_id,
             "campaign": long_id,
         }
