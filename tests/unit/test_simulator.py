@@ -6,20 +6,24 @@ Outcomes are recounted by brute force from the event stream alone, never from th
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import math
 import random
 import time
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 import msgspec
 import pytest
 
 from features.contract import Rules, parse
+from models.value_quality import gini, top_decile_capture
 from traffic.simulator import (
     SimConfig,
     Truth,
+    expected_buying_sessions,
     p_purchase_later,
     p_quiet,
     read_truth,
@@ -101,7 +105,8 @@ def test_every_event_passes_the_contract(small: list[tuple[dict[str, object], Tr
         if ev.type in PRODUCT_TYPES:
             assert ev.product_id and ev.category and ev.price is not None and ev.price > 0
         if ev.type == "purchase":
-            assert ev.order_id and ev.revenue is not None and ev.revenue > 0 and ev.currency == "EUR"
+            assert ev.order_id and ev.revenue is not None and ev.revenue > 0
+            assert ev.currency == rules.default_currency == "USD"  # the deployment's own currency
     expected = {"page_view", "product_view", "search", "add_to_cart", "remove_from_cart"}
     expected |= {"checkout_start", "purchase", "sign_up", "demo_request"}
     assert set(types) == expected, types
@@ -292,6 +297,187 @@ def test_churn_truth_with_a_high_hazard_is_calibrated_in_the_tail() -> None:
     assert sum(y for _, y in bottom) / len(bottom) < 0.01
 
 
+# --- the value truth ----------------------------------------------------------------------------
+
+# sha256 of simulate(SimConfig(users=300, seed=3, days=10, start_ms=START)), one msgspec-encoded event per
+# line, taken before the value truth existed (its purchases then said "EUR", here read as "USD"): the
+# value truth must draw nothing from the simulation's rng, so every stream stays as it was.
+STREAM_SHA256 = "07d9eedc435ee7b91503f94d247be73d95dc88e024d0d9cd5985b877289d3536"
+BROWSE = {"page_view", "product_view", "search", "sign_up", "demo_request"}
+
+
+def test_the_value_truth_leaves_the_event_stream_as_it_was() -> None:
+    cfg = SimConfig(users=300, seed=3, days=10, start_ms=START)
+    enc = msgspec.json.Encoder()
+    digest = hashlib.sha256()
+    for e in simulate(cfg):
+        digest.update(enc.encode(e) + b"\n")
+    assert digest.hexdigest() == STREAM_SHA256
+    other = SimConfig(users=300, seed=3, days=10, start_ms=START, horizon_value_s=3 * 86400)
+    assert [e for e, _ in simulate_with_truth(other)] == list(simulate(cfg))
+
+
+def test_expected_buying_sessions_match_a_monte_carlo_of_drifting_intent() -> None:
+    """Sessions at rate lam race churn; intent drifts as the simulator's AR(1); E[sum of sigmoid(z)]."""
+    lam, hazard, horizon, mu, z_next = 2.0, 0.05, 30.0, -3.0, -1.5  # keen now, reverting over ~50 sessions
+    rng = random.Random(4)
+    sums = []
+    for _ in range(4000):
+        churn, t, z, total = rng.expovariate(hazard), 0.0, z_next, 0.0
+        while True:
+            t += rng.expovariate(lam)
+            if t > horizon or t >= churn:
+                break
+            total += 1.0 / (1.0 + math.exp(-z))
+            z = mu + 0.97 * (z - mu) + rng.gauss(0.0, 0.15)
+        sums.append(total)
+    mean = sum(sums) / len(sums)
+    se = math.sqrt(sum((s - mean) ** 2 for s in sums) / (len(sums) - 1) / len(sums))
+    exact = expected_buying_sessions(lam, hazard, horizon, z_next, mu)
+    assert abs(exact - mean) < 4 * se, (exact, mean, se)
+    sessions = lam / hazard * (1 - math.exp(-hazard * horizon))
+    assert expected_buying_sessions(lam, hazard, horizon, 0.0, 0.0) == pytest.approx(sessions / 2)
+    frozen = sessions / (1.0 + math.exp(-z_next))  # holding the next intent: far off here
+    assert abs(frozen - mean) > 10 * se
+
+
+@pytest.fixture(scope="module")
+def one_session_each() -> list[tuple[dict[str, object], Truth]]:
+    """Every user churns at once, so only the session under way counts: the session part alone."""
+    return run(20_000, 2024, 30, churn_rate_per_day=1e12)
+
+
+def final_baskets(rows: list[tuple[dict[str, object], Truth]]) -> dict[object, float]:
+    """Value of each session's cart when it stopped changing, recounted from its cart events."""
+    carts: dict[object, dict[object, tuple[float, int]]] = defaultdict(dict)
+    for e, _ in rows:
+        if e["type"] in ("add_to_cart", "remove_from_cart"):
+            cart = carts[e["session_id"]]
+            _, qty = cart.get(e["product_id"], (0.0, 0))
+            sign = 1 if e["type"] == "add_to_cart" else -1
+            cart[e["product_id"]] = (float(e["price"]), qty + sign * int(e["quantity"]))  # type: ignore[arg-type, call-overload]
+    return {sid: sum(p * q for p, q in cart.values()) for sid, cart in carts.items()}
+
+
+def clustered_z(rows: Sequence[tuple[float, float, object]]) -> float:
+    """(mean actual - mean predicted) over its standard error, rows clustered by their third field."""
+    by: dict[object, float] = defaultdict(float)
+    for pred, actual, key in rows:
+        by[key] += actual - pred
+    se = math.sqrt(sum(r * r for r in by.values())) / len(rows)
+    return sum(by.values()) / len(rows) / se
+
+
+def test_after_churn_only_the_session_under_way_counts(
+    one_session_each: list[tuple[dict[str, object], Truth]],
+) -> None:
+    rows = one_session_each
+    assert len({e["user_id"] for e, _ in rows}) == len({e["session_id"] for e, _ in rows}) > 10_000
+    by_session: dict[object, list[tuple[dict[str, object], Truth]]] = defaultdict(list)
+    for e, t in rows:
+        by_session[e["session_id"]].append((e, t))
+    order = {t.expected_revenue / t.p_purchase for e, t in rows if e["type"] in BROWSE}
+    assert max(order) - min(order) < 1e-9 * max(order)  # one order value for the catalogue
+    checked = 0
+    for evs in by_session.values():
+        for (e, t), nxt in zip(evs, [*evs[1:], (None, None)], strict=True):
+            if e["type"] == "purchase":
+                assert t.expected_revenue == 0.0  # the purchase at ts is not in (ts, ts + H]
+            if e["type"] == "checkout_start" and nxt[0] is not None:
+                revenue = float(nxt[0]["revenue"])  # type: ignore[arg-type]
+                assert t.expected_revenue == pytest.approx(t.p_purchase * revenue, rel=1e-12)
+                checked += 1
+    assert checked > 100
+
+
+def test_order_values_match_the_baskets_sessions_end_with(
+    one_session_each: list[tuple[dict[str, object], Truth]],
+) -> None:
+    """Buying does not depend on the basket, so every cart (bought or abandoned) shows the order value.
+
+    At a browse step the truth uses the catalogue's mean order value; at a cart step, the basket so far
+    plus the adds and removals still to come. Both are compared with the recounted final baskets.
+    """
+    final = final_baskets(one_session_each)
+    browse, cart, cart_so_far = [], [], []
+    so_far: dict[object, float] = defaultdict(float)
+    for e, t in one_session_each:
+        sid = e["session_id"]
+        if sid not in final or t.p_purchase == 0:
+            continue
+        order = t.expected_revenue / t.p_purchase
+        if e["type"] in BROWSE:
+            browse.append((order, final[sid], sid))
+        elif e["type"] in ("add_to_cart", "remove_from_cart"):
+            sign = 1 if e["type"] == "add_to_cart" else -1
+            so_far[sid] += sign * float(e["price"]) * int(e["quantity"])  # type: ignore[arg-type, call-overload]
+            cart.append((order, final[sid], sid))
+            cart_so_far.append((so_far[sid], final[sid], sid))
+    assert len(final) > 3000 and len(cart) > 4000
+    assert abs(clustered_z(browse)) < 4 and abs(clustered_z(cart)) < 4
+    # the same checks catch an order value 10% off, and a cart step that ignores the moves still to come
+    assert abs(clustered_z([(1.1 * p, a, s) for p, a, s in browse])) > 4
+    assert abs(clustered_z(cart_so_far)) > 4
+
+
+def daily_snapshots(
+    rows: list[tuple[dict[str, object], Truth]], horizon_ms: int, end: int
+) -> list[tuple[float, float, str]]:
+    """(expected_revenue, revenue in (t, t + H], user) at each user's first event of each day.
+
+    Chosen from the past only (the first event of a day is known to be so when it happens), so the truth
+    must be calibrated on them too; one snapshot a day keeps heavy visitors from dominating the mean.
+    """
+    buys: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for e, _ in rows:
+        if e["type"] == "purchase":
+            buys[str(e["user_id"])].append((ts(e), float(e["revenue"])))  # type: ignore[arg-type]
+    seen: set[tuple[str, int]] = set()
+    out = []
+    for e, t in rows:
+        now = ts(e)
+        if now + horizon_ms > end or (t.user_id, (now - START) // DAY) in seen:
+            continue
+        seen.add((t.user_id, (now - START) // DAY))
+        revenue = sum(r for at, r in buys[t.user_id] if now < at <= now + horizon_ms)
+        out.append((t.expected_revenue, revenue, t.user_id))
+    return out
+
+
+@pytest.fixture(scope="module")
+def value_week() -> list[tuple[float, float, str]]:
+    rows = run(2000, 4, 30, horizon_value_s=7 * 86400)
+    return daily_snapshots(rows, 7 * DAY, START + 30 * DAY)
+
+
+def test_value_truth_is_calibrated_against_realised_revenue(
+    value_week: list[tuple[float, float, str]],
+) -> None:
+    """Mean realised revenue against mean expected revenue, overall and by decile of the truth.
+
+    A user's snapshots share purchases, so the standard error is clustered by user; the bound is 4 of
+    them, and the same bound rejects a truth 40% too high or too low, or one shrunk halfway to its mean.
+    """
+    snaps = sorted(value_week)
+    n = len(snaps)
+    assert n > 10_000 and sum(1 for _, a, _ in snaps if a > 0) > 1000
+    tenths = [snaps[k * n // 10 : (k + 1) * n // 10] for k in range(10)]
+    assert abs(clustered_z(snaps)) < 4
+    assert all(abs(clustered_z(g)) < 4 for g in tenths), [round(clustered_z(g), 2) for g in tenths]
+    for factor in (1.4, 1 / 1.4):
+        assert abs(clustered_z([(factor * p, a, u) for p, a, u in snaps])) > 4, factor
+    mean = sum(p for p, _, _ in snaps) / n
+    shrunk = [[((p + mean) / 2, a, u) for p, a, u in g] for g in tenths]
+    assert max(abs(clustered_z(g)) for g in shrunk) > 4
+
+
+def test_value_truth_ranks_users_by_what_they_spend(value_week: list[tuple[float, float, str]]) -> None:
+    pred, actual = [p for p, _, _ in value_week], [a for _, a, _ in value_week]
+    assert gini(pred, actual) > 0.5
+    assert top_decile_capture(pred, actual) > 0.3  # three times a random tenth's share
+    assert all(p >= 0 and math.isfinite(p) for p in pred)
+
+
 # --- truth files and config ---------------------------------------------------------------------
 
 
@@ -299,16 +485,31 @@ def test_truth_file_roundtrip_is_exact(tmp_path: Path) -> None:
     rows = [t for _, t in run(20, 1, 3)]
     path = tmp_path / "truth.csv"
     assert write_truth(rows, path) == len(rows) > 0
-    assert path.read_text().splitlines()[0] == "user_id,ts_ms,p_purchase,p_churn"
-    assert read_truth(path) == rows
+    assert path.read_text().splitlines()[0] == "user_id,ts_ms,p_purchase,p_churn,expected_revenue"
+    assert read_truth(path) == rows and any(t.expected_revenue > 0 for t in rows)
     (tmp_path / "bad.csv").write_text("user,ts\nu1,5\n")
     with pytest.raises(ValueError, match="header"):
         read_truth(tmp_path / "bad.csv")
 
 
+def test_an_old_truth_file_reads_with_the_value_unknown(tmp_path: Path) -> None:
+    path = tmp_path / "old.csv"
+    path.write_text("user_id,ts_ms,p_purchase,p_churn\nu000001,1700000000000,0.25,0.5\n")
+    [row] = read_truth(path)
+    assert row[:4] == ("u000001", 1_700_000_000_000, 0.25, 0.5) and math.isnan(row.expected_revenue)
+    assert Truth("u1", 5, 0.1, 0.2).expected_revenue == 0.0  # constructions without it still work
+
+
 @pytest.mark.parametrize(
     "bad",
-    [{"users": -1}, {"days": 0}, {"churn_rate_per_day": -0.1}, {"horizon_purchase_s": 0}, {"max_events": -2}],
+    [
+        {"users": -1},
+        {"days": 0},
+        {"churn_rate_per_day": -0.1},
+        {"horizon_purchase_s": 0},
+        {"horizon_value_s": 0},
+        {"max_events": -2},
+    ],
 )
 def test_invalid_config_is_refused(bad: dict[str, object]) -> None:
     with pytest.raises(ValueError, match="invalid SimConfig"):
