@@ -170,13 +170,14 @@ def model_list(target: str | None, as_json: bool, bootstrap: str | None) -> None
         return
     click.echo(
         f"{'target':<10} {'ver':>4}  {'published':<20} {'trained to':<20} {'pos':>7} {'neg':>8} "
-        f"{'roc_auc':>7} {'ece':>6}  note"
+        f"{'roc_auc':>7} {'ece':>6}  note (value: gini / predicted over actual)"
     )
     for s in snaps:
         q = s.quality
+        rank, calib = ("gini", "calibration_ratio") if "gini" in q else ("roc_auc", "ece")
         click.echo(
             f"{s.target:<10} {s.version:>4}  {_utc(s.created_ms):<20} {_utc(s.trained_to_ms):<20} "
-            f"{s.positives:>7,} {s.negatives:>8,} {_num(q.get('roc_auc')):>7} {_num(q.get('ece')):>6}"
+            f"{s.positives:>7,} {s.negatives:>8,} {_num(q.get(rank)):>7} {_num(q.get(calib)):>6}"
             f"  {s.note}"
         )
 
@@ -223,14 +224,22 @@ def model_show(target: str | None, version: int | None, n_weights: int, bootstra
         click.echo(f"{name} version {s.version}{'' if warm else '  (warming up)'}  {s.note}")
         click.echo(f"  published {_utc(s.created_ms)}, trained on events up to {_utc(s.trained_to_ms)}")
         click.echo(f"  learnt {s.positives:,} positive and {s.negatives:,} negative matured labels")
-        if q:
+        if q and "gini" in q:
+            click.echo(
+                f"  last {int(q.get('matured', 0)):,} matured: gini {_num(q.get('gini'))}  "
+                f"top_decile_capture {_num(q.get('top_decile_capture'))}  mae {_num(q.get('mae'))}  "
+                f"rmse {_num(q.get('rmse'))}  predicted/actual {_num(q.get('calibration_ratio'))}  "
+                f"mean revenue {_num(q.get('mean_actual'))}"
+            )
+        elif q:
             click.echo(
                 f"  last {int(q.get('matured', 0)):,} matured: roc_auc {_num(q.get('roc_auc'))}  "
                 f"pr_auc {_num(q.get('pr_auc'))}  log_loss {_num(q.get('log_loss'))}  "
                 f"brier {_num(q.get('brier'))}  ece {_num(q.get('ece'))}  "
                 f"base rate {_num(q.get('base_rate'))}"
             )
-        weights = s.state.get("weights", {})
+        state = s.state.get("classifier", s.state)  # a value model: its purchase classifier's weights
+        weights = state.get("weights", {})
         top = sorted(weights.items(), key=lambda kv: -abs(kv[1]))[:n_weights]
         if top:
             click.echo(

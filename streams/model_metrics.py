@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from models.ledger import VALUE
 from models.scoring import TargetModel
 from models.trust import CHECKS
 
@@ -26,6 +27,13 @@ class ModelMetrics:
             "Distribution of scores, by target.",
             ["target"],
             buckets=SCORE_BUCKETS,
+            registry=r,
+        )
+        self.value = Histogram(
+            "propstream_expected_value",
+            "Distribution of the value target's scores (expected revenue, deployment currency).",
+            ["target"],
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000),
             registry=r,
         )
         self.learning_steps = Counter(
@@ -68,7 +76,7 @@ class ModelMetrics:
         self.trust_failing = Gauge(
             "propstream_model_trust_failing",
             "1 for each check that keeps the live model untrusted: labels (counts), roc_auc (its lower "
-            "bound), ece.",
+            "bound), ece; of the value target gini and calibration.",
             ["target", "check"],
             registry=r,
         )
@@ -87,6 +95,18 @@ class ModelMetrics:
         self.ece = Gauge(
             "propstream_model_ece", "Rolling expected calibration error (10 bins).", ["target"], registry=r
         )
+        self.gini = Gauge(
+            "propstream_model_gini",
+            "Value target: rolling normalised Gini of served values against the revenue that came.",
+            ["target"],
+            registry=r,
+        )
+        self.value_calibration = Gauge(
+            "propstream_model_value_calibration",
+            "Value target: revenue predicted over revenue that came, on the rolling window (1: unbiased).",
+            ["target"],
+            registry=r,
+        )
         self.psi = Gauge(
             "propstream_drift_psi",
             "Population stability index against the reference window, of the score or a main input.",
@@ -96,7 +116,7 @@ class ModelMetrics:
 
     def record_scores(self, scores: Mapping[str, Iterable[float]]) -> None:
         for target, values in scores.items():
-            hist = self.score.labels(target)
+            hist = (self.value if target == VALUE else self.score).labels(target)
             n = 0
             for v in values:
                 hist.observe(v)
@@ -111,6 +131,13 @@ class ModelMetrics:
         for check in CHECKS:
             self.trust_failing.labels(target, check).set(1 if check in verdict.failing else 0)
         self.matured_labels.labels(target).set(live.model.positives + live.model.negatives)
-        for gauge, key in ((self.roc_auc, "roc_auc"), (self.log_loss, "log_loss"), (self.ece, "ece")):
+        figures = (
+            (self.roc_auc, "roc_auc"),
+            (self.log_loss, "log_loss"),
+            (self.ece, "ece"),
+            (self.gini, "gini"),
+            (self.value_calibration, "calibration_ratio"),
+        )
+        for gauge, key in figures:
             if key in quality:
                 gauge.labels(target).set(quality[key])

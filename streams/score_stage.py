@@ -176,7 +176,10 @@ class ScoreStage:
         self._psi_at = -math.inf  # monotonic s of the last PSI gauges: at most once a second
         self._figures_at = -math.inf  # likewise for the audience sizes
         score_edges = uniform_edges(0.0, 1.0, 10)
-        self.score_drift = {t.name: DriftMonitor(score_edges) for t in core.targets}
+        value_edges = tuple(math.expm1(e) for e in LOG_EDGES)  # amounts: a log scale, any currency
+        self.score_drift = {
+            t.name: DriftMonitor(value_edges if t.value else score_edges) for t in core.targets
+        }
         self.input_drift = {name: DriftMonitor(LOG_EDGES) for name in DRIFT_INPUTS}
         self._drift_at = [(INPUT_NAMES.index(name), m) for name, m in self.input_drift.items()]
 
