@@ -78,7 +78,7 @@ def _load_pipeline(pipeline: Any, state: dict[str, Any]) -> None:
         setattr(opt, k, VectorDict(v) if k in ("m", "v") else defaultdict(float, v))
 
 
-_VALUE_FIGURES = ("revenue_sum", "log_sum", "log_n", "smear_avg", "smear_n")
+_VALUE_FIGURES = ("revenue_sum", "log_sum", "log_n", "log_sq", "smear_avg", "smear_n")
 
 
 def model_state(model: AnyModel) -> dict[str, Any]:
@@ -125,7 +125,7 @@ def restore(config: dict[str, Any], state: dict[str, Any]) -> AnyModel:
         model.positives = state["positives"]
         model.negatives = state["negatives"]
         for k in _VALUE_FIGURES:
-            setattr(model, k, state[k])
+            setattr(model, k, state.get(k, getattr(model, k)))  # a figure added later: its start value
     return model
 
 

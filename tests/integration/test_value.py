@@ -80,6 +80,7 @@ def publish_value(kafka: str, topic: str, version: int = 3) -> None:
         "revenue_sum": 0.0,
         "log_sum": 3.0 * 100,  # a baseline log amount of 3 (the mean of 100 log revenues)
         "log_n": 100,
+        "log_sq": 100 * (3.0**2 + 1.0),  # their spread: a standard deviation of 1, so no clamp here
         "smear_avg": 1.0,
         "smear_n": 100,
     }
