@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from dataclasses import dataclass
 from itertools import islice
@@ -27,6 +28,7 @@ from aiokafka.partitioner import murmur2
 from features.state import Corrupt, UserState, decode
 from features.user import FeatureValue
 from models.changes import TIERS, tier_of
+from models.fastscore import FastScorer
 from models.scoring import LazyLedger, ScoreState, ScoringCore, decode_state, top_factors
 from streams.faults import Faults
 from streams.rows import FEATURES, SCORES, UserRows, decode_row
@@ -52,6 +54,9 @@ def partition_of(user_id: str, partitions: int) -> int:
     return (murmur2(user_id.encode()) & 0x7FFFFFFF) % partitions
 
 
+_scorers = threading.local()
+
+
 def target_scores(
     core: ScoringCore,
     st: UserState,
@@ -67,9 +72,14 @@ def target_scores(
     """
     feats, x = core.score_all(st, as_of_ms)
     out: dict[str, dict[str, Any]] = {}
-    for t in core.targets:
-        m = core.models[t.name]
-        score = m.model.score(x)
+    live = [core.models[t.name] for t in core.targets]
+    # the worker's own arithmetic (models/fastscore.py), so a lookup shows the float a change event
+    # carries; one scorer per thread: lookups run on the read server's, batches on the loop's
+    scorer = getattr(_scorers, "fast", None)
+    if scorer is None:
+        scorer = _scorers.fast = FastScorer()
+    scores = scorer.scores([m.model for m in live], x)
+    for t, m, score in zip(core.targets, live, scores, strict=True):
         ts = ss.targets.get(t.name)
         last = ts.announced if ts else None
         entry: dict[str, Any] = {

@@ -208,7 +208,7 @@ def test_fast_scores_equal_the_models_own_and_survive_a_snapshot(form: str) -> N
         x = {k: rng.uniform(0, 3) for k in names}
         own = m.score(x)
         assert own >= 0
-        assert fast.scores_of((m,), names, list(x.values())) == [own]
+        assert fast.scores_of((m,), names, list(x.values())) == pytest.approx([own], rel=1e-12)
         assert restored.score(x) == own
     # the restored model goes on learning exactly as the original
     x = {k: 1.0 for k in names}
