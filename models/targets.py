@@ -59,8 +59,12 @@ def parse_horizon(text: str) -> int:
     return seconds
 
 
-def parse_targets(spec: str, sample_every_s: int = 3600, max_pending: int = 64) -> tuple[Target, ...]:
+def parse_targets(
+    spec: str, sample_every_s: int = 3600, max_pending: int = 64, value_sample_every_s: int | None = None
+) -> tuple[Target, ...]:
     """The targets of a ``NAME:HORIZON,...`` spec; ``ValueError`` names the first bad entry.
+
+    The value target samples every ``value_sample_every_s`` (None: like the others).
 
     >>> [(t.name, t.horizon_ms // 86_400_000, t.churn) for t in parse_targets("purchase:7d, churn:14d")]
     [('purchase', 7, False), ('churn', 14, True)]
@@ -80,7 +84,10 @@ def parse_targets(spec: str, sample_every_s: int = 3600, max_pending: int = 64) 
         if any(t.name == name for t in out):
             msg = f"target {name!r} is declared twice"
             raise ValueError(msg)
-        out.append(make_target(name, parse_horizon(horizon), sample_every_s, max_pending))
+        every = (
+            value_sample_every_s if name == "value" and value_sample_every_s is not None else sample_every_s
+        )
+        out.append(make_target(name, parse_horizon(horizon), every, max_pending))
     if not out:
         msg = "declare at least one target, e.g. purchase:7d"
         raise ValueError(msg)

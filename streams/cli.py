@@ -492,7 +492,8 @@ def evaluate_cmd(
     configured = {t.name: t.horizon_ms // 1000 for t in settings.target_list()}
     default_horizon = configured.get(target, 14 * 86400 if target == "churn" else 7 * 86400)
     horizon = int(horizon_s) if horizon_s is not None else default_horizon
-    every = int(sample_every_s) if sample_every_s is not None else settings.sample_every_s
+    default_every = settings.value_sample_every_s if target == "value" else settings.sample_every_s
+    every = int(sample_every_s) if sample_every_s is not None else default_every
     tgt = make_target(target, horizon, every, settings.max_pending)
     progress = Progress("eval")
     oracle = None

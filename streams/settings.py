@@ -346,6 +346,13 @@ class Settings(BaseSettings):
         description="At most one labelled snapshot per user and target per this much event time."
         + IN_SECONDS,
     )
+    value_sample_every_s: Seconds = Field(
+        86400,
+        ge=0,
+        description="The value target's sampling period: its horizon is long (90d), hourly snapshots "
+        "of one user say nearly the same, and each waits the whole horizon in the user's ledger."
+        + IN_SECONDS,
+    )
     max_pending: int = Field(64, ge=1, description="Pending snapshots kept per user and target.")
     model_optimizer: Literal["sgd", "adagrad", "adam"] | None = Field(
         None, description="Optimiser of the logistic regression (default: the model's own)."
@@ -621,7 +628,7 @@ class Settings(BaseSettings):
     def target_list(self) -> tuple[Target, ...]:
         from models.targets import parse_targets
 
-        return parse_targets(self.targets, self.sample_every_s, self.max_pending)
+        return parse_targets(self.targets, self.sample_every_s, self.max_pending, self.value_sample_every_s)
 
     def learner_config(self) -> ModelConfig:
         from models.online import ModelConfig

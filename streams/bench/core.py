@@ -122,19 +122,20 @@ def cpu_per_event(handler: IngestHandler, records: list[Record], batch: int) -> 
 
 
 def main(argv: list[str]) -> None:
-    """``python -m streams.bench.core [EVENTS] [--split] [--audiences DEFINITIONS] [--repeat N]``.
+    """``python -m streams.bench.core [EVENTS] [--split] [--audiences DEFS] [--targets SPEC] [--repeat N]``.
 
     --split: the cost of decode, validation and the feature fold alone, beside the whole handler.
     --audiences: CPU per event without and with those definitions, alternated ``--repeat`` times
     (default 4) on the same records and models, medians and their ratio.
+    --targets: likewise, the configured targets against ``SPEC`` (e.g. adding value:90d).
     """
     import argparse
-    import statistics
 
     ap = argparse.ArgumentParser(prog="python -m streams.bench.core")
     ap.add_argument("events", nargs="?", type=int, default=100_000)
     ap.add_argument("--split", action="store_true")
     ap.add_argument("--audiences", default=None)
+    ap.add_argument("--targets", default=None)
     ap.add_argument("--repeat", type=int, default=4)
     args = ap.parse_args(argv)
     settings = Settings()
@@ -155,21 +156,39 @@ def main(argv: list[str]) -> None:
         whole = cpu_per_event(build(settings), records, settings.batch_size)
         print(f"the worker's handler and score stage: {whole:.1f} us CPU/event")
     if args.audiences is not None:
-        with_audiences = Settings(audiences=args.audiences)
-        models = trained_models(settings)
-        cost: dict[str, list[float]] = {"without": [], "with": []}
         moves: list[tuple[bytes, bytes | None, list[tuple[str, bytes]]]] = []
-        for _ in range(args.repeat):
-            for name, s in (("without", settings), ("with", with_audiences)):
-                moves.clear()
-                cost[name].append(
-                    cpu_per_event(build(s, models=models, audience=moves), records, settings.batch_size)
-                )
-        off, on = statistics.median(cost["without"]), statistics.median(cost["with"])
+        off, on = _alternate(settings, Settings(audiences=args.audiences), records, args.repeat, moves)
         print(
             f"without audiences {off:.1f}, with {on:.1f} us CPU/event (median of {args.repeat}), "
             f"ratio {on / off:.3f}; {len(moves):,} audience messages for {len(records):,} events"
         )
+    if args.targets is not None:
+        off, on = _alternate(settings, Settings(targets=args.targets), records, args.repeat, [])
+        print(
+            f"targets {settings.targets}: {off:.1f}, {args.targets}: {on:.1f} us CPU/event "
+            f"(median of {args.repeat}), ratio {on / off:.3f}"
+        )
+
+
+def _alternate(
+    a: Settings,
+    b: Settings,
+    records: list[Record],
+    repeat: int,
+    moves: list[tuple[bytes, bytes | None, list[tuple[str, bytes]]]],
+) -> tuple[float, float]:
+    """Median CPU per event under settings ``a`` and ``b``, alternated ``repeat`` times on the same
+    records and models (noise on a shared machine moves both alike)."""
+    import statistics
+
+    models = {**trained_models(a), **trained_models(b)}
+    cost: dict[int, list[float]] = {0: [], 1: []}
+    for _ in range(repeat):
+        for i, s in enumerate((a, b)):
+            moves.clear()
+            mine = {t.name: models[t.name] for t in s.target_list()}
+            cost[i].append(cpu_per_event(build(s, models=mine, audience=moves), records, a.batch_size))
+    return statistics.median(cost[0]), statistics.median(cost[1])
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ DURATIONS = {
     "session_gap_s": "s",
     "abandon_after_s": "s",
     "sample_every_s": "s",
+    "value_sample_every_s": "s",
     "publish_interval_s": "s",
     "cooldown_s": "s",
     "source_idle_s": "s",
