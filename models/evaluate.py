@@ -282,16 +282,7 @@ def summary(result: EvalRun, *, baseline: bool = False, bootstrap: int = 0) -> d
     o = result.outcomes
     scores = [x.score for x in o]
     labels = [x.label for x in o]
-    rep: dict[str, Any] = {
-        "target": result.target.name,
-        "horizon_s": result.target.horizon_ms // 1000,
-        "events": result.events,
-        "rejected": result.rejected,
-        "silence_snapshots": result.silence_snapshots,
-        "changes": result.changes,
-        "triggers": result.triggers,
-        **quality.report(scores, labels),
-    }
+    rep: dict[str, Any] = {**_head(result), **quality.report(scores, labels)}
     if bootstrap and labels:
         rep["roc_auc_ci95"] = quality.bootstrap_ci(quality.roc_auc, scores, labels, rounds=bootstrap)
         rep["pr_auc_ci95"] = quality.bootstrap_ci(quality.pr_auc, scores, labels, rounds=bootstrap)
@@ -319,6 +310,18 @@ def summary(result: EvalRun, *, baseline: bool = False, bootstrap: int = 0) -> d
     return rep
 
 
+def split(result: EvalRun) -> tuple[list[Outcome], list[Outcome], dict[str, Any]]:
+    """The point-in-time split of the offline baselines: snapshots whose window closed before 70%
+    of the event-time span, and those taken after it; and the report's figures of the split."""
+    times = sorted(x.ts_ms for x in result.outcomes)
+    lo, hi = times[int(0.001 * (len(times) - 1))], times[int(0.999 * (len(times) - 1))]
+    cutoff = lo + 0.7 * (hi - lo)
+    horizon = result.target.horizon_ms
+    train = [x for x in result.outcomes if x.ts_ms + horizon < cutoff]
+    test = [x for x in result.outcomes if x.ts_ms >= cutoff]
+    return train, test, {"cutoff_ms": int(cutoff), "train": len(train), "test": len(test)}
+
+
 def baselines(result: EvalRun, *, bootstrap: int = 0) -> dict[str, Any]:
     """Offline models on the first 70% of event time, tested on the last 30%.
 
@@ -333,15 +336,9 @@ def baselines(result: EvalRun, *, bootstrap: int = 0) -> dict[str, Any]:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    times = sorted(x.ts_ms for x in result.outcomes)
-    if not times:
+    if not result.outcomes:
         return {"error": "no matured snapshots"}
-    lo, hi = times[int(0.001 * (len(times) - 1))], times[int(0.999 * (len(times) - 1))]
-    cutoff = lo + 0.7 * (hi - lo)
-    horizon = result.target.horizon_ms
-    train = [x for x in result.outcomes if x.ts_ms + horizon < cutoff]
-    test = [x for x in result.outcomes if x.ts_ms >= cutoff]
-    out: dict[str, Any] = {"cutoff_ms": int(cutoff), "train": len(train), "test": len(test)}
+    train, test, out = split(result)
     if len({x.label for x in train}) < 2 or len({x.label for x in test}) < 2:
         out["error"] = "not enough of both labels on each side of the 70% cutoff"
         return out
@@ -424,6 +421,7 @@ def format_report(rep: Mapping[str, Any]) -> str:
 
 
 def _head(result: EvalRun) -> dict[str, Any]:
+    """What every report starts with: the target, the data and what the run published."""
     return {
         "target": result.target.name,
         "horizon_s": result.target.horizon_ms // 1000,
@@ -469,22 +467,16 @@ def value_baselines(result: EvalRun) -> dict[str, Any]:
     import numpy as np
     from sklearn.ensemble import HistGradientBoostingRegressor
 
-    times = sorted(x.ts_ms for x in result.outcomes)
-    if not times:
+    if not result.outcomes:
         return {"error": "no matured snapshots"}
-    lo, hi = times[int(0.001 * (len(times) - 1))], times[int(0.999 * (len(times) - 1))]
-    cutoff = lo + 0.7 * (hi - lo)
-    horizon = result.target.horizon_ms
-    train = [x for x in result.outcomes if x.ts_ms + horizon < cutoff]
-    test = [x for x in result.outcomes if x.ts_ms >= cutoff]
-    out: dict[str, Any] = {"cutoff_ms": int(cutoff), "train": len(train), "test": len(test)}
+    train, test, out = split(result)
     if not any(x.value > 0 for x in train) or not any(x.value > 0 for x in test):
         out["error"] = "no revenue on one side of the 70% cutoff"
         return out
     actual = [x.value for x in test]
     names = result.input_names
     rev, tenure = names.index("revenue_90d"), names.index("tenure_days")
-    days = horizon / DAY_MS
+    days = result.target.horizon_ms / DAY_MS
 
     def historical(x: list[float]) -> float:  # the inputs are log1p of the features
         return math.expm1(x[rev]) / (min(90.0, math.expm1(x[tenure])) + 1.0) * days

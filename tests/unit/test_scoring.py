@@ -313,6 +313,14 @@ def test_a_version_1_ledger_with_its_inputs_as_lists_is_read_not_dropped() -> No
 # --- the worker path equals the evaluation path -------------------------------------------------
 
 
+def flush_events(ts: int) -> list[dict[str, Any]]:
+    """An event at ``ts`` on every source topic, so the watermark passes every horizon before it."""
+    return [
+        {"event_id": f"flush-{k}", "user_id": "flush", "type": k, "ts": ts, "product_id": "p", "price": 1.0}
+        for k in ("page_view", "add_to_cart", "purchase")
+    ]
+
+
 def worker_examples(
     settings: Settings, models: dict[str, OnlineModel], dicts: list[dict[str, Any]], sizes: list[int]
 ) -> list[bytes]:
@@ -354,18 +362,7 @@ def worker_examples(
 def test_worker_sends_the_trainer_exactly_what_eval_learns(sizes: list[int]) -> None:
     settings = Settings(allowed_lateness_s=0, targets="purchase:2d,churn:3d")
     dicts = random_events(4, users=5, per_user=90, start_ms=T0, span_ms=12 * DAY)
-    flush = T0 + 60 * DAY  # on every source topic, so the watermark passes every horizon
-    dicts += [
-        {
-            "event_id": f"flush-{k}",
-            "user_id": "flush",
-            "type": k,
-            "ts": flush,
-            "product_id": "p",
-            "price": 1.0,
-        }
-        for k in ("page_view", "add_to_cart", "purchase")
-    ]
+    dicts += flush_events(T0 + 60 * DAY)
     models = {"purchase": trained_model(1), "churn": trained_model(2)}
     got: dict[str, list[tuple[int, int, float, list[float]]]] = {"purchase": [], "churn": []}
     for raw in worker_examples(settings, models, dicts, sizes):

@@ -3,7 +3,6 @@ tiers and change events, worker = eval, and the one-currency rule."""
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from typing import Any
@@ -12,7 +11,6 @@ import msgspec
 import pytest
 
 from features.contract import Rejected, Rules, parse
-from features.state import FeatureParams
 from models.changes import ChangeRules, value_rules
 from models.evaluate import run
 from models.fastscore import FastScorer
@@ -23,13 +21,9 @@ from models.scoring import ScoringCore, TargetModel, input_names
 from models.training import Example, Rollback, Trainer, decode_message, inputs_hash
 from models.trust import TrustGate
 from models.value import ValueConfig, ValueModel
-from streams.ingest import IngestHandler, MemoryStore, Record
-from streams.metrics import Metrics
-from streams.model_metrics import ModelMetrics
-from streams.producer import topic_for
-from streams.score_stage import MemoryKV, ScoreStage
 from streams.settings import Settings
-from tests.unit.test_scoring import DAY, HOUR, MIN, PARAMS, T0, User, ev
+from tests.unit.test_scoring import DAY, HOUR, MIN, PARAMS, T0, User, ev, flush_events
+from tests.unit.test_scoring import worker_examples as scoring_worker_examples
 
 ENC = msgspec.json.Encoder()
 
@@ -116,32 +110,9 @@ def test_revenue_labels_equal_a_brute_force_recount_over_any_batching(seed: int)
 def worker_examples(
     settings: Settings, model: ValueModel, dicts: list[dict[str, Any]], size: int
 ) -> list[Example]:
-    targets = settings.target_list()
-    core = ScoringCore(
-        targets, FeatureParams(), settings.change_rules(), {"value": TargetModel(model, 4, 0, 0)}
-    )
-    examples: list[bytes] = []
-    metrics = Metrics()
-    stage = ScoreStage(
-        core,
-        MemoryKV(),
-        MemoryKV(),
-        lambda user, value: None,
-        lambda target, value: examples.append(value),
-        ModelMetrics(metrics.registry),
-        wall_clock=lambda: 2e9,
-    )
-    dead: list[Any] = []
-    h = IngestHandler(settings, MemoryStore(), dead.append, metrics, clock=lambda: 2e9, stage=stage)
-    records = [
-        Record(topic_for(d["type"], settings), 0, i, d["user_id"].encode(), json.dumps(d).encode())
-        for i, d in enumerate(dicts)
-    ]
-    for i in range(0, len(records), size):
-        h.process(records[i : i + size])
-    assert not dead
+    """The training examples the worker's handler and score stage send for ``dicts`` in batches of ``size``."""
     out = []
-    for raw in examples:
+    for raw in scoring_worker_examples(settings, {"value": model}, dicts, [size]):  # type: ignore[dict-item]
         m = decode_message(raw)
         assert isinstance(m, Example)
         out.append(m)
@@ -163,19 +134,7 @@ def shop_events(seed: int, users: int = 6, per_user: int = 80) -> list[dict[str,
                 d.update(order_id=f"o{u}-{i}", revenue=round(rng.lognormvariate(3.5, 0.8), 2))
             out.append(d)
     out.sort(key=lambda d: d["ts"])
-    flush = T0 + 90 * DAY  # on every source topic, so the watermark passes every horizon
-    out += [
-        {
-            "event_id": f"flush-{k}",
-            "user_id": "flush",
-            "type": k,
-            "ts": flush,
-            "product_id": "p",
-            "price": 1.0,
-        }
-        for k in ("page_view", "add_to_cart", "purchase")
-    ]
-    return out
+    return out + flush_events(T0 + 90 * DAY)
 
 
 @pytest.mark.parametrize("size", [1, 37, 500])
