@@ -43,7 +43,7 @@ SMEAR_WINDOW = 1000  # the smearing factor averages about the last this many res
 @dataclass(frozen=True)
 class ValueConfig:
     form: str = "hurdle"  # hurdle | log1p
-    severity_lr: float = 0.005  # SGD step of the log-amount regression (inputs are standardised)
+    severity_lr: float = 0.001  # SGD step of the log-amount regression (inputs are standardised)
 
     def __post_init__(self) -> None:
         if self.form not in FORMS:

@@ -332,7 +332,7 @@ class Settings(BaseSettings):
         "(one regression on log(1 + revenue)); see docs/models.md.",
     )
     value_learning_rate: float = Field(
-        0.005, gt=0, description="SGD step of the value model's log-revenue regression."
+        0.001, gt=0, description="SGD step of the value model's log-revenue regression."
     )
     value_tiers: str = Field(
         "1x,3x",
