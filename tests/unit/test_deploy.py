@@ -44,6 +44,11 @@ MODEL_METRICS = {
     "propstream_model_roc_auc",
     "propstream_model_log_loss",
     "propstream_model_ece",
+    "propstream_model_gini",
+    "propstream_model_value_calibration",
+    "propstream_expected_value_bucket",
+    "propstream_expected_value_sum",
+    "propstream_expected_value_count",
     "propstream_drift_psi",
 }
 SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}

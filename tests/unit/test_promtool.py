@@ -38,7 +38,7 @@ def test_config_and_rules_check() -> None:
     assert out.returncode == 0, out.stdout + out.stderr
     out = promtool("check", "rules", str(PROM / "alerts.yml"))
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "SUCCESS: 15 rules found" in out.stdout
+    assert "SUCCESS: 16 rules found" in out.stdout
 
 
 def test_rule_unit_tests_pass() -> None:
