@@ -483,9 +483,11 @@ def value_baselines(result: EvalRun) -> dict[str, Any]:
 
     gbdt = HistGradientBoostingRegressor(loss="poisson", random_state=0)
     gbdt.fit(np.array([x.x for x in train]), np.array([x.value for x in train]))
-    out["mean"] = value_figures([historical(x.x) for x in test], actual)
-    out["gbdt"] = value_figures([float(v) for v in gbdt.predict(np.array([x.x for x in test]))], actual)
-    out["online"] = value_figures([x.score for x in test], actual)
+    out["mean"] = value_quality.report([historical(x.x) for x in test], actual)
+    out["gbdt"] = value_quality.report(
+        [float(v) for v in gbdt.predict(np.array([x.x for x in test]))], actual
+    )
+    out["online"] = value_quality.report([x.score for x in test], actual)
     return out
 
 

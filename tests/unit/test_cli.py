@@ -366,3 +366,25 @@ def test_worker_refuses_a_misspelt_variable_before_any_broker(tmp_path: os.PathL
     assert proc.returncode == 2, proc.stderr
     assert "unknown setting PROPSTREAM_TARGET: did you mean PROPSTREAM_TARGETS?" in proc.stderr
     assert "broker" not in proc.stderr.lower() and "kafka" not in proc.stderr.lower()
+
+
+def test_eval_of_the_value_target_reports_money_figures_oracle_and_baselines(
+    tmp_path: os.PathLike[str],
+) -> None:
+    """``--target value:3d`` (the PROPSTREAM_TARGETS spelling) on the simulator: the issue's keys,
+    the oracle's Gini from the simulator's true expected revenue, and both offline baselines."""
+    args = ["--simulate", "--users", "300", "--days", "24", "--target", "value:3d", "--baseline"]
+    code, output, report = eval_report(tmp_path, args, {})
+    assert code == 0, output
+    assert report["target"] == "value" and report["horizon_s"] == 3 * 86400
+    for key in ("mae", "rmse", "gini", "top_decile_capture", "decile_calibration", "oracle_gini"):
+        assert key in report, key
+    assert report["matured"] > 1000 and 0 < report["positives"] < report["matured"]
+    assert report["oracle_gini"] > 0.5  # the simulator's truth ranks revenue well
+    assert [d["decile"] for d in report["decile_calibration"]] == sorted(
+        d["decile"] for d in report["decile_calibration"]
+    )
+    for name in ("mean", "gbdt", "online"):
+        want = {"mae", "rmse", "gini", "top_decile_capture", "decile_calibration", "calibration_ratio"}
+        assert want <= set(report["baselines"][name])
+    assert "oracle_gini" in output and "baselines:" in output
