@@ -7,11 +7,10 @@ amounts for everyone. The hurdle model splits the two questions the data answers
 - *how much, given a purchase*: a scaled linear regression on ``log(revenue)`` of the positive
   snapshots only, around the running mean of that log, with Duan's smearing factor (the mean of
   ``exp(residual)`` over about the last 1,000 positives, each residual taken before its example
-  is learnt) to turn a mean of logs back
-  into a mean of amounts without assuming the residuals are normal. A prediction's log amount
-  is clamped to two standard deviations around the mean learnt: a linear model exponentiated
-  extrapolates wildly for the odd input far outside what it saw (measured unclamped: a top
-  decile predicted at 18,679 where 134 came).
+  is learnt) to turn a mean of logs back into a mean of amounts without assuming the residuals
+  are normal. A prediction's log amount is clamped to two standard deviations around the mean
+  learnt: a linear model exponentiated extrapolates wildly for the odd input far outside what it
+  saw (measured unclamped: a top decile predicted at 18,679 where 134 came).
 
 ``form="log1p"`` is the single-regressor alternative (``log1p(revenue)`` on every snapshot,
 smeared the same way), kept so ``propstream eval`` can compare the two on the same events
