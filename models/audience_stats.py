@@ -11,25 +11,26 @@ with fewer than a few hundred users in a partition the cut is coarse.
 from __future__ import annotations
 
 from array import array
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from models.audiences import BINS, STAY, Audience, Cut, score_bin
+from models.audiences import BINS, STAY, Audience, Cut, bin_of, score_bin
 
 
 class ScoreHistogram:
     """Users per score bin of 0.001: a plain array, as a user's move is one add (a numpy scalar
     add costs several times more); the cuts are taken from numpy running sums over a view of it."""
 
-    __slots__ = ("counts", "n")
+    __slots__ = ("bin", "counts", "n")
 
-    def __init__(self) -> None:
+    def __init__(self, to_bin: Callable[[float], int] = score_bin) -> None:
+        self.bin = to_bin  # scores in [0, 1] by 0.001, or amounts on a log scale
         self.counts = array("q", bytes(8 * BINS))
         self.n = 0
 
     def add(self, score: float, sign: int = 1) -> None:
-        self.counts[score_bin(score)] += sign
+        self.counts[self.bin(score)] += sign
         self.n += sign
 
     def cuts(self, top: bool, pcts: Sequence[float]) -> list[int] | None:
@@ -71,7 +72,7 @@ class PartitionStats:
         self.expected = {a.name: 0.0 for a in audiences}
         # only the targets a percentile reads: the others' distributions serve nothing yet
         used = {c.target for a in audiences for c in a.cuts}
-        self.histograms = {t: ScoreHistogram() for t in targets if t in used}
+        self.histograms = {t: ScoreHistogram(bin_of(t)) for t in targets if t in used}
         self._cuts: dict[Cut, tuple[int, int]] | None = None
         self.moved = 0  # scores added or removed since the cuts were taken
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import math
 import operator
 import re
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -102,6 +103,24 @@ def score_bin(score: float) -> int:
     (0, 600, 999)
     """
     return min(BINS - 1, max(0, int(score * BINS)))
+
+
+VALUE_BINS_PER_LOG = 50  # value bins are 1/50 of log1p(amount) wide: about 2% of the amount
+
+
+def value_bin(amount: float) -> int:
+    """The histogram bin of an amount (the value target's score): log-scale, so one set of bins
+    serves any currency and shop, from cents to 10^8 (a larger amount falls in the last bin).
+
+    >>> value_bin(0.0), value_bin(100.0) < value_bin(103.0), value_bin(1e12)
+    (0, True, 999)
+    """
+    return min(BINS - 1, max(0, int(math.log1p(max(amount, 0.0)) * VALUE_BINS_PER_LOG)))
+
+
+def bin_of(target: str) -> Callable[[float], int]:
+    """How ``target``'s scores are binned for percentile cuts: amounts on a log scale."""
+    return value_bin if target == "value" else score_bin
 
 
 # the operator module's C functions: a definition is evaluated at every rescore, on the hot path
@@ -272,19 +291,17 @@ class _Parser:
         pct = float(num.text)
         if not 0 < pct < 100:
             raise self.fail(num.col, f"a percentile is above 0 and below 100, found {num.text}")
-        if target == "value":  # the histograms bin probabilities in [0, 1]; an amount has no fixed range
-            words = "percentiles are of probabilities; for value use an amount (value >= 200) or value.tier"
-            raise self.fail(side.col, words)
         cut = Cut(target, side.text == "top", pct)
         self.cuts.append(cut)
         name = self.name
+        to_bin = bin_of(target)
 
         def test(v: View) -> bool:
             c = v.cuts.get(cut)
             if c is None:
                 return False
             at = c[1] if name in v.was else c[0]
-            b = score_bin(v.scores[target])
+            b = to_bin(v.scores[target])
             return b >= at if cut.top else b <= at
 
         return test

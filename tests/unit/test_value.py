@@ -331,9 +331,32 @@ def test_amounts_in_another_currency_are_converted_at_the_configured_rate_or_rej
             Settings(currency_rates=bad)
 
 
-def test_value_is_a_target_and_its_percentiles_are_refused_with_a_reason() -> None:
+def test_value_is_a_target_and_audiences_read_it() -> None:
     s = Settings(targets="purchase:7d,value:90d", audiences="big: value >= 100 and value.tier >= medium")
     (value_t,) = [t for t in s.target_list() if t.value]
     assert value_t.horizon_ms == 90 * DAY and value_t.event_types == frozenset({"purchase"})
-    with pytest.raises(ValueError, match="percentiles are of probabilities"):
-        Settings(targets="value:90d", audiences="top: value top 10%")
+    assert value_t.sample_every_ms == DAY  # PROPSTREAM_VALUE_SAMPLE_EVERY_S's default
+
+
+@pytest.mark.parametrize("pct", [1.0, 10.0, 25.0])
+def test_a_value_percentile_takes_the_top_spenders_within_two_percent(pct: float) -> None:
+    """``vip: value top 10%`` over amounts spread across four orders of magnitude: the members are
+    at least the share asked for, and every member is worth at least the share's boundary amount
+    (read off the sorted amounts here) less the log bins' 2% resolution."""
+    from models.audience_stats import PartitionStats
+    from models.audiences import View, members, parse_audiences
+
+    (vip,) = parse_audiences(f"vip: value top {pct:g}%", ["value"], [])
+    rng = random.Random(int(pct))
+    amounts = [rng.lognormvariate(3.0, 1.5) for _ in range(3000)] + [0.0] * 1000  # a quarter spent nothing
+    stats = PartitionStats((vip,), ["value"])
+    for v in amounts:
+        stats.add({"value": v}, [])
+    cuts = stats.cuts()
+    inside = [v for v in amounts if members((vip,), View({"value": v}, {}, {}, cuts), [])]
+    boundary = sorted(amounts, reverse=True)[math.ceil(len(amounts) * pct / 100) - 1]
+    assert len(inside) >= len(amounts) * pct / 100
+    assert min(inside) >= boundary / 1.021
+    assert (
+        len(inside) <= len(amounts) * pct / 100 + sum(boundary / 1.021 <= v < boundary for v in amounts) + 1
+    )
