@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from features.user import FeatureValue
+from models.ledger import VALUE
 
 NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,63}\Z")
 TIER_NAMES = ("low", "medium", "high")  # models.changes.TIERS, in order
@@ -120,7 +121,7 @@ def value_bin(amount: float) -> int:
 
 def bin_of(target: str) -> Callable[[float], int]:
     """How ``target``'s scores are binned for percentile cuts: amounts on a log scale."""
-    return value_bin if target == "value" else score_bin
+    return value_bin if target == VALUE else score_bin
 
 
 # the operator module's C functions: a definition is evaluated at every rescore, on the hot path
@@ -269,7 +270,7 @@ class _Parser:
         if value.kind != "num":
             raise self.fail(value.col, f"a score compares with a number in [0, 1], found {value.text!r}")
         bound = float(value.text)
-        if bound > 1 and target != "value":  # the value target's score is an amount
+        if bound > 1 and target != VALUE:  # the value target's score is an amount
             raise self.fail(value.col, f"a score is in [0, 1], so {value.text} can never be reached")
         cmp = _OPS[op]
         return lambda v: cmp(v.scores[target], bound)

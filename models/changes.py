@@ -13,6 +13,8 @@ from dataclasses import dataclass, replace
 
 import msgspec
 
+from models.ledger import VALUE
+
 TIERS = ("low", "medium", "high")
 
 
@@ -96,7 +98,7 @@ def detect(
     if tier == last.tier and abs(delta) < rules.min_delta:
         return last, None
     direction = "up" if delta > 0 else "down"
-    if target == "value":
+    if target == VALUE:
         reason = f"value_tier_{direction}"
     elif target == "churn":
         reason = "churn_risk_up" if direction == "up" else "churn_risk_down"

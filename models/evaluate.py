@@ -28,7 +28,7 @@ from models.online import ModelConfig
 from models.scoring import Fired, LazyLedger, ScoreState, ScoringCore, TargetModel, input_names
 from models.timers import TimerConfig
 from models.trust import TrustGate, figures
-from models.value import AnyModel, ValueConfig, ValueModel, fresh_model
+from models.value import AnyModel, ValueConfig, ValueModel, fresh_model, learn_matured, matured_y
 from models.value import figures as value_figures
 
 DAY_MS = 86_400_000
@@ -100,7 +100,7 @@ def run(
         rules = replace(rules, max_future_ms=10**15)
     clock_now = now_ms if now_ms is not None else 0
     params = params or FeatureParams()
-    online = model or fresh_model(target, model_config or ModelConfig(), value_config)
+    online = model or fresh_model(target.name, model_config or ModelConfig(), value_config)
     live = TargetModel(online, 0, min_positives=min_positives, min_negatives=min_negatives)
     window: deque[tuple[float, float]] = deque(maxlen=quality_window)  # (served score, label or revenue)
 
@@ -111,7 +111,7 @@ def run(
         return figures((s, int(y)) for s, y in window)
 
     if trust is not None:
-        live.verdict = trust.judge(judged())
+        live.verdict = trust.judge(judged(), value=target.value)
     core = ScoringCore((target,), params, change_rules or ChangeRules(), {target.name: live}, timers=timers)
     timer_heap: list[tuple[int, str]] = []  # (due, user): at or before each user's next timer
     clock = 0  # event time so far: a worker's watermark over one in-order stream
@@ -141,17 +141,11 @@ def run(
                 )
             )
             warm_at.discard((user, snap.ts_ms))
-            x = dict(zip(out.input_names, vec, strict=True))
-            if isinstance(online, ValueModel):
-                if learn:
-                    online.learn(x, m.label, snap.value)
-                window.append((snap.score, snap.value))
-            else:
-                if learn:
-                    online.learn(x, m.label)
-                window.append((snap.score, m.label))
+            if learn:
+                learn_matured(online, dict(zip(out.input_names, vec, strict=True)), m.label, snap.value)
+            window.append((snap.score, matured_y(online, m.label, snap.value)))
             if trust is not None and len(out.outcomes) % judge_every == 0:
-                live.verdict = trust.judge(judged())
+                live.verdict = trust.judge(judged(), value=target.value)
         if ss.deadline_ms:
             heapq.heappush(deadlines, (ss.deadline_ms, user))
 

@@ -38,35 +38,24 @@ def sigmoid(z: float) -> float:
     return 1 / (1 + math.exp(-z))
 
 
-def arrays(
-    model: OnlineModel | ValueModel, names: Sequence[str]
-) -> tuple[list[float], list[float], list[float], float]:
-    """Per input in ``names`` order: scaler mean, scale (``inf`` while variance is 0), weight; intercept
-    (of a value model: its amount regression's)."""
+def _affine(model: OnlineModel | ValueModel, names: Sequence[str]) -> tuple[list[float], float]:
+    """``w_i * (x_i - m_i) / s_i + b`` summed over ``names``, as ``sum(a_i * x_i) + c``: the row
+    ``a`` and ``c`` (of a value model: its amount regression's).
+
+    A term with no weight or no variance is 0 whatever the input (River scales an input of
+    variance 0 to 0): its ``a_i`` is 0.
+    """
     pipeline = model.severity if isinstance(model, ValueModel) else model.pipeline
     scaler, lr = pipeline.steps.values()
-    weights = lr.weights
-    means: list[float] = []
-    scales: list[float] = []
-    ws: list[float] = []
+    row: list[float] = []
+    shift = [float(lr.intercept)]
     for k in names:
-        v = scaler.vars.get(k, 0.0)
-        means.append(scaler.means.get(k, 0.0))
-        # x / inf is 0 for any finite x: River's "0.0 if the variance is 0", without a branch
-        scales.append(v**0.5 if v else math.inf)
-        ws.append(weights.get(k, 0.0))
-    return means, scales, ws, float(lr.intercept)
-
-
-def _affine(model: OnlineModel | ValueModel, names: Sequence[str]) -> tuple[list[float], float]:
-    """``w_i * (x_i - m_i) / s_i`` summed, as ``sum(a_i * x_i) + c``: the row ``a`` and ``c``.
-
-    A term with no weight or no variance is 0 whatever the input: its ``a_i`` is 0.
-    """
-    means, scales, ws, bias = arrays(model, names)
-    row = [w / s if w and s != math.inf else 0.0 for mu, s, w in zip(means, scales, ws, strict=True)]
-    c = math.fsum([bias, *(-a * mu for a, mu in zip(row, means, strict=True) if a)])
-    return row, c
+        w, v = lr.weights.get(k, 0.0), scaler.vars.get(k, 0.0)
+        a = w / v**0.5 if w and v else 0.0
+        row.append(a)
+        if a:
+            shift.append(-a * scaler.means.get(k, 0.0))
+    return row, math.fsum(shift)
 
 
 class FastScorer:
@@ -87,8 +76,9 @@ class FastScorer:
         self._models: list[AnyModel] = []
         self._seen: list[int] = []  # labels each model had learnt when it was read
         self._every: list[tuple[np.ndarray, float]] = []  # per raw output: its row a and constant c
-        # per model: the row of its raw output, the row of its hurdle classifier (-1: none)
-        self._rows: list[tuple[int, int, AnyModel]] = []
+        # per model: the row of its raw output, the row of its hurdle classifier (-1: none), and
+        # the value model that turns the two into an amount (None: a propensity, a sigmoid)
+        self._rows: list[tuple[int, int, ValueModel | None]] = []
         # the last answer: the scoring core asks twice for one input vector (snapshot, then rescore)
         self._memo: tuple[object, list[float]] = (None, [])
 
@@ -108,7 +98,7 @@ class FastScorer:
             if isinstance(m, ValueModel) and m.hurdle:
                 classifier = len(every)
                 every.append(_affine(m.classifier, names))
-            self._rows.append((j, classifier, m))
+            self._rows.append((j, classifier, m if isinstance(m, ValueModel) else None))
         self._every = [(np.array(r, dtype=np.float64), c) for r, c in every]
         self._names, self._models = names, list(models)
         self._seen = [m.positives + m.negatives for m in models]
@@ -134,10 +124,10 @@ class FastScorer:
         # depends on how many rows there are, and a score must not depend on the other targets
         z = [float(a.dot(x)) + c for a, c in self._every]
         out = []
-        for j, classifier, m in self._rows:
-            if isinstance(m, ValueModel):
-                out.append(m.expected(sigmoid(z[classifier]) if classifier >= 0 else 1.0, z[j]))
-            else:
+        for j, classifier, value in self._rows:
+            if value is None:
                 out.append(sigmoid(z[j]))
+            else:
+                out.append(value.expected(sigmoid(z[classifier]) if classifier >= 0 else 1.0, z[j]))
         self._memo = (values, out)
         return list(out)

@@ -101,9 +101,14 @@ def model_config(model: AnyModel) -> dict[str, Any]:
     return out
 
 
+def _known(cls: Any, config: dict[str, Any]) -> Any:
+    """``cls`` (a config dataclass) from the keys of ``config`` it has: others belong to another part."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in config.items() if k in known})
+
+
 def _restore_online(config: dict[str, Any], state: dict[str, Any]) -> OnlineModel:
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    model = OnlineModel(ModelConfig(**{k: v for k, v in config.items() if k in known}))
+    model = OnlineModel(_known(ModelConfig, config))
     if state:
         _load_pipeline(model.pipeline, state)
         model.positives = state["positives"]
@@ -115,9 +120,8 @@ def restore(config: dict[str, Any], state: dict[str, Any]) -> AnyModel:
     """A model built from ``config`` and loaded with ``state`` (empty state: a fresh model)."""
     if config.get("kind") != ValueModel.kind:
         return _restore_online(config, state)
-    known = {f.name for f in dataclasses.fields(ValueConfig)}
-    vc = ValueConfig(**{k: v for k, v in config.items() if k in known})
-    model = ValueModel(_restore_online(config, {}).config, vc)
+    vc = _known(ValueConfig, config)
+    model = ValueModel(_known(ModelConfig, config), vc)
     if state:
         model.classifier = _restore_online(config, state["classifier"])
         model.severity = regressor(vc.severity_lr)

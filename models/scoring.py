@@ -282,6 +282,7 @@ class ScoringCore:
         currency: str = "USD",
     ) -> None:
         self.targets = targets
+        self._names = tuple(t.name for t in targets)
         self.currency = currency  # the deployment's: value scores are amounts in it
         self.audiences = audiences
         # the percentile cuts in force and the targets not trusted yet, set by the caller per
@@ -507,11 +508,11 @@ class ScoringCore:
     ) -> Rescored:
         feats, vec = self._features(st, as_of_ms)
         self.last_vector = vec
-        scores: dict[str, float] = {}
+        values = self._scores(vec)
+        scores = dict(zip(self._names, values, strict=True))
         out: list[dict[str, Any]] = []
-        for t, score in zip(self.targets, self._scores(vec), strict=True):
+        for t, score in zip(self.targets, values, strict=True):
             m = self.models[t.name]
-            scores[t.name] = score
             if m.warming_up:
                 continue  # no baseline either: the first trusted score is not a "change"
             ts = self.target_state(ss, t.name)
@@ -529,9 +530,8 @@ class ScoringCore:
             if change is not None:
                 x = dict(zip(INPUT_NAMES, vec, strict=True))  # by name, for the explanation (rare)
                 body: dict[str, Any] = {}
-                if t.name in ("purchase", VALUE) and self.has_value:
-                    body["expected_value"] = None  # set below: the value target may come later
-                    body["currency"] = self.currency
+                if self.has_value and t.name in ("purchase", VALUE):  # the value-based bidding signal
+                    body = {"expected_value": self.expected_value(scores), "currency": self.currency}
                 out.append(
                     {
                         "user_id": user_id,
@@ -551,11 +551,6 @@ class ScoringCore:
                 )
             ts.announced = ann
             ts.features = _pack(feats)
-        if out and self.has_value:
-            ev = self.expected_value(scores)
-            for body in out:
-                if "expected_value" in body:
-                    body["expected_value"] = ev
         moves = self._regroup(user_id, ss, feats, scores, as_of_ms, cause) if self.audiences else []
         return Rescored(scores, out, moves)
 

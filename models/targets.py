@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 
-from models.ledger import Target, make_target
+from models.ledger import VALUE, Target, make_target
 
 UNITS_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
@@ -84,9 +84,7 @@ def parse_targets(
         if any(t.name == name for t in out):
             msg = f"target {name!r} is declared twice"
             raise ValueError(msg)
-        every = (
-            value_sample_every_s if name == "value" and value_sample_every_s is not None else sample_every_s
-        )
+        every = value_sample_every_s if name == VALUE and value_sample_every_s is not None else sample_every_s
         out.append(make_target(name, parse_horizon(horizon), every, max_pending))
     if not out:
         msg = "declare at least one target, e.g. purchase:7d"

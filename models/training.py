@@ -17,12 +17,11 @@ import msgspec
 
 from features.state import Corrupt
 from models import quality
-from models.ledger import VALUE
-from models.online import ModelConfig, OnlineModel
+from models.online import ModelConfig
 from models.persist import ModelSnapshot, load, model_config, model_of, model_state, restore, snapshot_of
 from models.scoring import input_names
 from models.trust import TrustGate
-from models.value import AnyModel, ValueConfig, ValueModel
+from models.value import AnyModel, ValueConfig, ValueModel, fresh_model, learn_matured, matured_y
 from models.value import figures as value_figures
 
 
@@ -138,7 +137,7 @@ class Trainer:
             self.st.trusted = self._trusted(seed.quality)  # what the workers hold now
         else:
             self.st = TrainerState(target)
-            self.model = ValueModel(config, value) if target == VALUE else OnlineModel(config)
+            self.model = fresh_model(target, config, value)
             self.st.trusted = self._trusted({})  # what the workers make of version 0
 
     @property
@@ -150,7 +149,10 @@ class Trainer:
         """The counts, then the gate on ``quality`` (``None``: the window's, computed only when needed)."""
         if self.model.positives < self.min[0] or self.model.negatives < self.min[1]:
             return False
-        return self.trust is None or self.trust.judge(self.quality() if quality is None else quality).trusted
+        if self.trust is None:
+            return True
+        report = self.quality() if quality is None else quality
+        return self.trust.judge(report, value=isinstance(self.model, ValueModel)).trusted
 
     def handle(self, offset: int, msg: Example | Rollback) -> str:
         """Learn one log entry; returns what happened (``learnt``, ``skipped``, ``rollback``, ``refused``).
@@ -179,13 +181,8 @@ class Trainer:
         if msg.inputs != self.hash or len(msg.x) != len(self.names):
             self.refusal = "training example with another input layout"
             return "refused"
-        x = dict(zip(self.names, msg.x, strict=True))
-        if isinstance(self.model, ValueModel):
-            self.model.learn(x, msg.label, msg.value)
-            self.window.append((msg.score, msg.value))
-        else:
-            self.model.learn(x, msg.label)
-            self.window.append((msg.score, msg.label))
+        learn_matured(self.model, dict(zip(self.names, msg.x, strict=True)), msg.label, msg.value)
+        self.window.append((msg.score, matured_y(self.model, msg.label, msg.value)))
         self.st.since_publish += 1
         self.st.trained_to_ms = max(self.st.trained_to_ms, msg.ts_ms)
         return "learnt"

@@ -75,13 +75,14 @@ class TrustGate:
     min_gini: float = 0.2  # value targets: the rolling normalised Gini; 0: not checked
     max_value_bias: float = 0.5  # value targets: predicted / actual revenue within 1 +- this; 0: not checked
 
-    def judge(self, quality: Mapping[str, float]) -> Verdict:
-        """The verdict on a quality report (``models.quality.report``; missing figures fail).
+    def judge(self, quality: Mapping[str, float], *, value: bool = False) -> Verdict:
+        """The verdict on a quality report (``models.quality.report``; missing figures fail); of a
+        value target's (``value``: ``models.value_quality.report``), on its own two figures.
 
         >>> TrustGate().judge({"matured": 100, "positives": 50, "roc_auc": 0.65, "ece": 0.03}).reason
         'roc_auc lower bound 0.560 < 0.6 (roc_auc 0.650 on 50 positives, 50 negatives)'
         """
-        if "gini" in quality:
+        if value:
             return self._judge_value(quality)
         checks: list[tuple[str, bool, str]] = []  # (check, passed, words)
         if self.min_auc_lower > 0:
@@ -114,7 +115,7 @@ class TrustGate:
         """A value model's report (``models.value_quality.report``): it must rank revenue (the
         normalised Gini) and predict about as much revenue as came (the calibration ratio).
 
-        >>> TrustGate().judge({"matured": 500, "gini": 0.45, "calibration_ratio": 1.8}).reason
+        >>> TrustGate().judge({"matured": 500, "gini": 0.45, "calibration_ratio": 1.8}, value=True).reason
         'predicted / actual revenue 1.800 outside [0.667, 1.5]'
         """
         checks: list[tuple[str, bool, str]] = []

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from river import compose, linear_model, optim, preprocessing
 
-from models.ledger import Target
+from models.ledger import VALUE
 from models.online import ModelConfig, OnlineModel
 
 FORMS = ("hurdle", "log1p")
@@ -167,9 +167,23 @@ class ValueModel:
 AnyModel = OnlineModel | ValueModel  # what a target is scored with
 
 
-def fresh_model(target: Target, config: ModelConfig, value: ValueConfig | None = None) -> AnyModel:
-    """An untrained model of the kind ``target`` needs."""
-    return ValueModel(config, value) if target.value else OnlineModel(config)
+def fresh_model(target: str, config: ModelConfig, value: ValueConfig | None = None) -> AnyModel:
+    """An untrained model of the kind ``target`` needs (the name ``value`` is the value kind)."""
+    return ValueModel(config, value) if target == VALUE else OnlineModel(config)
+
+
+def learn_matured(model: AnyModel, x: Mapping[str, float], label: int, value: float) -> None:
+    """Learn one matured snapshot: its label, and a value model its revenue too."""
+    if isinstance(model, ValueModel):
+        model.learn(x, label, value)
+    else:
+        model.learn(x, label)
+
+
+def matured_y(model: AnyModel, label: int, value: float) -> float:
+    """What the rolling quality window keeps beside a served score: the revenue that came for a
+    value model, the label for a propensity."""
+    return value if isinstance(model, ValueModel) else float(label)
 
 
 def figures(pred: Sequence[float], actual: Sequence[float]) -> dict[str, float]:

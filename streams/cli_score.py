@@ -65,11 +65,6 @@ def http_get(token: str | None, timeout_s: float = 30.0) -> Get:
     return get
 
 
-def _columns(target: str) -> tuple[str, ...]:
-    """A target's CSV columns: its score; the value target's expected value and its tier."""
-    return (target, f"{target}_tier") if target == VALUE else (target,)
-
-
 class Writer:
     """One user per CSV row (``user_id``, each target's score, and ``value_tier``) or per JSON line."""
 
@@ -79,18 +74,17 @@ class Writer:
         self.targets = tuple(targets)
         self.rows = 0
         self._csv = csv.writer(out, lineterminator="\n") if fmt == "csv" else None
+        # the CSV's cells per user, after user_id: each target's score, and the value target's tier
+        self._cells = [
+            (t, k) for t in self.targets for k in (("score", "tier") if t == VALUE else ("score",))
+        ]
         if self._csv is not None:
-            self._csv.writerow(["user_id", *(c for t in self.targets for c in _columns(t))])
+            self._csv.writerow(["user_id", *(t if k == "score" else f"{t}_{k}" for t, k in self._cells)])
 
     def write(self, user: dict[str, Any]) -> None:
         scores = user["scores"]
         if self._csv is not None:
-            row = [user["user_id"]]
-            for t in self.targets:
-                row.append(scores[t]["score"])
-                if t == VALUE:
-                    row.append(scores[t]["tier"])
-            self._csv.writerow(row)
+            self._csv.writerow([user["user_id"], *(scores[t][k] for t, k in self._cells)])
         else:
             entry = {
                 "user_id": user["user_id"],

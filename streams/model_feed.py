@@ -13,6 +13,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 
+from models.ledger import VALUE
 from models.persist import ModelSnapshot, load, model_of
 from models.scoring import TargetModel
 from models.value import fresh_model
@@ -36,14 +37,13 @@ class LiveModels:
         self.faults = faults
         config = settings.learner_config()
         self.gate = settings.trust_gate()
-        nothing = self.gate.judge({})  # no version yet: no matured label to judge
         self.models: dict[str, TargetModel] = {
             t.name: TargetModel(
-                fresh_model(t, config, settings.value_config()),
+                fresh_model(t.name, config, settings.value_config()),
                 0,
                 settings.min_positives,
                 settings.min_negatives,
-                nothing,
+                self.gate.judge({}, value=t.value),  # no version yet: no matured label to judge
             )
             for t in settings.target_list()
         }
@@ -71,7 +71,7 @@ class LiveModels:
             self.faults.unreadable("model_snapshot", describe(exc), where)
             return False
         s = self.settings
-        verdict = self.gate.judge(snap.quality)
+        verdict = self.gate.judge(snap.quality, value=snap.target == VALUE)
         new = TargetModel(model, snap.version, s.min_positives, s.min_negatives, verdict)
         if new.warming_up != live.warming_up:  # trusted, or no longer: say why, once per flip
             if new.warming_up:

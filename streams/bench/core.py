@@ -35,7 +35,7 @@ def trained_models(settings: Settings, n: int = 400, seed: int = 3) -> dict[str,
     names = input_names()
     out = {}
     for t in settings.target_list():
-        m = fresh_model(t, settings.learner_config(), settings.value_config())
+        m = fresh_model(t.name, settings.learner_config(), settings.value_config())
         for _ in range(n):
             x = {k: rng.random() * 3 for k in names}
             y = int(x[names[0]] + rng.random() > 2.0)

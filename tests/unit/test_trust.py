@@ -169,9 +169,9 @@ class CountingGate(TrustGate):
 
     calls: list[int] = field(default_factory=list)
 
-    def judge(self, quality: Mapping[str, float]) -> Verdict:
+    def judge(self, quality: Mapping[str, float], *, value: bool = False) -> Verdict:
         self.calls.append(1)
-        return super().judge(quality)
+        return super().judge(quality, value=value)
 
 
 def eval_run(gate: TrustGate | None, seen: dict[float, int] | None = None) -> EvalRun:

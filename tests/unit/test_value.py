@@ -3,6 +3,7 @@ tiers and change events, worker = eval, and the one-currency rule."""
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from typing import Any
@@ -232,16 +233,19 @@ def test_a_value_trainer_rolls_back_to_an_earlier_version_and_learns_on_from_it(
 
 
 def test_the_trust_gate_judges_a_value_report_by_gini_and_calibration() -> None:
-    gate = TrustGate()
-    assert gate.judge({"matured": 900, "gini": 0.41, "calibration_ratio": 1.1}).trusted
-    low = gate.judge({"matured": 900, "gini": 0.12, "calibration_ratio": 1.0})
+    judge = functools.partial(TrustGate().judge, value=True)
+    assert judge({"matured": 900, "gini": 0.41, "calibration_ratio": 1.1}).trusted
+    low = judge({"matured": 900, "gini": 0.12, "calibration_ratio": 1.0})
     assert low.failing == ("gini",) and "gini 0.120 < 0.2" in low.reason
-    off = gate.judge({"matured": 900, "gini": 0.5, "calibration_ratio": 0.5})
+    off = judge({"matured": 900, "gini": 0.5, "calibration_ratio": 0.5})
     assert off.failing == ("calibration",)
-    assert gate.judge({"matured": 0, "gini": math.nan, "calibration_ratio": math.nan}).failing == (
+    assert judge({"matured": 0, "gini": math.nan, "calibration_ratio": math.nan}).failing == (
         "gini",
         "calibration",
     )
+    # a value target with no version yet (an empty report) is refused in its own terms, not ROC-AUC's
+    nothing = judge({})
+    assert nothing.failing == ("gini", "calibration") and "roc_auc" not in nothing.reason
 
 
 # --- tiers and change events ----------------------------------------------------------------------
